@@ -1,0 +1,40 @@
+# Two commands set everything up on a fresh Debian machine: `make demo` and `make test`.
+# Each installs what is missing (system packages, .venv, pinned requirements, this package)
+# and is fast the second time.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+DEMO_DIR ?= demo_runs
+SUDO := $(shell [ "$$(id -u)" -ne 0 ] && command -v sudo)
+APT_PACKAGES := libsndfile1 python3-venv postgresql
+
+.PHONY: demo test setup system-deps bench tune-demo clean
+
+system-deps:
+	@missing=""; \
+	ldconfig -p | grep -q 'libsndfile\.so\.1' || missing="$$missing libsndfile1"; \
+	python3 -c 'import ensurepip, venv' 2>/dev/null || missing="$$missing python3-venv"; \
+	{ command -v pg_ctl >/dev/null || ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1; } || missing="$$missing postgresql"; \
+	if [ -n "$$missing" ]; then \
+	  echo "Installing system packages:$$missing (apt)"; \
+	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	fi
+
+$(STAMP): requirements.txt pyproject.toml
+	@[ -x $(PY) ] || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q --no-deps -e .
+	@touch $(STAMP)
+
+setup: system-deps $(STAMP)
+
+demo: setup
+	$(PY) -m sonar_ft.demo --demo-dir $(DEMO_DIR)
+
+test: setup
+	$(PY) -m pytest -q tests
+
+clean:
+	rm -rf $(DEMO_DIR) .pytest_cache

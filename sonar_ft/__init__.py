@@ -1,0 +1,14 @@
+"""sonar-ft: fine-tune the SONAR ASL encoder on How2Sign against the frozen SONAR text decoder.
+
+The package follows the data flow, one module per box::
+
+    sonar_ft.data      manifests + feature files -> validated dataset -> length-bucketed batches
+    sonar_ft.encoder   SignT5 SONAR encoder: features (B, T, D) -> sentence embedding (B, 1024)
+    sonar_ft.decoder   frozen SONAR text decoder: embedding -> token loss / beam-search text
+    sonar_ft.train     the training loop used by the recipe and by tuning
+    sonar_ft.evaluate  BLEU / chrF and predictions
+    sonar_ft.export    tarball of a fine-tuned encoder, and loading it back
+    sonar_ft.tune      Optuna search over training settings
+"""
+
+__version__ = "0.1.0"

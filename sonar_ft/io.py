@@ -1,0 +1,91 @@
+"""Crash-safe file writes and pickle-free loading.
+
+Every file the project writes goes to a temporary name in the destination folder and is
+renamed into place, so a kill at any instant never leaves a truncated file that a later run
+trusts. Every ``.pt`` / ``.pth`` a user hands us is read with ``torch.load(weights_only=True)``,
+which only rebuilds tensors and plain containers: a pickle that would run code is refused.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from sonar_ft.errors import CheckpointError
+
+TMP_PREFIX = ".tmp-"
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; rename it onto ``path`` if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX + path.name + ".", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        with open(tmp_path, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp_path, path)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def write_text(path: str | Path, text: str) -> None:
+    """Atomically write a UTF-8 text file."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    """Atomically write ``obj`` as indented JSON (UTF-8, non-ASCII kept readable)."""
+    write_text(path, json.dumps(obj, indent=2, ensure_ascii=False, default=_json_default) + "\n")
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, Path):
+        return str(obj)
+    if hasattr(obj, "item"):  # numpy / torch scalars
+        return obj.item()
+    raise TypeError(f"cannot write {type(obj).__name__} as JSON")
+
+
+def save_torch(path: str | Path, obj: Any) -> None:
+    """Atomically ``torch.save`` ``obj``."""
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+
+
+def load_torch(path: str | Path, *, what: str = "file") -> Any:
+    """Load a ``.pt`` / ``.pth`` file without running any code from it.
+
+    Raises :class:`CheckpointError` naming the file when it is missing, truncated, not a torch
+    file, or holds objects other than tensors and plain containers.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{what} not found: {path}")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{what} is empty (0 bytes): {path}; download or copy it again")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=False)
+    except Exception as exc:  # torch raises many types for bad files
+        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if "weights_only" in str(exc) or "Unsupported global" in str(exc) or "GLOBAL" in str(exc):
+            raise CheckpointError(
+                f"{what} {path} contains Python objects that would have to be executed to load it; "
+                "refusing to load it. Re-save it with only tensors (e.g. torch.save(model.state_dict()))."
+            ) from None
+        raise CheckpointError(
+            f"cannot read {what} {path}: {msg}. The file may be truncated or not a torch file; "
+            "download or copy it again."
+        ) from None
