@@ -1,0 +1,318 @@
+"""From manifest rows and feature files to padded, length-bucketed batches.
+
+Clips range from a few dozen to several hundred frames; batching random clips together pads
+most of each batch. :class:`LengthBucketSampler` sorts clips by length inside large random
+pools, so batches hold clips of similar length yet every epoch still mixes the data.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+from dataclasses import dataclass, replace
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+from tqdm.auto import tqdm
+
+from sonar_ft.data.features import FeatureStore
+from sonar_ft.data.manifest import ManifestRow
+from sonar_ft.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
+
+MAX_LISTED = 10
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One clip: id, features ``(T, D)`` float32, target text."""
+
+    id: str
+    features: torch.Tensor
+    text: str
+
+
+class SignFeatureDataset(Dataset[Sample]):
+    """Manifest rows backed by a :class:`FeatureStore`.
+
+    ``max_frames`` keeps the first ``max_frames`` frames of longer clips. With ``cache=True``
+    each clip is kept in memory after its first read (as ``cache_dtype``, e.g. ``torch.float16``
+    to halve the memory; samples are still returned as float32).
+    Raises :class:`DataError` at construction when a row has no feature file, and at load time
+    when a file is zero-length or holds NaN/Inf.
+    """
+
+    def __init__(
+        self,
+        store: FeatureStore,
+        rows: Sequence[ManifestRow],
+        max_frames: int | None = None,
+        *,
+        cache: bool = False,
+        cache_dtype: torch.dtype | None = None,
+        progress: bool = True,
+    ) -> None:
+        if max_frames is not None and max_frames < 1:
+            raise ConfigError(f"--max_frames must be >= 1 (got {max_frames}); leave it unset to keep every frame")
+        self.store = store
+        self.rows: list[ManifestRow] = list(rows)
+        self.max_frames = max_frames
+        self.cache = cache
+        self.cache_dtype = cache_dtype
+        self._cache: dict[int, torch.Tensor] = {}
+
+        missing = [r.id for r in self.rows if r.id not in store]
+        if missing:
+            more = f" (+{len(missing) - MAX_LISTED} more)" if len(missing) > MAX_LISTED else ""
+            raise DataError(
+                f"{len(missing)} of {len(self.rows)} manifest rows have no feature file in {store.root} "
+                f"({', '.join(missing[:MAX_LISTED])}{more}); run `sonar-ft verify` for the full report, "
+                "or rebuild the manifest from the files present with `sonar-ft manifest how2sign`"
+            )
+        self.lengths: list[int] = self._read_lengths(progress)
+
+    def _read_lengths(self, progress: bool) -> list[int]:
+        unknown = [i for i, r in enumerate(self.rows) if r.length is None]
+        frames = {
+            i: self.store.num_frames(self.rows[i].id)
+            for i in tqdm(unknown, desc="reading frame counts", unit="clip", disable=not progress or not unknown)
+        }
+        lengths = [frames[i] if r.length is None else r.length for i, r in enumerate(self.rows)]
+        if self.max_frames is not None:
+            lengths = [min(n, self.max_frames) for n in lengths]
+        return lengths
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> Sample:
+        row = self.rows[index]
+        features = self._cache.get(index)
+        if features is None:
+            features = self._load(row)
+            if self.cache:
+                self._cache[index] = features
+        return Sample(id=row.id, features=features.to(torch.float32), text=row.text)
+
+    def _load(self, row: ManifestRow) -> torch.Tensor:
+        features = self.store.load(row.id)
+        path = self.store.path(row.id)
+        if self.max_frames is not None and features.shape[0] > self.max_frames:
+            # clone: a cached view would keep the whole untruncated clip alive.
+            features = features[: self.max_frames].clone()
+        if features.shape[0] == 0:
+            raise DataError(
+                f"feature file {path} has zero frames; drop clip {row.id!r} from the manifest "
+                "(`sonar-ft verify` lists all such clips)"
+            )
+        if self.cache and self.cache_dtype is not None:
+            features = features.to(self.cache_dtype)
+        if not bool(torch.isfinite(features).all()):
+            overflow = f" after conversion to {self.cache_dtype}" if self.cache and self.cache_dtype else ""
+            raise DataError(
+                f"feature file {path} contains NaN or Inf values{overflow}; re-extract it or drop clip "
+                f"{row.id!r} from the manifest (`sonar-ft verify` lists all such files)"
+            )
+        return features
+
+
+def select_rows(
+    rows: Sequence[ManifestRow],
+    max_samples: int | None = None,
+    subset_fraction: float | None = None,
+    seed: int = 0,
+) -> list[ManifestRow]:
+    """A seeded random subset of ``rows``, kept in manifest order.
+
+    ``subset_fraction`` keeps that share of the rows, ``max_samples`` caps the count; with both
+    the smaller wins. The same seed gives the same subset, and a smaller subset is contained in
+    a larger one drawn with the same seed.
+    """
+    if max_samples is not None and max_samples < 1:
+        raise ConfigError(f"--max_samples must be >= 1 (got {max_samples}); leave it unset to use every row")
+    if subset_fraction is not None and not 0.0 < subset_fraction <= 1.0:
+        raise ConfigError(f"--subset_fraction must be in (0, 1] (got {subset_fraction})")
+    rows = list(rows)
+    keep = len(rows)
+    if subset_fraction is not None and rows:
+        keep = max(1, round(len(rows) * subset_fraction))
+    if max_samples is not None:
+        if max_samples > len(rows):
+            log.warning(
+                "--max_samples %d is more than the %d rows available; using all of them", max_samples, len(rows)
+            )
+        keep = min(keep, max_samples)
+    if keep >= len(rows):
+        return rows
+    order = list(range(len(rows)))
+    random.Random(seed).shuffle(order)
+    return [rows[i] for i in sorted(order[:keep])]
+
+
+class LengthBucketSampler(Sampler[list[int]]):
+    """Batches of indices with similar lengths; use as a DataLoader ``batch_sampler``.
+
+    With ``shuffle`` the indices are randomly split into pools of ``pool_factor * batch_size``,
+    sorted by length inside each pool and cut into batches, and the batch order is shuffled;
+    all of it is a function of ``(seed, epoch)`` (call :meth:`set_epoch` each epoch). Without
+    ``shuffle`` the whole set is sorted by length (least padding, fixed order, for evaluation).
+    For DDP, every rank gets the same number of batches: the list is padded by repeating
+    batches from its start (or trimmed with ``drop_last``) and rank ``r`` takes every
+    ``num_replicas``-th batch from ``r``.
+    """
+
+    def __init__(
+        self,
+        lengths: Sequence[int],
+        batch_size: int,
+        *,
+        shuffle: bool = True,
+        seed: int = 0,
+        num_replicas: int = 1,
+        rank: int = 0,
+        pool_factor: int = 100,
+        drop_last: bool = False,
+    ) -> None:
+        if batch_size < 1:
+            raise ConfigError(f"--batch_size must be >= 1 (got {batch_size})")
+        if num_replicas < 1 or not 0 <= rank < num_replicas:
+            raise ConfigError(f"rank {rank} is not valid for {num_replicas} replica(s)")
+        if pool_factor < 1:
+            raise ConfigError(f"pool_factor must be >= 1 (got {pool_factor})")
+        self.lengths = np.asarray(lengths, dtype=np.int64)
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.seed = seed
+        self.num_replicas = num_replicas
+        self.rank = rank
+        self.pool_factor = pool_factor
+        self.drop_last = drop_last
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Choose the epoch whose batch order the next iteration yields."""
+        self.epoch = epoch
+
+    def _batches(self) -> list[list[int]]:
+        n, size = len(self.lengths), self.batch_size
+        if self.shuffle:
+            # Masking keeps negative seeds valid for numpy's SeedSequence.
+            rng = np.random.default_rng([self.seed & 0xFFFFFFFF, self.epoch & 0xFFFFFFFF])
+            order = rng.permutation(n)
+            # A pool is a whole number of batches, so only the very last batch can be short.
+            pool = self.pool_factor * size
+            pools = np.split(order, range(pool, n, pool))
+            order = np.concatenate([p[np.argsort(self.lengths[p], kind="stable")] for p in pools])
+        else:
+            order = np.argsort(self.lengths, kind="stable")
+        batches = [order[i : i + size].tolist() for i in range(0, n, size)]
+        if self.drop_last and batches and len(batches[-1]) < size:
+            batches.pop()
+        if self.shuffle:
+            batches = [batches[i] for i in rng.permutation(len(batches))]
+        if self.num_replicas > 1 and batches:
+            total = self._share(len(batches)) * self.num_replicas
+            batches = (batches * math.ceil(total / len(batches)))[:total]
+            batches = batches[self.rank :: self.num_replicas]
+        return batches
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return iter(self._batches())
+
+    def __len__(self) -> int:
+        n_batches = len(self.lengths) // self.batch_size if self.drop_last else -(-len(self.lengths) // self.batch_size)
+        return self._share(n_batches) if self.num_replicas > 1 else n_batches
+
+    def _share(self, n_batches: int) -> int:
+        """Batches per rank: surplus dropped with ``drop_last``, else the last round padded."""
+        return n_batches // self.num_replicas if self.drop_last else -(-n_batches // self.num_replicas)
+
+
+@dataclass
+class Batch:
+    """Padded clips: ``features (B, T, D)`` float32, ``mask (B, T)`` bool, True on real frames."""
+
+    ids: list[str]
+    features: torch.Tensor
+    mask: torch.Tensor
+    texts: list[str]
+
+    def to(self, device: torch.device | str, *, non_blocking: bool = True) -> Batch:
+        """A copy with tensors on ``device`` (non-blocking from pinned memory)."""
+        return replace(
+            self,
+            features=self.features.to(device, non_blocking=non_blocking),
+            mask=self.mask.to(device, non_blocking=non_blocking),
+        )
+
+    def pin_memory(self) -> Batch:
+        """Called by DataLoader(pin_memory=True) so ``.to(cuda)`` can overlap with compute."""
+        return replace(self, features=self.features.pin_memory(), mask=self.mask.pin_memory())
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+def collate(samples: Sequence[Sample]) -> Batch:
+    """Pad ``samples`` with zeros to the longest one and build the mask."""
+    if not samples:
+        raise ValueError("collate() needs at least one sample")
+    dims = sorted({s.features.shape[1] for s in samples})
+    if len(dims) > 1:
+        raise DataError(
+            f"clips in one batch have different feature dims {dims} "
+            f"({', '.join(f'{s.id}: {s.features.shape[1]}' for s in samples[:MAX_LISTED])}); "
+            "run `sonar-ft verify --feature-dim D` to find the odd files"
+        )
+    longest = max(s.features.shape[0] for s in samples)
+    features = torch.zeros(len(samples), longest, dims[0], dtype=torch.float32)
+    mask = torch.zeros(len(samples), longest, dtype=torch.bool)
+    for i, s in enumerate(samples):
+        frames = s.features.shape[0]
+        features[i, :frames] = s.features
+        mask[i, :frames] = True
+    return Batch(ids=[s.id for s in samples], features=features, mask=mask, texts=[s.text for s in samples])
+
+
+def make_loader(
+    dataset: SignFeatureDataset,
+    batch_size: int,
+    *,
+    shuffle: bool,
+    seed: int = 0,
+    num_workers: int = 0,
+    num_replicas: int = 1,
+    rank: int = 0,
+    drop_last: bool = False,
+    pin_memory: bool = False,
+) -> DataLoader:
+    """A DataLoader of :class:`Batch` with a :class:`LengthBucketSampler`.
+
+    Call ``loader.batch_sampler.set_epoch(epoch)`` before each epoch for a fresh order.
+    A caching dataset is read in the main process: worker processes would each fill a cache
+    of their own, multiplying memory and losing it at exit.
+    """
+    if dataset.cache and num_workers > 0:
+        log.info("feature cache is on: loading in the main process (num_workers %d -> 0)", num_workers)
+        num_workers = 0
+    sampler = LengthBucketSampler(
+        dataset.lengths,
+        batch_size,
+        shuffle=shuffle,
+        seed=seed,
+        num_replicas=num_replicas,
+        rank=rank,
+        drop_last=drop_last,
+    )
+    return DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        collate_fn=collate,
+        num_workers=num_workers,
+        persistent_workers=num_workers > 0,
+        pin_memory=pin_memory,
+    )

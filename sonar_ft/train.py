@@ -1,0 +1,648 @@
+"""The fine-tuning loop shared by the recipe (``train_sonar_finetuning.py``) and by tuning.
+
+``train(config)`` reads top to bottom: resolve device and precision, prepare the output folder,
+load data, encoder, frozen decoder (and the optional distillation teacher), then run epochs of
+AdamW steps with optional warm-up, gradient accumulation and clipping; every ``eval_every`` epochs
+it evaluates (loss, BLEU, chrF, predictions), steps ReduceLROnPlateau on the validation metric,
+keeps the best encoder and checks early stopping. After every epoch it writes
+``metrics_epoch{N}.json`` and the resumable ``last.pt``.
+
+Only the encoder learns: the decoder's parameters never receive gradients.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import platform
+import random
+import time
+from dataclasses import asdict, dataclass, field, fields
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from sonar_ft import io
+from sonar_ft.data import (
+    FeatureStore,
+    LengthBucketSampler,
+    SignFeatureDataset,
+    collate,
+    read_manifest,
+    select_rows,
+)
+from sonar_ft.decoder import FrozenTextDecoder
+from sonar_ft.encoder import load_encoder, save_encoder
+from sonar_ft.errors import ConfigError, OutputDirError, SonarFtError
+from sonar_ft.evaluate import EvalResult, autocast_context, evaluate
+
+log = logging.getLogger(__name__)
+
+CONFIG_FILE = "config.json"
+TOKENIZER_FILE = "tokenizer.json"
+BEST_ENCODER = "best_encoder.pt"
+LAST_STATE = "last.pt"
+TEST_RESULTS = "test_results.json"
+MAX_BAD_STEPS = 10  # consecutive non-finite losses before a run is stopped
+
+
+@dataclass
+class TrainConfig:
+    """Every setting of a fine-tuning run; ``config.json`` in the output folder holds one of these."""
+
+    # -- data ---------------------------------------------------------------------------------------
+    train_features: str | None = None
+    """Folder of training feature files (flat ``<id>.npy`` / ``<id>.pt`` or ssvp_slt's nested layout)."""
+    train_manifest: str | None = None
+    """Training manifest: TSV ``id [length] text`` or How2Sign's re-aligned CSV."""
+    val_features: str | None = None
+    """Folder of validation (or, with ``eval_only``, test) feature files."""
+    val_manifest: str | None = None
+    """Validation (or test) manifest."""
+    max_samples: int | None = None
+    """Use at most this many clips of each split (quick tests)."""
+    subset_fraction: float | None = None
+    """Use this seeded fraction of the training clips (tuning)."""
+    max_frames: int | None = None
+    """Truncate longer clips to this many frames."""
+    # -- models -------------------------------------------------------------------------------------
+    encoder_checkpoint: str | None = None
+    """The SONAR ASL encoder to start from (``dm_70h_ub_sonar_encoder.pth`` or a fine-tuned one)."""
+    decoder: str = "text_sonar_basic_decoder"
+    """Frozen SONAR text decoder: asset card name, card ``.yaml`` or checkpoint file."""
+    tokenizer: str | None = None
+    """Tokenizer: card name, card ``.yaml`` or SentencePiece model (default: the decoder's)."""
+    text_encoder: str = "text_sonar_basic_encoder"
+    """SONAR text encoder used as distillation teacher (only loaded when ``distill_weight > 0``)."""
+    tgt_lang: str = "eng_Latn"
+    """FLORES-200 code of the target language."""
+    freeze_decoder: bool = True
+    """The decoder is always frozen; accepted so existing command lines keep working."""
+    dropout: float | None = None
+    """Encoder dropout (default: keep the architecture's 0.1)."""
+    # -- optimisation -------------------------------------------------------------------------------
+    batch_size: int = 8
+    epochs: int = 10
+    learning_rate: float = 1e-4
+    weight_decay: float = 0.01
+    label_smoothing: float = 0.1
+    grad_clip: float = 1.0
+    """Max gradient norm; 0 disables clipping."""
+    grad_accum: int = 1
+    """Batches per optimiser step (effective batch = batch_size x grad_accum)."""
+    warmup_steps: int = 0
+    """Linear learning-rate warm-up over this many optimiser steps."""
+    plateau_factor: float = 0.5
+    """ReduceLROnPlateau: multiply the learning rate by this when the validation metric stalls."""
+    plateau_patience: int = 2
+    """ReduceLROnPlateau: evaluations without improvement before reducing."""
+    early_stopping_patience: int = 0
+    """Stop after this many evaluations without improvement; 0 disables."""
+    distill_weight: float = 0.0
+    """Weight of the distillation term towards the SONAR text embedding of the target; 0 disables."""
+    distill_loss: str = "mse"
+    """Distillation distance: ``mse`` or ``cosine``."""
+    seed: int = 42
+    # -- evaluation ---------------------------------------------------------------------------------
+    eval_every: int = 1
+    """Evaluate every N epochs (and always after the last)."""
+    beam_size: int = 5
+    max_gen_len: int = 128
+    select_metric: str = "bleu"
+    """Validation metric for the best checkpoint, plateau and early stopping: ``bleu`` or ``loss``."""
+    # -- system -------------------------------------------------------------------------------------
+    output_dir: str = "runs/finetune"
+    device: str = "auto"
+    """``auto`` (CUDA when present), ``cuda``, ``cuda:N`` or ``cpu``."""
+    precision: str = "auto"
+    """``auto`` (bf16 on GPUs that support it, else fp32), ``bf16`` or ``fp32``. Never fp16."""
+    num_workers: int = 0
+    resume: bool = False
+    overwrite: bool = False
+    eval_only: bool = False
+    loss_chunk_size: int = 1024
+    """Target positions per chunk of vocabulary logits in the loss (bounds its memory)."""
+    save_checkpoints: bool = True
+    """Write ``best_encoder.pt`` / ``last.pt`` (tuning trials may switch this off)."""
+    write_predictions: bool = True
+    """Write ``predictions_epoch{N}.json`` at each evaluation."""
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+    def validate(self) -> None:
+        """Raise :class:`ConfigError` naming the flag for settings that cannot work."""
+        need = ["encoder_checkpoint", "val_features", "val_manifest"]
+        if not self.eval_only:
+            need += ["train_features", "train_manifest"]
+        missing = [f"--{n}" for n in need if not getattr(self, n)]
+        if missing:
+            raise ConfigError(f"missing required flag(s): {', '.join(missing)}")
+        positive = {"batch_size": self.batch_size, "epochs": self.epochs, "grad_accum": self.grad_accum,
+                    "eval_every": self.eval_every, "beam_size": self.beam_size, "max_gen_len": self.max_gen_len}
+        for name, value in positive.items():
+            if value < 1:
+                raise ConfigError(f"--{name} must be at least 1 (got {value})")
+        if self.max_samples is not None and self.max_samples < 1:
+            raise ConfigError(f"--max_samples must be at least 1 (got {self.max_samples}); leave it out to use all clips")
+        if self.subset_fraction is not None and not 0 < self.subset_fraction <= 1:
+            raise ConfigError(f"--subset_fraction must be in (0, 1] (got {self.subset_fraction})")
+        if self.learning_rate <= 0:
+            raise ConfigError(f"--learning_rate must be positive (got {self.learning_rate})")
+        if not 0 <= self.label_smoothing < 1:
+            raise ConfigError(f"--label_smoothing must be in [0, 1) (got {self.label_smoothing})")
+        if self.dropout is not None and not 0 <= self.dropout < 1:
+            raise ConfigError(f"--dropout must be in [0, 1) (got {self.dropout})")
+        if not 0 < self.plateau_factor < 1:
+            raise ConfigError(f"--plateau_factor must be in (0, 1) (got {self.plateau_factor})")
+        if self.precision not in ("auto", "bf16", "fp32"):
+            raise ConfigError(f"--precision must be auto, bf16 or fp32 (got {self.precision!r}); fp16 is unstable for T5")
+        if self.select_metric not in ("bleu", "loss"):
+            raise ConfigError(f"--select_metric must be bleu or loss (got {self.select_metric!r})")
+        if self.distill_loss not in ("mse", "cosine"):
+            raise ConfigError(f"--distill_loss must be mse or cosine (got {self.distill_loss!r})")
+        if not self.freeze_decoder:
+            raise ConfigError("the SONAR text decoder is always frozen in sonar-ft; drop --no-freeze_decoder")
+
+
+@dataclass
+class EpochMetrics:
+    """One line of training history (written as ``metrics_epoch{N}.json``)."""
+
+    epoch: int
+    train_loss: float
+    val_loss: float | None
+    val_bleu: float | None
+    val_chrf: float | None
+    lr: float
+    seconds: float
+    samples_per_second: float
+    is_best: bool = False
+
+
+@dataclass
+class TrainResult:
+    """What a finished run reports back (the recipe prints it; tuning optimises it)."""
+
+    best_epoch: int | None
+    best_score: float | None
+    best_val_bleu: float | None
+    best_val_loss: float | None
+    history: list[EpochMetrics] = field(default_factory=list)
+    stopped_early: bool = False
+    output_dir: str = ""
+
+
+# ------------------------------------------------------------------------------------------------
+# Device, precision, seeds
+# ------------------------------------------------------------------------------------------------
+def resolve_device(name: str) -> torch.device:
+    """``auto`` → CUDA when present, else CPU; ``cuda`` without a GPU is a clear error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"--device {name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(
+            "--device cuda was asked for but no CUDA GPU is visible. In Colab: Runtime > Change runtime type > GPU; "
+            "or pass --device cpu (slow) / --device auto."
+        )
+    return device
+
+
+def resolve_precision(name: str, device: torch.device) -> str:
+    """``auto`` → bf16 on GPUs that support it, else fp32 (never fp16 for the T5 encoder)."""
+    if name == "auto":
+        return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    if name == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ConfigError("--precision bf16 needs a GPU with bf16 support (Ampere or newer); use --precision fp32")
+    return name
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": _numpy_state(),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(_tuplify(state["python"]))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _numpy_state() -> tuple:
+    # As a tensor, not an ndarray: last.pt is read back with weights_only=True, which refuses ndarrays.
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return (name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached))
+
+
+def _tuplify(x: Any) -> Any:
+    # RNG states survive torch.save as lists; random/numpy want tuples back.
+    if isinstance(x, list):
+        return tuple(_tuplify(v) for v in x)
+    return x
+
+
+# ------------------------------------------------------------------------------------------------
+# Output folder and run records
+# ------------------------------------------------------------------------------------------------
+# Settings that may change between a run and its resumption without making it another run.
+_RESUMABLE_CHANGES = {"epochs", "resume", "overwrite", "num_workers", "eval_every", "device", "early_stopping_patience"}
+RUN_FILES = (CONFIG_FILE, LAST_STATE, BEST_ENCODER)
+
+
+def prepare_output_dir(cfg: TrainConfig) -> tuple[Path, bool]:
+    """Create the output folder; return it and whether this run resumes the one already there.
+
+    A folder holding another run's files is refused unless ``--resume`` / ``--overwrite``;
+    re-running the very same command on a folder with ``last.pt`` resumes it.
+    """
+    out = Path(cfg.output_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as exc:
+        raise OutputDirError(f"cannot write to --output_dir {out}: {exc.strerror or exc}. Choose a writable folder.") from None
+    existing = [name for name in RUN_FILES if (out / name).exists()] + sorted(p.name for p in out.glob("metrics_epoch*.json"))
+    if not existing or cfg.overwrite:
+        if cfg.overwrite:
+            for p in list(out.glob("metrics_epoch*.json")) + list(out.glob("predictions_epoch*.json")):
+                p.unlink()
+            for name in (LAST_STATE, BEST_ENCODER):
+                (out / name).unlink(missing_ok=True)
+        return out, False
+    last = out / LAST_STATE
+    if cfg.resume:
+        if not last.exists():
+            raise OutputDirError(f"--resume: no {LAST_STATE} in {out}; nothing to resume. Drop --resume to start fresh.")
+        return out, True
+    previous = _read_json(out / CONFIG_FILE).get("settings", {}) if (out / CONFIG_FILE).exists() else None
+    if last.exists() and previous is not None:
+        changed = _changed_settings(previous, asdict(cfg))
+        if not changed:
+            log.info("%s holds an unfinished run with the same settings: resuming it", out)
+            return out, True
+        raise OutputDirError(
+            f"--output_dir {out} holds another run (settings differ: {', '.join(changed)}). "
+            "Pass --resume to continue it anyway, --overwrite to replace it, or choose another --output_dir."
+        )
+    raise OutputDirError(
+        f"--output_dir {out} already holds another run's files ({', '.join(existing[:4])}). "
+        "Pass --overwrite to replace them, or choose another --output_dir."
+    )
+
+
+def _changed_settings(previous: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    keys = set(previous) | set(current)
+    return sorted(k for k in keys if k not in _RESUMABLE_CHANGES and previous.get(k) != current.get(k))
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise OutputDirError(f"cannot read {path}: {exc}. Delete it or pass --overwrite.") from None
+
+
+def file_sha256(path: str | Path, limit: int = 1 << 26) -> str:
+    """SHA-256 of a (manifest) file; very large files are hashed over their first 64 MiB."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        h.update(f.read(limit))
+    return h.hexdigest()
+
+
+def package_versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for pkg in ("torch", "fairseq2", "sonar-space", "sacrebleu", "numpy", "sonar-ft"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            out[pkg] = "not installed"
+    return out
+
+
+def write_run_records(out: Path, cfg: TrainConfig, arch: dict[str, Any], decoder: FrozenTextDecoder, device: torch.device, precision: str) -> None:
+    """``config.json`` (settings, architecture, versions, data hashes) and ``tokenizer.json``."""
+    data = {}
+    for split in ("train", "val"):
+        manifest = getattr(cfg, f"{split}_manifest")
+        if manifest and Path(manifest).is_file():
+            data[f"{split}_manifest_sha256"] = file_sha256(manifest)
+    record = {
+        "settings": asdict(cfg),
+        "resolved": {"device": str(device), "precision": precision},
+        "encoder_architecture": arch,
+        "versions": package_versions(),
+        "data": data,
+    }
+    io.write_json(out / CONFIG_FILE, record)
+    io.write_json(out / TOKENIZER_FILE, tokenizer_record(cfg, decoder))
+
+
+def tokenizer_record(cfg: TrainConfig, decoder: FrozenTextDecoder) -> dict[str, Any]:
+    vocab = decoder.tokenizer.vocab_info
+    return {
+        "decoder": cfg.decoder,
+        "tokenizer": cfg.tokenizer or cfg.decoder,
+        "tokenizer_family": "nllb",
+        "tgt_lang": cfg.tgt_lang,
+        "target_mode": "target",
+        "target_prefix": ["</s>", f"__{cfg.tgt_lang}__"],
+        "vocab_size": vocab.size,
+        "special_ids": {"pad": vocab.pad_idx, "unk": vocab.unk_idx, "bos": vocab.bos_idx, "eos": vocab.eos_idx},
+        "embedding_dim": decoder.embedding_dim,
+    }
+
+
+# ------------------------------------------------------------------------------------------------
+# Data
+# ------------------------------------------------------------------------------------------------
+def load_split(features: str, manifest: str, *, cfg: TrainConfig, split: str, fraction: float | None = None) -> SignFeatureDataset:
+    """Manifest rows with a feature file each, subset as asked, as a dataset."""
+    store = FeatureStore.open(features)
+    rows = read_manifest(manifest)
+    missing = [r for r in rows if store.path(r.id) is None]
+    if missing:
+        listed = ", ".join(f"{r.id} (line {r.line})" for r in missing[:10])
+        more = f" and {len(missing) - 10} more" if len(missing) > 10 else ""
+        raise SonarFtError(
+            f"{len(missing)} clip(s) of {split} manifest {manifest} have no feature file in {features}: {listed}{more}. "
+            "Run `sonar-ft verify` on this split, fix the manifest or the features, then start again."
+        )
+    rows = select_rows(rows, max_samples=cfg.max_samples, subset_fraction=fraction, seed=cfg.seed)
+    return SignFeatureDataset(store, rows, max_frames=cfg.max_frames)
+
+
+def make_batches(dataset: SignFeatureDataset, batch_size: int, *, shuffle: bool, seed: int, num_workers: int) -> torch.utils.data.DataLoader:
+    sampler = LengthBucketSampler(dataset.lengths, batch_size, shuffle=shuffle, seed=seed)
+    return torch.utils.data.DataLoader(
+        dataset, batch_sampler=sampler, collate_fn=collate, num_workers=num_workers, persistent_workers=num_workers > 0
+    )
+
+
+# ------------------------------------------------------------------------------------------------
+# The run
+# ------------------------------------------------------------------------------------------------
+def out_of_memory_error(cfg: TrainConfig) -> SonarFtError:
+    return SonarFtError(
+        f"the GPU ran out of memory at --batch_size {cfg.batch_size}. Try --batch_size {max(1, cfg.batch_size // 2)} "
+        f"--grad_accum {cfg.grad_accum * 2} (same effective batch), a smaller --max_frames, or a GPU with more memory."
+    )
+
+
+def train(cfg: TrainConfig, *, on_evaluation: Callable[[EpochMetrics], None] | None = None) -> TrainResult:
+    """Fine-tune the encoder as configured; ``on_evaluation`` is called after each evaluation (tuning prunes there)."""
+    cfg.validate()
+    device = resolve_device(cfg.device)
+    precision = resolve_precision(cfg.precision, device)
+    out, resuming = prepare_output_dir(cfg)
+    seed_everything(cfg.seed)
+
+    # -- data ---------------------------------------------------------------------------------
+    train_set = load_split(cfg.train_features, cfg.train_manifest, cfg=cfg, split="training", fraction=cfg.subset_fraction)
+    val_set = load_split(cfg.val_features, cfg.val_manifest, cfg=cfg, split="validation")
+    if len(train_set) == 0:
+        raise ConfigError(f"the training manifest {cfg.train_manifest} has no clips")
+    if cfg.batch_size > len(train_set):
+        log.warning("--batch_size %d is larger than the %d training clips: every batch holds all of them", cfg.batch_size, len(train_set))
+    train_batches = make_batches(train_set, cfg.batch_size, shuffle=True, seed=cfg.seed, num_workers=cfg.num_workers)
+    val_batches = make_batches(val_set, cfg.batch_size, shuffle=False, seed=cfg.seed, num_workers=cfg.num_workers)
+
+    # -- models -------------------------------------------------------------------------------
+    encoder, arch = load_encoder(cfg.encoder_checkpoint, dropout=cfg.dropout, device=device)
+    decoder = FrozenTextDecoder.load(cfg.decoder, cfg.tokenizer, device=device)
+    decoder.check_lang(cfg.tgt_lang)
+    if arch.output_dim != decoder.embedding_dim:
+        raise ConfigError(
+            f"the encoder {cfg.encoder_checkpoint} outputs {arch.output_dim}-d embeddings but the decoder {cfg.decoder} "
+            f"reads {decoder.embedding_dim}-d ones: they do not belong together"
+        )
+    teacher = None
+    if cfg.distill_weight > 0:
+        from sonar_ft.text_encoder import FrozenTextEncoder
+
+        teacher = FrozenTextEncoder.load(cfg.text_encoder, cfg.tokenizer, device=device)
+
+    params = [p for p in encoder.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(
+        params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, fused=device.type == "cuda"
+    )
+    maximize = cfg.select_metric == "bleu"
+    plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(
+        optimizer, mode="max" if maximize else "min", factor=cfg.plateau_factor, patience=cfg.plateau_patience
+    )
+    write_run_records(out, cfg, asdict(arch), decoder, device, precision)
+
+    # -- state (fresh or resumed) -------------------------------------------------------------
+    start_epoch, step = 1, 0
+    best: dict[str, Any] = {"score": None, "epoch": None, "bleu": None, "loss": None}
+    history: list[EpochMetrics] = []
+    evals_without_improvement = 0
+    if resuming:
+        state = io.load_torch(out / LAST_STATE, what="training state")
+        encoder.load_state_dict(state["encoder"])
+        optimizer.load_state_dict(state["optimizer"])
+        plateau.load_state_dict(state["plateau"])
+        start_epoch, step = state["epoch"] + 1, state["step"]
+        best = state["best"]
+        evals_without_improvement = state["evals_without_improvement"]
+        history = [EpochMetrics(**h) for h in state["history"]]
+        _set_rng_state(state["rng"])
+        log.info("resuming from epoch %d (step %d, best %s at epoch %s)", state["epoch"], step, best["score"], best["epoch"])
+
+    log.info(
+        "training %d clips, validating on %d | device %s, %s | encoder %s | effective batch %d",
+        len(train_set), len(val_set), device, precision, cfg.encoder_checkpoint, cfg.batch_size * cfg.grad_accum,
+    )
+    stopped_early = False
+    bad_steps = 0
+    epochs = tqdm(range(start_epoch, cfg.epochs + 1), desc="epochs", initial=start_epoch - 1, total=cfg.epochs)
+    for epoch in epochs:
+        started = time.perf_counter()
+        train_batches.batch_sampler.set_epoch(epoch)
+        encoder.train()
+        loss_sum, token_sum, seen, micro = 0.0, 0, 0, 0
+        optimizer.zero_grad(set_to_none=True)
+        bar = tqdm(train_batches, desc=f"epoch {epoch}", leave=False)
+        for batch in bar:
+            batch = batch.to(device)
+            try:
+                with autocast_context(device, precision):
+                    emb = encoder(batch.features, batch.mask)  # (B, E)
+                emb = emb.float()
+                out_loss = decoder.loss(
+                    emb, batch.texts, cfg.tgt_lang, label_smoothing=cfg.label_smoothing, chunk_size=cfg.loss_chunk_size
+                )
+                loss = out_loss.loss
+                if teacher is not None:
+                    from sonar_ft.text_encoder import distillation_loss
+
+                    target = teacher.embed(batch.texts, cfg.tgt_lang)
+                    loss = loss + cfg.distill_weight * distillation_loss(emb, target, cfg.distill_loss)
+                if not torch.isfinite(loss):
+                    bad_steps += 1
+                    log.warning("non-finite loss at epoch %d (batch of %s...): step skipped", epoch, batch.ids[0])
+                    optimizer.zero_grad(set_to_none=True)
+                    if bad_steps >= MAX_BAD_STEPS:
+                        raise SonarFtError(
+                            f"{bad_steps} consecutive non-finite losses: training diverged. The last good checkpoint is "
+                            f"{out / BEST_ENCODER}. Lower --learning_rate or use --precision fp32."
+                        )
+                    continue
+                (loss / cfg.grad_accum).backward()
+            except torch.cuda.OutOfMemoryError:
+                raise out_of_memory_error(cfg) from None
+            bad_steps = 0
+            micro += 1
+            if micro % cfg.grad_accum == 0:
+                step = _optimizer_step(encoder, optimizer, params, cfg, step)
+            loss_sum += float(out_loss.loss) * out_loss.num_tokens
+            token_sum += out_loss.num_tokens
+            seen += len(batch)
+            bar.set_postfix(loss=f"{float(out_loss.loss):.3f}")
+        if micro % cfg.grad_accum:
+            step = _optimizer_step(encoder, optimizer, params, cfg, step)
+        train_seconds = time.perf_counter() - started
+
+        result: EvalResult | None = None
+        if epoch % cfg.eval_every == 0 or epoch == cfg.epochs:
+            result = evaluate(
+                encoder, decoder, val_batches, lang=cfg.tgt_lang, device=device, precision=precision,
+                beam_size=cfg.beam_size, max_gen_len=cfg.max_gen_len, loss_chunk_size=cfg.loss_chunk_size,
+                desc=f"validating epoch {epoch}",
+            )
+        metrics = EpochMetrics(
+            epoch=epoch,
+            train_loss=loss_sum / max(token_sum, 1),
+            val_loss=result.loss if result else None,
+            val_bleu=result.bleu if result else None,
+            val_chrf=result.chrf if result else None,
+            lr=optimizer.param_groups[0]["lr"],
+            seconds=time.perf_counter() - started,
+            samples_per_second=seen / max(train_seconds, 1e-9),
+        )
+        if result is not None:
+            score = result.bleu if maximize else result.loss
+            if step >= cfg.warmup_steps:
+                plateau.step(score)
+            if _improves(result, best, maximize):
+                best = {"score": score, "epoch": epoch, "bleu": result.bleu, "loss": result.loss}
+                metrics.is_best = True
+                evals_without_improvement = 0
+                if cfg.save_checkpoints:
+                    save_encoder(encoder, out / BEST_ENCODER, extra={"epoch": epoch, "val_bleu": result.bleu, "val_loss": result.loss})
+            else:
+                evals_without_improvement += 1
+            if cfg.write_predictions:
+                io.write_json(out / f"predictions_epoch{epoch}.json", {"epoch": epoch, "bleu": result.bleu, "chrf": result.chrf,
+                                                                         "bleu_signature": result.bleu_signature, "samples": result.samples})
+        history.append(metrics)
+        io.write_json(out / f"metrics_epoch{epoch}.json", asdict(metrics))
+        if cfg.save_checkpoints:
+            io.save_torch(out / LAST_STATE, {
+                "encoder": encoder.state_dict(), "optimizer": optimizer.state_dict(), "plateau": plateau.state_dict(),
+                "epoch": epoch, "step": step, "best": best, "evals_without_improvement": evals_without_improvement,
+                "history": [asdict(h) for h in history], "rng": _rng_state(),
+            })
+        log.info(_epoch_line(metrics, cfg.epochs))
+        if result is not None and on_evaluation is not None:
+            on_evaluation(metrics)
+        if result is not None and cfg.early_stopping_patience and evals_without_improvement >= cfg.early_stopping_patience:
+            log.info("early stopping: no improvement in %d evaluations", evals_without_improvement)
+            stopped_early = True
+            break
+
+    return TrainResult(
+        best_epoch=best["epoch"], best_score=best["score"], best_val_bleu=best["bleu"], best_val_loss=best["loss"],
+        history=history, stopped_early=stopped_early, output_dir=str(out),
+    )
+
+
+def _improves(result: EvalResult, best: dict[str, Any], maximize: bool) -> bool:
+    if best["score"] is None:
+        return True
+    if maximize:
+        # BLEU ties (common early on, at 0) are broken by the validation loss.
+        return result.bleu > best["bleu"] + 1e-9 or (abs(result.bleu - best["bleu"]) <= 1e-9 and (result.loss or math.inf) < (best["loss"] or math.inf))
+    return (result.loss or math.inf) < best["score"]
+
+
+def _optimizer_step(encoder: torch.nn.Module, optimizer: torch.optim.Optimizer, params: list, cfg: TrainConfig, step: int) -> int:
+    if cfg.warmup_steps and step < cfg.warmup_steps:
+        for group in optimizer.param_groups:
+            group["lr"] = cfg.learning_rate * (step + 1) / cfg.warmup_steps
+    if cfg.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return step + 1
+
+
+def _epoch_line(m: EpochMetrics, epochs: int) -> str:
+    val = (
+        f"val_loss {m.val_loss:.4f} | BLEU {m.val_bleu:.2f} | chrF {m.val_chrf:.2f}" if m.val_bleu is not None else "no evaluation"
+    )
+    star = " *best*" if m.is_best else ""
+    return f"epoch {m.epoch}/{epochs} | train_loss {m.train_loss:.4f} | {val} | lr {m.lr:.2e} | {m.seconds:.1f}s{star}"
+
+
+# ------------------------------------------------------------------------------------------------
+# Evaluation only
+# ------------------------------------------------------------------------------------------------
+def evaluate_checkpoint(cfg: TrainConfig) -> dict[str, Any]:
+    """``--eval_only``: score ``encoder_checkpoint`` on the ``val_*`` split; write only ``test_results.json``."""
+    cfg.validate()
+    device = resolve_device(cfg.device)
+    precision = resolve_precision(cfg.precision, device)
+    out = Path(cfg.output_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputDirError(f"cannot create --output_dir {out}: {exc.strerror or exc}") from None
+    dataset = load_split(cfg.val_features, cfg.val_manifest, cfg=cfg, split="evaluation")
+    batches = make_batches(dataset, cfg.batch_size, shuffle=False, seed=cfg.seed, num_workers=cfg.num_workers)
+    encoder, arch = load_encoder(cfg.encoder_checkpoint, device=device)
+    decoder = FrozenTextDecoder.load(cfg.decoder, cfg.tokenizer, device=device)
+    decoder.check_lang(cfg.tgt_lang)
+    if arch.output_dim != decoder.embedding_dim:
+        raise ConfigError(f"encoder outputs {arch.output_dim}-d embeddings but decoder {cfg.decoder} reads {decoder.embedding_dim}-d ones")
+    result = evaluate(encoder, decoder, batches, lang=cfg.tgt_lang, device=device, precision=precision,
+                      beam_size=cfg.beam_size, max_gen_len=cfg.max_gen_len, loss_chunk_size=cfg.loss_chunk_size)
+    record = {
+        **result.summary(),
+        "encoder_checkpoint": str(cfg.encoder_checkpoint),
+        "features": str(cfg.val_features),
+        "manifest": str(cfg.val_manifest),
+        "tgt_lang": cfg.tgt_lang,
+        "beam_size": cfg.beam_size,
+        "samples": result.samples,
+    }
+    io.write_json(out / TEST_RESULTS, record)
+    return record
