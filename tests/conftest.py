@@ -1,0 +1,49 @@
+"""Shared fixtures: a tiny offline demo (corpus, SONAR-architecture text decoder, SignT5 encoder).
+
+Built once per test session with the project's own builder, small enough to take seconds.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from sonar_ft.demo.build import DemoConfig, DemoPaths, build_demo
+from sonar_ft.demo.text_models import TextModelConfig
+
+TINY_DEMO = DemoConfig(
+    n_train=96,
+    n_val=16,
+    n_test=16,
+    feature_dim=24,
+    text=TextModelConfig(model_dim=32, ffn_dim=64, steps=300, batch_size=32),
+    encoder_d_model=32,
+    encoder_d_kv=8,
+    encoder_d_ff=48,
+    encoder_layers=1,
+)
+
+
+@pytest.fixture(scope="session")
+def tiny_demo(tmp_path_factory: pytest.TempPathFactory) -> DemoPaths:
+    """A tiny demo build (read-only for tests: copy what you need to modify)."""
+    torch.set_num_threads(2)
+    return build_demo(tmp_path_factory.mktemp("tiny_demo"), TINY_DEMO)
+
+
+def recipe_args(demo: DemoPaths, output_dir: Path, *extra: str) -> list[str]:
+    """The Colab quick-test command line with the demo's paths."""
+    return [
+        "--encoder_checkpoint", str(demo.encoder_checkpoint),
+        "--train_features", str(demo.split_features("train")),
+        "--train_manifest", str(demo.split_manifest("train")),
+        "--val_features", str(demo.split_features("val")),
+        "--val_manifest", str(demo.split_manifest("val")),
+        "--output_dir", str(output_dir),
+        "--decoder", str(demo.decoder_card),
+        "--device", "cpu",
+        "--beam_size", "2",
+        *extra,
+    ]
