@@ -20,6 +20,7 @@ from sonar_ft.errors import SonarFtError
 COMMAND_MODULES: tuple[str, ...] = (
     "sonar_ft.data.commands",  # manifest how2sign, verify
     "sonar_ft.embed",  # embed
+    "sonar_ft.export",  # export, translate
 )
 
 
