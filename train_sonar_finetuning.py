@@ -44,6 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--max_samples", type=int, help="use at most N clips per split (quick test)")
     data.add_argument("--subset_fraction", type=float, help="use this seeded fraction of the training clips")
     data.add_argument("--max_frames", type=int, help="truncate clips longer than this")
+    data.add_argument("--on_bad_sample", choices=["error", "skip"],
+                      help="unusable clips (missing, unreadable, NaN/Inf, empty...): stop listing them all, or train "
+                      "without them; both write bad_samples.tsv (default error)")
     data.add_argument("--num_workers", type=int, help="data-loading worker processes (default 0)")
 
     models = p.add_argument_group("models")
@@ -84,7 +87,20 @@ def build_parser() -> argparse.ArgumentParser:
     system.add_argument("--precision", choices=["auto", "bf16", "fp32"], help="auto = bf16 where supported, else fp32")
     system.add_argument("--resume", action="store_true", help="continue the run in --output_dir from last.pt")
     system.add_argument("--overwrite", action="store_true", help="replace another run's files in --output_dir")
+    system.add_argument("--checkpoint_every_steps", type=int,
+                        help="also save the resumable last.pt every N optimiser steps inside an epoch (default 0: epoch ends only)")
     system.add_argument("--loss_chunk_size", type=int, help="target positions per chunk of vocabulary logits (default 1024)")
+
+    mem = p.add_argument_group("memory and speed (`sonar-ft plan --gpu t4` recommends these)")
+    mem.add_argument("--gradient_checkpointing", action="store_true",
+                     help="recompute encoder blocks and frozen-decoder layers in backward instead of storing activations")
+    mem.add_argument("--decoder_dtype", choices=["fp32", "bf16", "fp16"],
+                     help="frozen decoder weights; fp16 only on GPUs without bf16, e.g. T4 (default fp32)")
+    mem.add_argument("--freeze_encoder_layers", type=int, help="freeze the feature projection and the lowest N encoder blocks (default 0)")
+    mem.add_argument("--optimizer", choices=["adamw", "adamw8bit"], help="adamw8bit = bitsandbytes 8-bit AdamW, CUDA only (default adamw)")
+    mem.add_argument("--cache_features", action="store_true", help="keep clips in memory after their first read (later epochs skip the disk)")
+    mem.add_argument("--cache_dtype", choices=["fp32", "fp16"], help="dtype of the feature cache (default fp32)")
+    mem.add_argument("--compile", action="store_true", help="torch.compile the encoder (default off)")
     return p
 
 

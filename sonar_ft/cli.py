@@ -21,6 +21,8 @@ COMMAND_MODULES: tuple[str, ...] = (
     "sonar_ft.data.commands",  # manifest how2sign, verify
     "sonar_ft.embed",  # embed
     "sonar_ft.export",  # export, translate
+    "sonar_ft.tune_cli",  # tune, train-from-tuning
+    "sonar_ft.plan",  # plan
 )
 
 

@@ -705,7 +705,7 @@ def load_encoder(
     model.to(device=device, dtype=dtype)
     model.eval()
     logger.info(
-        "loaded encoder %s: %d+%d layers, d_model %d, %.0fM parameters",
+        "loaded encoder %s: %d+%d layers, d_model %d, %.1fM parameters",
         path,
         config.num_encoder_layers,
         config.num_decoder_layers,

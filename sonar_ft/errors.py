@@ -25,3 +25,7 @@ class ConfigError(SonarFtError):
 
 class OutputDirError(SonarFtError):
     """The output folder cannot be used as asked (another run's files, not writable...)."""
+
+
+class TrainingError(SonarFtError):
+    """Training cannot go on (diverged to NaN/Inf, out of GPU memory); the message says what fits."""

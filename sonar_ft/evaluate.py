@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
@@ -82,10 +82,12 @@ def evaluate(
     compute_loss: bool = True,
     loss_chunk_size: int = 1024,
     desc: str = "evaluating",
+    gather: Callable[..., tuple[list[str], list[str], list[str], float, int]] | None = None,
 ) -> EvalResult:
     """Encode every batch, score the teacher-forced loss, beam-search the texts and score them.
 
     ``batches`` yields :class:`sonar_ft.data.Batch` objects (``ids``, ``features``, ``mask``, ``texts``).
+    ``gather(ids, refs, hyps, loss_sum, token_sum)`` combines the parts of all data-parallel ranks.
     """
     was_training = encoder.training
     encoder.eval()
@@ -108,6 +110,10 @@ def evaluate(
             ids.extend(batch.ids)
     finally:
         encoder.train(was_training)
+    if gather is not None:
+        # Data-parallel: each rank decoded its shard; every rank scores the union, so all of them
+        # take the same decisions (best checkpoint, plateau, early stopping) from the same numbers.
+        ids, refs, hyps, loss_sum, token_sum = gather(ids, refs, hyps, loss_sum, token_sum)
     bleu, chrf, bleu_sig, chrf_sig = score_corpus(hyps, refs)
     samples = [
         {"id": i, "reference": r, "prediction": h, "bleu_score": sentence_bleu(h, r)}

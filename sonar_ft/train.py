@@ -19,7 +19,7 @@ import math
 import platform
 import random
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable
@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from sonar_ft import io
+from sonar_ft import distributed, io, perf, plan
 from sonar_ft.data import (
     FeatureStore,
     LengthBucketSampler,
@@ -37,9 +37,10 @@ from sonar_ft.data import (
     read_manifest,
     select_rows,
 )
+from sonar_ft.data.bad_samples import BadSample, find_bad_samples, format_bad_samples, write_bad_samples
 from sonar_ft.decoder import FrozenTextDecoder
 from sonar_ft.encoder import load_encoder, save_encoder
-from sonar_ft.errors import ConfigError, OutputDirError, SonarFtError
+from sonar_ft.errors import ConfigError, DataError, OutputDirError, TrainingError
 from sonar_ft.evaluate import EvalResult, autocast_context, evaluate
 
 log = logging.getLogger(__name__)
@@ -49,7 +50,8 @@ TOKENIZER_FILE = "tokenizer.json"
 BEST_ENCODER = "best_encoder.pt"
 LAST_STATE = "last.pt"
 TEST_RESULTS = "test_results.json"
-MAX_BAD_STEPS = 10  # consecutive non-finite losses before a run is stopped
+BAD_SAMPLES = "bad_samples.tsv"
+MAX_BAD_STEPS = 10  # consecutive non-finite losses / gradients (no good step between) before a run is stopped
 
 
 @dataclass
@@ -128,8 +130,29 @@ class TrainConfig:
     eval_only: bool = False
     loss_chunk_size: int = 1024
     """Target positions per chunk of vocabulary logits in the loss (bounds its memory)."""
+    # -- memory and speed (``sonar-ft plan`` recommends these; see sonar_ft.perf) -------------------
+    gradient_checkpointing: bool = False
+    """Recompute encoder blocks and frozen-decoder layers in the backward pass instead of keeping their activations."""
+    decoder_dtype: str = "fp32"
+    """Frozen decoder weights: ``fp32``, ``bf16``, or ``fp16`` (only on GPUs without bf16, e.g. a T4)."""
+    freeze_encoder_layers: int = 0
+    """Freeze the feature projection and the lowest N encoder blocks."""
+    optimizer: str = "adamw"
+    """``adamw``, or ``adamw8bit`` (bitsandbytes, CUDA only: 2 instead of 8 bytes of state per parameter)."""
+    cache_features: bool = False
+    """Keep every clip in memory after its first read: later epochs do not touch the disk / Drive."""
+    cache_dtype: str = "fp32"
+    """``fp32`` or ``fp16`` (half the memory) for the feature cache."""
+    compile: bool = False
+    """``torch.compile`` the encoder (off by default: see docs/benchmarks.md)."""
     save_checkpoints: bool = True
     """Write ``best_encoder.pt`` / ``last.pt`` (tuning trials may switch this off)."""
+    checkpoint_every_steps: int = 0
+    """Also write the resumable ``last.pt`` every N optimiser steps inside an epoch (0: only at epoch ends)."""
+    on_bad_sample: str = "error"
+    """Clips that cannot be used (missing, unreadable, wrong shape, NaN/Inf, no frames, empty text):
+    ``error`` stops before training, listing all of them; ``skip`` trains without them. Both list
+    them in ``bad_samples.tsv`` in the output folder."""
     write_predictions: bool = True
     """Write ``predictions_epoch{N}.json`` at each evaluation."""
 
@@ -170,6 +193,16 @@ class TrainConfig:
             raise ConfigError(f"--distill_loss must be mse or cosine (got {self.distill_loss!r})")
         if not self.freeze_decoder:
             raise ConfigError("the SONAR text decoder is always frozen in sonar-ft; drop --no-freeze_decoder")
+        if self.checkpoint_every_steps < 0:
+            raise ConfigError(f"--checkpoint_every_steps must be >= 0 (got {self.checkpoint_every_steps}); 0 saves at epoch ends only")
+        if self.on_bad_sample not in ("error", "skip"):
+            raise ConfigError(f"--on_bad_sample must be error or skip (got {self.on_bad_sample!r})")
+        choices = {"decoder_dtype": ("fp32", "bf16", "fp16"), "optimizer": ("adamw", "adamw8bit"), "cache_dtype": ("fp32", "fp16")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"--{name} must be one of {', '.join(allowed)} (got {getattr(self, name)!r})")
+        if self.freeze_encoder_layers < 0:
+            raise ConfigError(f"--freeze_encoder_layers must be >= 0 (got {self.freeze_encoder_layers})")
 
 
 @dataclass
@@ -271,7 +304,8 @@ def _tuplify(x: Any) -> Any:
 # Output folder and run records
 # ------------------------------------------------------------------------------------------------
 # Settings that may change between a run and its resumption without making it another run.
-_RESUMABLE_CHANGES = {"epochs", "resume", "overwrite", "num_workers", "eval_every", "device", "early_stopping_patience"}
+_RESUMABLE_CHANGES = {"output_dir", "epochs", "resume", "overwrite", "num_workers", "eval_every", "device", "early_stopping_patience",
+                      "checkpoint_every_steps", "gradient_checkpointing", "cache_features", "cache_dtype", "compile"}
 RUN_FILES = (CONFIG_FILE, LAST_STATE, BEST_ENCODER)
 
 
@@ -289,6 +323,9 @@ def prepare_output_dir(cfg: TrainConfig) -> tuple[Path, bool]:
         probe.unlink()
     except OSError as exc:
         raise OutputDirError(f"cannot write to --output_dir {out}: {exc.strerror or exc}. Choose a writable folder.") from None
+    stale = io.remove_stale_temps(out)
+    if stale:
+        log.info("removed %d half-written file(s) left in %s by a run that was stopped", len(stale), out)
     existing = [name for name in RUN_FILES if (out / name).exists()] + sorted(p.name for p in out.glob("metrics_epoch*.json"))
     if not existing or cfg.overwrite:
         if cfg.overwrite:
@@ -312,6 +349,10 @@ def prepare_output_dir(cfg: TrainConfig) -> tuple[Path, bool]:
             f"--output_dir {out} holds another run (settings differ: {', '.join(changed)}). "
             "Pass --resume to continue it anyway, --overwrite to replace it, or choose another --output_dir."
         )
+    if previous is not None and not _changed_settings(previous, asdict(cfg)):
+        # The same command was stopped before its first last.pt: nothing to resume, nothing to lose.
+        log.info("%s holds a start of this same run that ended before its first checkpoint: starting again", out)
+        return out, False
     raise OutputDirError(
         f"--output_dir {out} already holds another run's files ({', '.join(existing[:4])}). "
         "Pass --overwrite to replace them, or choose another --output_dir."
@@ -384,24 +425,43 @@ def tokenizer_record(cfg: TrainConfig, decoder: FrozenTextDecoder) -> dict[str, 
 # ------------------------------------------------------------------------------------------------
 # Data
 # ------------------------------------------------------------------------------------------------
-def load_split(features: str, manifest: str, *, cfg: TrainConfig, split: str, fraction: float | None = None) -> SignFeatureDataset:
-    """Manifest rows with a feature file each, subset as asked, as a dataset."""
+def load_split(
+    features: str, manifest: str, *, cfg: TrainConfig, split: str, fraction: float | None = None,
+    bad: list[BadSample] | None = None,
+) -> SignFeatureDataset:
+    """Manifest rows with a feature file each, subset as asked, as a dataset.
+
+    With ``bad`` (a list), every selected clip's file is read once first; the clips training
+    would fail on are appended to ``bad`` and left out (the caller decides whether to stop).
+    """
     store = FeatureStore.open(features)
     rows = read_manifest(manifest)
+    if bad is not None:
+        # Subset first: a quick --max_samples test should not read the whole corpus.
+        rows = select_rows(rows, max_samples=cfg.max_samples, subset_fraction=fraction, seed=cfg.seed)
+        found = find_bad_samples(store, rows, split=split)
+        bad.extend(found)
+        dropped = {b.id for b in found}
+        return SignFeatureDataset(store, [r for r in rows if r.id not in dropped], max_frames=cfg.max_frames, **perf.feature_cache(cfg))
     missing = [r for r in rows if store.path(r.id) is None]
     if missing:
         listed = ", ".join(f"{r.id} (line {r.line})" for r in missing[:10])
         more = f" and {len(missing) - 10} more" if len(missing) > 10 else ""
-        raise SonarFtError(
+        raise DataError(
             f"{len(missing)} clip(s) of {split} manifest {manifest} have no feature file in {features}: {listed}{more}. "
             "Run `sonar-ft verify` on this split, fix the manifest or the features, then start again."
         )
     rows = select_rows(rows, max_samples=cfg.max_samples, subset_fraction=fraction, seed=cfg.seed)
-    return SignFeatureDataset(store, rows, max_frames=cfg.max_frames)
+    return SignFeatureDataset(store, rows, max_frames=cfg.max_frames, **perf.feature_cache(cfg))
 
 
-def make_batches(dataset: SignFeatureDataset, batch_size: int, *, shuffle: bool, seed: int, num_workers: int) -> torch.utils.data.DataLoader:
-    sampler = LengthBucketSampler(dataset.lengths, batch_size, shuffle=shuffle, seed=seed)
+def make_batches(
+    dataset: SignFeatureDataset, batch_size: int, *, shuffle: bool, seed: int, num_workers: int, num_replicas: int = 1, rank: int = 0,
+) -> torch.utils.data.DataLoader:
+    """Length-bucketed batches; with ``num_replicas`` > 1, rank ``rank``'s share of each global batch."""
+    sampler = LengthBucketSampler(dataset.lengths, batch_size, shuffle=shuffle, seed=seed, num_replicas=num_replicas, rank=rank)
+    if dataset.cache:
+        num_workers = 0  # worker processes would each fill (and lose) a cache of their own
     return torch.utils.data.DataLoader(
         dataset, batch_sampler=sampler, collate_fn=collate, num_workers=num_workers, persistent_workers=num_workers > 0
     )
@@ -410,40 +470,139 @@ def make_batches(dataset: SignFeatureDataset, batch_size: int, *, shuffle: bool,
 # ------------------------------------------------------------------------------------------------
 # The run
 # ------------------------------------------------------------------------------------------------
-def out_of_memory_error(cfg: TrainConfig) -> SonarFtError:
-    return SonarFtError(
-        f"the GPU ran out of memory at --batch_size {cfg.batch_size}. Try --batch_size {max(1, cfg.batch_size // 2)} "
-        f"--grad_accum {cfg.grad_accum * 2} (same effective batch), a smaller --max_frames, or a GPU with more memory."
+def out_of_memory_error(cfg: TrainConfig) -> TrainingError:
+    """What to say when the GPU runs out of memory: the settings that need less of it."""
+    names = set(TrainConfig.field_names())
+    half = max(1, cfg.batch_size // 2)
+    accum = cfg.grad_accum * cfg.batch_size // half
+    tips = [f"--batch_size {half} --grad_accum {accum} (same effective batch of {half * accum})"]
+    # Named by flag when this version of the recipe has one (the memory options live beside device/precision).
+    checkpointing = next((n for n in ("gradient_checkpointing", "activation_checkpointing") if n in names), None)
+    tips.append("gradient checkpointing" + (f" (--{checkpointing})" if checkpointing else ""))
+    freeze = next((n for n in ("freeze_layers", "freeze_encoder_layers") if n in names), None)
+    tips.append("freezing the lower encoder layers" + (f" (--{freeze} N)" if freeze else ""))
+    tips.append("a smaller --max_frames" + (f" than {cfg.max_frames}" if cfg.max_frames else " (e.g. 512)"))
+    if cfg.precision != "bf16":
+        tips.append("--precision bf16 on an Ampere or newer GPU")
+    return TrainingError(
+        f"the GPU ran out of memory at --batch_size {cfg.batch_size}. Settings that fit in less memory: "
+        + "; ".join(tips) + "; or a GPU with more memory."
     )
 
 
+def screen_bad_samples(out: Path, cfg: TrainConfig, bad: list[BadSample]) -> None:
+    """Record ``bad`` in ``bad_samples.tsv``, then stop (``--on_bad_sample error``) or go on without them (``skip``)."""
+    path = out / BAD_SAMPLES
+    if not bad:
+        path.unlink(missing_ok=True)  # a list from an earlier start no longer applies
+        return
+    write_bad_samples(path, bad)
+    if cfg.on_bad_sample == "skip":
+        log.warning("--on_bad_sample skip: leaving out %d bad clip(s), listed in %s", len(bad), path)
+        return
+    raise DataError(
+        f"{len(bad)} clip(s) cannot be trained on: {format_bad_samples(bad)}. All are listed in {path}. "
+        "Fix or remove them (`sonar-ft verify` shows details), or pass --on_bad_sample skip to train without them."
+    )
+
+
+def check_feature_dim(dataset: SignFeatureDataset, expected: int, *, features: str, encoder: str) -> None:
+    """Stop before training when the clips' feature dimension is not the encoder's input size."""
+    if len(dataset) == 0:
+        return
+    dim = dataset[0].features.shape[1]
+    if dim != expected:
+        raise DataError(
+            f"the clips in {features} have {dim} features per frame but the encoder {encoder} expects {expected}: "
+            "use features from the extractor the encoder was trained with (SignHiera: 768), or the matching checkpoint"
+        )
+
+
+def _count_bad_step(bad_steps: int, out: Path, cfg: TrainConfig, what: str, where: str) -> int:
+    """Warn about a skipped step; stop once ``MAX_BAD_STEPS`` came without a good step between."""
+    bad_steps += 1
+    log.warning("non-finite %s at %s: step skipped (%d in a row)", what, where, bad_steps)
+    if bad_steps < MAX_BAD_STEPS:
+        return bad_steps
+    saved = [str(out / n) for n in (LAST_STATE, BEST_ENCODER) if cfg.save_checkpoints and (out / n).is_file()]
+    last_good = (
+        f"The last good checkpoint is {saved[0]}" + (f" (best encoder: {saved[1]})" if len(saved) > 1 else "")
+        + "; nothing was saved after it. Continue from it with --resume"
+        if saved else "No checkpoint was saved yet. Start again"
+    )
+    raise TrainingError(
+        f"{bad_steps} steps in a row had a non-finite loss or gradient (last: {what} at {where}): training diverged. "
+        f"{last_good} after lowering --learning_rate (e.g. to {cfg.learning_rate / 2:g})"
+        + (" or with --precision fp32" if cfg.precision != "fp32" else "") + "."
+    )
+
+
+def weights_finite(model: torch.nn.Module) -> bool:
+    """True when no parameter holds NaN or Inf (one device sync for the whole model)."""
+    flags = [torch.isfinite(p).all() for p in model.parameters()]
+    return bool(torch.stack(flags).all()) if flags else True
+
+
+def _refuse_broken_weights(encoder: torch.nn.Module, path: Path, where: str) -> None:
+    if not weights_finite(encoder):
+        raise TrainingError(
+            f"the encoder's weights became NaN/Inf at {where}; not writing them to {path}, which keeps the last good "
+            "state. Lower --learning_rate and continue with --resume."
+        )
+
+
 def train(cfg: TrainConfig, *, on_evaluation: Callable[[EpochMetrics], None] | None = None) -> TrainResult:
-    """Fine-tune the encoder as configured; ``on_evaluation`` is called after each evaluation (tuning prunes there)."""
+    """Fine-tune the encoder as configured; ``on_evaluation`` is called after each evaluation (tuning prunes there).
+
+    Under ``torchrun`` (``WORLD_SIZE`` > 1) every process runs this data-parallel: ``--batch_size``
+    is per process, only rank 0 writes files.
+    """
     cfg.validate()
-    device = resolve_device(cfg.device)
+    ddp = distributed.setup(cfg.device)
+    try:
+        return _train(cfg, ddp, on_evaluation)
+    finally:
+        ddp.shutdown()
+
+
+def _train(cfg: TrainConfig, ddp: distributed.DistContext, on_evaluation: Callable[[EpochMetrics], None] | None) -> TrainResult:
+    device = ddp.device if ddp.active else resolve_device(cfg.device)
     precision = resolve_precision(cfg.precision, device)
-    out, resuming = prepare_output_dir(cfg)
+    out, resuming = ddp.on_main(lambda: prepare_output_dir(cfg))
     seed_everything(cfg.seed)
+    if not ddp.is_main:
+        # Rank 0 writes every file; the others differ in dropout noise only.
+        cfg = replace(cfg, save_checkpoints=False, write_predictions=False)
+        torch.manual_seed(cfg.seed + ddp.rank)
 
     # -- data ---------------------------------------------------------------------------------
-    train_set = load_split(cfg.train_features, cfg.train_manifest, cfg=cfg, split="training", fraction=cfg.subset_fraction)
-    val_set = load_split(cfg.val_features, cfg.val_manifest, cfg=cfg, split="validation")
-    if len(train_set) == 0:
-        raise ConfigError(f"the training manifest {cfg.train_manifest} has no clips")
+    bad: list[BadSample] = []  # every unusable clip of both splits, reported together
+    train_set = load_split(cfg.train_features, cfg.train_manifest, cfg=cfg, split="training", fraction=cfg.subset_fraction, bad=bad)
+    val_set = load_split(cfg.val_features, cfg.val_manifest, cfg=cfg, split="validation", bad=bad)
+    ddp.on_main(lambda: screen_bad_samples(out, cfg, bad))
+    for split, dataset, manifest in (("training", train_set, cfg.train_manifest), ("validation", val_set, cfg.val_manifest)):
+        if len(dataset) == 0:
+            raise DataError(f"the {split} manifest {manifest} has no usable clips" + (f" (all listed in {out / BAD_SAMPLES})" if bad else ""))
     if cfg.batch_size > len(train_set):
         log.warning("--batch_size %d is larger than the %d training clips: every batch holds all of them", cfg.batch_size, len(train_set))
-    train_batches = make_batches(train_set, cfg.batch_size, shuffle=True, seed=cfg.seed, num_workers=cfg.num_workers)
-    val_batches = make_batches(val_set, cfg.batch_size, shuffle=False, seed=cfg.seed, num_workers=cfg.num_workers)
+    train_batches = make_batches(train_set, cfg.batch_size, shuffle=True, seed=cfg.seed, num_workers=cfg.num_workers,
+                                 num_replicas=ddp.world_size, rank=ddp.rank)
+    val_batches = make_batches(ddp.shard(val_set), cfg.batch_size, shuffle=False, seed=cfg.seed, num_workers=cfg.num_workers)
 
     # -- models -------------------------------------------------------------------------------
     encoder, arch = load_encoder(cfg.encoder_checkpoint, dropout=cfg.dropout, device=device)
-    decoder = FrozenTextDecoder.load(cfg.decoder, cfg.tokenizer, device=device)
+    perf.configure_encoder(encoder, cfg)  # --freeze_encoder_layers, --gradient_checkpointing, --compile
+    decoder = FrozenTextDecoder.load(cfg.decoder, cfg.tokenizer, device=device, dtype=perf.decoder_dtype(cfg.decoder_dtype, device))
+    if cfg.gradient_checkpointing:
+        perf.checkpoint_decoder_layers(decoder.model)
     decoder.check_lang(cfg.tgt_lang)
     if arch.output_dim != decoder.embedding_dim:
         raise ConfigError(
             f"the encoder {cfg.encoder_checkpoint} outputs {arch.output_dim}-d embeddings but the decoder {cfg.decoder} "
             f"reads {decoder.embedding_dim}-d ones: they do not belong together"
         )
+    for features, dataset in ((cfg.train_features, train_set), (cfg.val_features, val_set)):
+        check_feature_dim(dataset, arch.feature_dim, features=features, encoder=cfg.encoder_checkpoint)
     teacher = None
     if cfg.distill_weight > 0:
         from sonar_ft.text_encoder import FrozenTextEncoder
@@ -451,22 +610,27 @@ def train(cfg: TrainConfig, *, on_evaluation: Callable[[EpochMetrics], None] | N
         teacher = FrozenTextEncoder.load(cfg.text_encoder, cfg.tokenizer, device=device)
 
     params = [p for p in encoder.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(
-        params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, fused=device.type == "cuda"
-    )
+    optimizer = perf.build_optimizer(params, cfg.optimizer, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, device=device)
     maximize = cfg.select_metric == "bleu"
     plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(
         optimizer, mode="max" if maximize else "min", factor=cfg.plateau_factor, patience=cfg.plateau_patience
     )
-    write_run_records(out, cfg, asdict(arch), decoder, device, precision)
+    if ddp.is_main:
+        write_run_records(out, cfg, asdict(arch), decoder, device, precision)
+        plan.startup_check(cfg, arch, frames=max(train_set.lengths), device=device, precision=precision,
+                           target_tokens=plan.longest_target(decoder, [r.text for r in train_set.rows], cfg.tgt_lang))
 
     # -- state (fresh or resumed) -------------------------------------------------------------
     start_epoch, step = 1, 0
     best: dict[str, Any] = {"score": None, "epoch": None, "bleu": None, "loss": None}
     history: list[EpochMetrics] = []
     evals_without_improvement = 0
+    position: dict[str, Any] | None = None  # where inside an epoch a mid-epoch last.pt was written
     if resuming:
         state = io.load_torch(out / LAST_STATE, what="training state")
+        position = state.get("position")
+        if position:
+            log.info("resuming inside epoch %d after batch %d", position["epoch"], position["batches"])
         encoder.load_state_dict(state["encoder"])
         optimizer.load_state_dict(state["optimizer"])
         plateau.load_state_dict(state["plateau"])
@@ -481,21 +645,34 @@ def train(cfg: TrainConfig, *, on_evaluation: Callable[[EpochMetrics], None] | N
         "training %d clips, validating on %d | device %s, %s | encoder %s | effective batch %d",
         len(train_set), len(val_set), device, precision, cfg.encoder_checkpoint, cfg.batch_size * cfg.grad_accum,
     )
+    model = ddp.wrap(encoder)  # DistributedDataParallel under torchrun; `encoder` stays the module saved and evaluated
     stopped_early = False
     bad_steps = 0
     epochs = tqdm(range(start_epoch, cfg.epochs + 1), desc="epochs", initial=start_epoch - 1, total=cfg.epochs)
     for epoch in epochs:
         started = time.perf_counter()
-        train_batches.batch_sampler.set_epoch(epoch)
         encoder.train()
         loss_sum, token_sum, seen, micro = 0.0, 0, 0, 0
+        done = 0  # batches of this epoch consumed: the sampler position a mid-epoch last.pt records
+        restore_rng = None
+        if position is not None and position["epoch"] == epoch:
+            loss_sum, token_sum, seen, micro, done = (position[k] for k in ("loss_sum", "token_sum", "seen", "micro", "batches"))
+            started -= position["seconds"]
+            restore_rng, position = state["rng"], None
+        train_batches.batch_sampler.set_epoch(epoch, skip=done)
         optimizer.zero_grad(set_to_none=True)
-        bar = tqdm(train_batches, desc=f"epoch {epoch}", leave=False)
+        bar = tqdm(train_batches, desc=f"epoch {epoch}", initial=done, total=done + len(train_batches), leave=False)
         for batch in bar:
+            if restore_rng is not None:
+                # Starting the DataLoader drew from the global RNG; dropout must go on from the
+                # state of the moment last.pt was written, as it would have without the stop.
+                _set_rng_state(restore_rng)
+                restore_rng = None
+            done += 1
             batch = batch.to(device)
             try:
                 with autocast_context(device, precision):
-                    emb = encoder(batch.features, batch.mask)  # (B, E)
+                    emb = model(batch.features, batch.mask)  # (B, E)
                 emb = emb.float()
                 out_loss = decoder.loss(
                     emb, batch.texts, cfg.tgt_lang, label_smoothing=cfg.label_smoothing, chunk_size=cfg.loss_chunk_size
@@ -506,38 +683,47 @@ def train(cfg: TrainConfig, *, on_evaluation: Callable[[EpochMetrics], None] | N
 
                     target = teacher.embed(batch.texts, cfg.tgt_lang)
                     loss = loss + cfg.distill_weight * distillation_loss(emb, target, cfg.distill_loss)
-                if not torch.isfinite(loss):
-                    bad_steps += 1
-                    log.warning("non-finite loss at epoch %d (batch of %s...): step skipped", epoch, batch.ids[0])
+                # weight: 1 on one process; under DDP it makes the averaged gradient the global token mean.
+                weight, finite = ddp.step_sync(out_loss.num_tokens, bool(torch.isfinite(loss)))
+                if not finite:
                     optimizer.zero_grad(set_to_none=True)
-                    if bad_steps >= MAX_BAD_STEPS:
-                        raise SonarFtError(
-                            f"{bad_steps} consecutive non-finite losses: training diverged. The last good checkpoint is "
-                            f"{out / BEST_ENCODER}. Lower --learning_rate or use --precision fp32."
-                        )
+                    bad_steps = _count_bad_step(bad_steps, out, cfg, "loss", f"epoch {epoch}, batch {done} ({batch.ids[0]}, ...)")
                     continue
-                (loss / cfg.grad_accum).backward()
+                (loss * weight / cfg.grad_accum).backward()
             except torch.cuda.OutOfMemoryError:
                 raise out_of_memory_error(cfg) from None
-            bad_steps = 0
             micro += 1
+            stepped = False
             if micro % cfg.grad_accum == 0:
-                step = _optimizer_step(encoder, optimizer, params, cfg, step)
-            loss_sum += float(out_loss.loss) * out_loss.num_tokens
+                step, stepped = _optimizer_step(encoder, optimizer, params, cfg, step)
+                bad_steps = 0 if stepped else _count_bad_step(bad_steps, out, cfg, "gradient", f"epoch {epoch}, batch {done}")
+            loss_sum += float(out_loss.loss.detach()) * out_loss.num_tokens
             token_sum += out_loss.num_tokens
             seen += len(batch)
-            bar.set_postfix(loss=f"{float(out_loss.loss):.3f}")
+            bar.set_postfix(loss=f"{float(out_loss.loss.detach()):.3f}")
+            if stepped and cfg.save_checkpoints and cfg.checkpoint_every_steps and step % cfg.checkpoint_every_steps == 0:
+                here = {"epoch": epoch, "batches": done, "micro": micro, "loss_sum": loss_sum, "token_sum": token_sum,
+                        "seen": seen, "seconds": time.perf_counter() - started}
+                _save_state(out / LAST_STATE, encoder, optimizer, plateau, epoch=epoch - 1, step=step, best=best,
+                            evals_without_improvement=evals_without_improvement, history=history, position=here)
+        if restore_rng is not None:  # resumed at the very end of the epoch: no batch was left to restore it
+            _set_rng_state(restore_rng)
         if micro % cfg.grad_accum:
-            step = _optimizer_step(encoder, optimizer, params, cfg, step)
+            step, stepped = _optimizer_step(encoder, optimizer, params, cfg, step)
+            bad_steps = 0 if stepped else _count_bad_step(bad_steps, out, cfg, "gradient", f"end of epoch {epoch}")
         train_seconds = time.perf_counter() - started
+        loss_sum, token_sum, seen = ddp.sum(loss_sum, token_sum, seen)  # over all ranks (as is on one process)
 
         result: EvalResult | None = None
         if epoch % cfg.eval_every == 0 or epoch == cfg.epochs:
-            result = evaluate(
-                encoder, decoder, val_batches, lang=cfg.tgt_lang, device=device, precision=precision,
-                beam_size=cfg.beam_size, max_gen_len=cfg.max_gen_len, loss_chunk_size=cfg.loss_chunk_size,
-                desc=f"validating epoch {epoch}",
-            )
+            try:
+                result = evaluate(
+                    encoder, decoder, val_batches, lang=cfg.tgt_lang, device=device, precision=precision,
+                    beam_size=cfg.beam_size, max_gen_len=cfg.max_gen_len, loss_chunk_size=cfg.loss_chunk_size,
+                    desc=f"validating epoch {epoch}", gather=ddp.eval_gatherer(val_set),
+                )
+            except torch.cuda.OutOfMemoryError:
+                raise out_of_memory_error(cfg) from None
         metrics = EpochMetrics(
             epoch=epoch,
             train_loss=loss_sum / max(token_sum, 1),
@@ -557,6 +743,7 @@ def train(cfg: TrainConfig, *, on_evaluation: Callable[[EpochMetrics], None] | N
                 metrics.is_best = True
                 evals_without_improvement = 0
                 if cfg.save_checkpoints:
+                    _refuse_broken_weights(encoder, out / BEST_ENCODER, f"epoch {epoch}")
                     save_encoder(encoder, out / BEST_ENCODER, extra={"epoch": epoch, "val_bleu": result.bleu, "val_loss": result.loss})
             else:
                 evals_without_improvement += 1
@@ -564,13 +751,11 @@ def train(cfg: TrainConfig, *, on_evaluation: Callable[[EpochMetrics], None] | N
                 io.write_json(out / f"predictions_epoch{epoch}.json", {"epoch": epoch, "bleu": result.bleu, "chrf": result.chrf,
                                                                          "bleu_signature": result.bleu_signature, "samples": result.samples})
         history.append(metrics)
-        io.write_json(out / f"metrics_epoch{epoch}.json", asdict(metrics))
+        if ddp.is_main:
+            io.write_json(out / f"metrics_epoch{epoch}.json", asdict(metrics))
         if cfg.save_checkpoints:
-            io.save_torch(out / LAST_STATE, {
-                "encoder": encoder.state_dict(), "optimizer": optimizer.state_dict(), "plateau": plateau.state_dict(),
-                "epoch": epoch, "step": step, "best": best, "evals_without_improvement": evals_without_improvement,
-                "history": [asdict(h) for h in history], "rng": _rng_state(),
-            })
+            _save_state(out / LAST_STATE, encoder, optimizer, plateau, epoch=epoch, step=step, best=best,
+                        evals_without_improvement=evals_without_improvement, history=history)
         log.info(_epoch_line(metrics, cfg.epochs))
         if result is not None and on_evaluation is not None:
             on_evaluation(metrics)
@@ -594,15 +779,38 @@ def _improves(result: EvalResult, best: dict[str, Any], maximize: bool) -> bool:
     return (result.loss or math.inf) < best["score"]
 
 
-def _optimizer_step(encoder: torch.nn.Module, optimizer: torch.optim.Optimizer, params: list, cfg: TrainConfig, step: int) -> int:
+def _optimizer_step(encoder: torch.nn.Module, optimizer: torch.optim.Optimizer, params: list, cfg: TrainConfig, step: int) -> tuple[int, bool]:
+    """One clipped AdamW step: ``(step + 1, True)``, or ``(step, False)`` when the gradient is NaN/Inf (skipped)."""
     if cfg.warmup_steps and step < cfg.warmup_steps:
         for group in optimizer.param_groups:
             group["lr"] = cfg.learning_rate * (step + 1) / cfg.warmup_steps
-    if cfg.grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-    optimizer.step()
+    # With clipping off, max_norm=inf only measures the norm, so a NaN/Inf gradient is still caught.
+    norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+    if not bool(torch.isfinite(norm)):
+        optimizer.zero_grad(set_to_none=True)
+        return step, False
+    try:
+        optimizer.step()  # the first step allocates AdamW's two moments: a common place to run out of memory
+    except torch.cuda.OutOfMemoryError:
+        raise out_of_memory_error(cfg) from None
     optimizer.zero_grad(set_to_none=True)
-    return step + 1
+    return step + 1, True
+
+
+def _save_state(
+    path: Path, encoder: torch.nn.Module, optimizer: torch.optim.Optimizer, plateau: Any, *, epoch: int, step: int,
+    best: dict[str, Any], evals_without_improvement: int, history: list[EpochMetrics], position: dict[str, Any] | None = None,
+) -> None:
+    """Write the resumable ``last.pt``; ``epoch`` is the last completed one, ``position`` the place inside the next.
+
+    Broken (NaN/Inf) weights are never written: ``last.pt`` keeps the last good state.
+    """
+    _refuse_broken_weights(encoder, path, f"epoch {epoch + 1 if position else epoch}, step {step}")
+    io.save_torch(path, {
+        "encoder": encoder.state_dict(), "optimizer": optimizer.state_dict(), "plateau": plateau.state_dict(),
+        "epoch": epoch, "step": step, "best": best, "evals_without_improvement": evals_without_improvement,
+        "history": [asdict(h) for h in history], "rng": _rng_state(), "position": position,
+    })
 
 
 def _epoch_line(m: EpochMetrics, epochs: int) -> str:

@@ -18,7 +18,7 @@ TINY_DEMO = DemoConfig(
     n_val=16,
     n_test=16,
     feature_dim=24,
-    text=TextModelConfig(model_dim=32, ffn_dim=64, steps=300, batch_size=32),
+    text=TextModelConfig(steps=600),
     encoder_d_model=32,
     encoder_d_kv=8,
     encoder_d_ff=48,

@@ -160,9 +160,12 @@ class LengthBucketSampler(Sampler[list[int]]):
     sorted by length inside each pool and cut into batches, and the batch order is shuffled;
     all of it is a function of ``(seed, epoch)`` (call :meth:`set_epoch` each epoch). Without
     ``shuffle`` the whole set is sorted by length (least padding, fixed order, for evaluation).
-    For DDP, every rank gets the same number of batches: the list is padded by repeating
-    batches from its start (or trimmed with ``drop_last``) and rank ``r`` takes every
-    ``num_replicas``-th batch from ``r``.
+    For DDP (``num_replicas > 1``), ``batch_size`` is per rank: the batches above are cut at
+    ``batch_size * num_replicas`` (the global batch, exactly as one process with that batch size
+    would cut them) and rank ``r`` takes every ``num_replicas``-th clip of each, from ``r``, so
+    each step of N processes sees the same clips as one process with the whole batch and every
+    rank gets the same number of batches, of similar lengths. A last global batch with fewer
+    clips than ranks repeats some (or is dropped with ``drop_last``).
     """
 
     def __init__(
@@ -192,13 +195,21 @@ class LengthBucketSampler(Sampler[list[int]]):
         self.pool_factor = pool_factor
         self.drop_last = drop_last
         self.epoch = 0
+        self.skip = 0
 
-    def set_epoch(self, epoch: int) -> None:
-        """Choose the epoch whose batch order the next iteration yields."""
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        """Choose the epoch whose batch order the next iteration yields.
+
+        ``skip`` leaves out that epoch's first ``skip`` batches (of this rank): a run resumed
+        mid-epoch continues with exactly the batches it had not yet seen.
+        """
+        if skip < 0:
+            raise ValueError(f"skip must be >= 0 (got {skip})")
         self.epoch = epoch
+        self.skip = skip
 
     def _batches(self) -> list[list[int]]:
-        n, size = len(self.lengths), self.batch_size
+        n, size = len(self.lengths), self.batch_size * self.num_replicas
         if self.shuffle:
             # Masking keeps negative seeds valid for numpy's SeedSequence.
             rng = np.random.default_rng([self.seed & 0xFFFFFFFF, self.epoch & 0xFFFFFFFF])
@@ -214,22 +225,20 @@ class LengthBucketSampler(Sampler[list[int]]):
             batches.pop()
         if self.shuffle:
             batches = [batches[i] for i in rng.permutation(len(batches))]
-        if self.num_replicas > 1 and batches:
-            total = self._share(len(batches)) * self.num_replicas
-            batches = (batches * math.ceil(total / len(batches)))[:total]
-            batches = batches[self.rank :: self.num_replicas]
+        if self.num_replicas > 1:
+            # Interleaved slices of a length-sorted global batch: every rank pads to a similar length.
+            world = self.num_replicas
+            batches = [(b * math.ceil(world / len(b)))[:world] if len(b) < world else b for b in batches]
+            batches = [b[self.rank :: world] for b in batches]
         return batches
 
     def __iter__(self) -> Iterator[list[int]]:
-        return iter(self._batches())
+        return iter(self._batches()[self.skip :])
 
     def __len__(self) -> int:
-        n_batches = len(self.lengths) // self.batch_size if self.drop_last else -(-len(self.lengths) // self.batch_size)
-        return self._share(n_batches) if self.num_replicas > 1 else n_batches
-
-    def _share(self, n_batches: int) -> int:
-        """Batches per rank: surplus dropped with ``drop_last``, else the last round padded."""
-        return n_batches // self.num_replicas if self.drop_last else -(-n_batches // self.num_replicas)
+        size = self.batch_size * self.num_replicas  # every rank takes a share of each global batch
+        per_rank = len(self.lengths) // size if self.drop_last else -(-len(self.lengths) // size)
+        return max(0, per_rank - self.skip)
 
 
 @dataclass

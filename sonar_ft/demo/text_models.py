@@ -41,7 +41,7 @@ class TextModelConfig:
     num_heads: int = 4
     ffn_dim: int = 128
     max_seq_len: int = 32
-    steps: int = 1500
+    steps: int = 800
     batch_size: int = 64
     learning_rate: float = 3e-3
     embedding_noise: float = 0.1

@@ -1,0 +1,130 @@
+"""Find the clips a training run cannot use, all at once, before any GPU time is spent.
+
+:func:`find_bad_samples` reads every feature file the given manifest rows name (in threads:
+on network drives the time goes into waiting for I/O) and returns one :class:`BadSample` per
+clip that is missing, unreadable, not 2-D, of the wrong feature dimension, holds NaN/Inf, has
+no frames, or has an empty text. The caller decides whether to stop or to skip them;
+:func:`write_bad_samples` records them as ``bad_samples.tsv``.
+"""
+
+from __future__ import annotations
+
+import collections
+import csv
+import io
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from sonar_ft.data.features import FeatureStore, read_features
+from sonar_ft.data.manifest import ManifestRow
+from sonar_ft.errors import DataError
+from sonar_ft.io import write_text
+
+BAD_SAMPLES_HEADER: tuple[str, ...] = ("id", "file", "reason", "split")
+MAX_LISTED = 20
+
+
+@dataclass(frozen=True)
+class BadSample:
+    """One clip that cannot be trained on: its id, feature file ('' if none), why, and its split."""
+
+    id: str
+    file: str
+    reason: str
+    split: str = ""
+
+    def describe(self) -> str:
+        """``id (split, file): reason`` for one-line messages."""
+        where = ", ".join(x for x in (self.split, self.file) if x)
+        return f"{self.id} ({where}): {self.reason}" if where else f"{self.id}: {self.reason}"
+
+
+@dataclass
+class _Check:
+    dim: int = 0
+    reason: str | None = None
+
+
+def _check(path: Path) -> _Check:
+    try:
+        tensor, _ = read_features(path)
+    except DataError as exc:
+        return _Check(reason=str(exc))
+    if tensor.shape[0] == 0:
+        return _Check(dim=tensor.shape[1], reason="has zero frames")
+    # After the float32 cast on purpose: float64 values beyond float32's range become Inf there.
+    if not bool(torch.isfinite(tensor).all()):
+        return _Check(dim=tensor.shape[1], reason="contains NaN or Inf values")
+    return _Check(dim=tensor.shape[1])
+
+
+def find_bad_samples(
+    store: FeatureStore,
+    rows: Sequence[ManifestRow],
+    *,
+    split: str = "",
+    feature_dim: int | None = None,
+    workers: int = 8,
+    progress: bool = True,
+) -> list[BadSample]:
+    """Every row of ``rows`` that training would fail on, in manifest order.
+
+    ``feature_dim`` is the D every file must have; without it the most common D among the
+    readable files is taken as right and the others are reported.
+    """
+    checks: dict[int, _Check] = {}
+    to_read = [(i, store.path(r.id)) for i, r in enumerate(rows)]
+    to_read = [(i, p) for i, p in to_read if p is not None]
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        results = pool.map(_check, [p for _, p in to_read])
+        bar = tqdm(results, total=len(to_read), desc=f"checking {split or 'clips'}", unit="file", disable=not progress)
+        for (i, _), result in zip(to_read, bar):
+            checks[i] = result
+
+    dims = collections.Counter(c.dim for c in checks.values() if c.reason is None)
+    want = feature_dim if feature_dim is not None else (dims.most_common(1)[0][0] if dims else None)
+    bad: list[BadSample] = []
+    for i, row in enumerate(rows):
+        path = store.path(row.id)
+        check = checks.get(i)
+        if path is None:
+            reason = f"no feature file {row.id}.npy / {row.id}.pt in {store.root}"
+        elif check is not None and check.reason is not None:
+            reason = check.reason
+        elif check is not None and want is not None and check.dim != want:
+            others = "the other clips have" if feature_dim is None else "expected"
+            reason = f"has feature dimension {check.dim}; {others} {want}"
+        elif not row.text.strip():
+            reason = f"empty text (manifest line {row.line})"
+        else:
+            continue
+        bad.append(BadSample(id=row.id, file="" if path is None else str(path), reason=reason, split=split))
+    return bad
+
+
+def format_bad_samples(bad: Sequence[BadSample], limit: int = MAX_LISTED) -> str:
+    """The first ``limit`` bad samples on one line (``; `` separated), with a count of the rest."""
+    listed = "; ".join(b.describe() for b in bad[:limit])
+    return listed + (f"; ... and {len(bad) - limit} more" if len(bad) > limit else "")
+
+
+def write_bad_samples(path: str | Path, bad: Iterable[BadSample]) -> None:
+    """Atomically write ``bad`` as a TSV with header ``id  file  reason  split``."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, delimiter="\t", quotechar='"', lineterminator="\n")
+    writer.writerow(BAD_SAMPLES_HEADER)
+    for b in bad:
+        writer.writerow([b.id, b.file, " ".join(b.reason.split()), b.split])
+    write_text(path, buf.getvalue())
+
+
+def read_bad_samples(path: str | Path) -> list[BadSample]:
+    """Read a ``bad_samples.tsv`` written by :func:`write_bad_samples`."""
+    with open(path, encoding="utf-8", newline="") as f:
+        reader = csv.DictReader(f, delimiter="\t", quotechar='"')
+        return [BadSample(id=r["id"], file=r["file"], reason=r["reason"], split=r.get("split", "")) for r in reader]

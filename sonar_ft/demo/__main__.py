@@ -1,0 +1,147 @@
+"""``make demo``: the whole project on the built-in offline demo, as a user would run it.
+
+build demo assets (cached) → ``sonar-ft verify`` → the Colab quick test (50 clips, 5 epochs) →
+score the starting encoder on the test split → fine-tune on the whole demo train split →
+``--eval_only`` of the best encoder on the test split → plots → export tarball → translate a few
+test clips into English and French. Each training/evaluation step runs the real recipe
+(``train_sonar_finetuning.py``) in a subprocess with the flags a user would type; the command lines
+are printed. Everything goes under ``DEMO_DIR`` (default ``demo_runs/``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from sonar_ft.demo.build import DemoConfig, DemoPaths, build_demo
+
+RECIPE = Path(__file__).resolve().parents[2] / "train_sonar_finetuning.py"
+
+# The demo fine-tuning run: enough epochs for the tiny encoder to learn the grammar. The
+# distillation term (towards the demo text encoder's embedding) keeps the embedding in the shared
+# multilingual space, so French decoding works too.
+FINETUNE_FLAGS = ["--batch_size", "16", "--epochs", "12", "--learning_rate", "1e-3", "--eval_every", "2", "--beam_size", "4"]
+# The Colab seed's quick test, unchanged but for the paths and the device.
+QUICK_FLAGS = ["--batch_size", "8", "--epochs", "5", "--learning_rate", "1e-4", "--freeze_decoder", "--eval_every", "1", "--max_samples", "50"]
+
+
+def _banner(text: str) -> None:
+    print(f"\n{'=' * 78}\n{text}\n{'=' * 78}", flush=True)
+
+
+def _run(cmd: list[str]) -> None:
+    print("$ " + " ".join(shlex.quote(c) for c in cmd), flush=True)
+    env = dict(os.environ, TQDM_DISABLE=os.environ.get("TQDM_DISABLE", "1"), PYTHONUNBUFFERED="1")
+    completed = subprocess.run(cmd, env=env)
+    if completed.returncode != 0:
+        sys.exit(f"demo step failed (exit code {completed.returncode}): {' '.join(cmd[:3])} ...")
+
+
+def recipe_command(paths: DemoPaths, output_dir: Path, flags: list[str], *, split: str = "val", encoder: Path | None = None) -> list[str]:
+    """The recipe's command line on the demo data (``split`` is the evaluation split)."""
+    return [
+        sys.executable, str(RECIPE),
+        "--encoder_checkpoint", str(encoder or paths.encoder_checkpoint),
+        "--train_features", str(paths.split_features("train")),
+        "--train_manifest", str(paths.split_manifest("train")),
+        "--val_features", str(paths.split_features(split)),
+        "--val_manifest", str(paths.split_manifest(split)),
+        "--output_dir", str(output_dir),
+        "--decoder", str(paths.decoder_card),
+        "--device", "cpu",
+        *flags,
+    ]
+
+
+def run_demo(root: Path) -> dict:
+    """Run every step; return the summary that is also written to ``DEMO_DIR/demo_summary.json``."""
+    started = time.perf_counter()
+    from sonar_ft.data import verify_dataset
+    from sonar_ft.export import export_run, translate
+    from sonar_ft.io import write_json
+    from sonar_ft.plots import plot_history
+
+    _banner("1/8 building the offline demo assets (cached after the first run)")
+    paths = build_demo(root, DemoConfig())
+    print(f"demo data and models in {paths.root}")
+
+    _banner("2/8 sonar-ft verify: checking features against manifests")
+    for split in ("train", "val", "test"):
+        report = verify_dataset(paths.split_features(split), paths.split_manifest(split), feature_dim=768, progress=False)
+        print(f"[{split}]")
+        print(report.format_table())
+        if not report.ok:
+            sys.exit(f"demo data for {split} failed verification")
+
+    _banner("3/8 quick test: the Colab command (50 clips, 5 epochs), shows the flow")
+    _run(recipe_command(paths, root / "quick_test", QUICK_FLAGS))
+
+    _banner("4/8 the starting encoder on the test split (before fine-tuning)")
+    _run(recipe_command(paths, root / "baseline_evaluation", ["--eval_only", "--beam_size", "4"], split="test"))
+
+    _banner("5/8 fine-tuning on the whole demo train split")
+    distill = ["--text_encoder", str(paths.text_encoder_card), "--distill_weight", "1.0"]
+    _run(recipe_command(paths, root / "finetune", FINETUNE_FLAGS + distill))
+
+    _banner("6/8 --eval_only: the best fine-tuned encoder on the held-out test split")
+    best = root / "finetune" / "best_encoder.pt"
+    _run(recipe_command(paths, root / "test_evaluation", ["--eval_only", "--beam_size", "4"], split="test", encoder=best))
+
+    _banner("7/8 plots and export")
+    plots = plot_history(root / "finetune", root / "plots", title="demo fine-tuning")
+    print("plots: " + ", ".join(str(p) for p in plots.values()))
+    tarball = export_run(root / "finetune", root / "sonar_encoder_finetuned.tar.gz", test_results=root / "test_evaluation" / "test_results.json")
+    print(f"exported: {tarball}")
+
+    _banner("8/8 translating test clips from the tarball into English and French")
+    test_ids = [line.split("\t")[0] for line in paths.split_manifest("test").read_text(encoding="utf-8").splitlines()[1:4]]
+    rows = translate(tarball, paths.split_features("test"), ["eng_Latn", "fra_Latn"], ids=test_ids, beam_size=4, device="cpu")
+    refs = {line.split("\t")[0]: line.split("\t")[-1] for line in paths.split_manifest("test").read_text(encoding="utf-8").splitlines()[1:]}
+    for row in rows:
+        print(f"{row['id']}\n  reference: {refs[row['id']]}\n  eng_Latn:  {row['eng_Latn']}\n  fra_Latn:  {row['fra_Latn']}")
+
+    before = json.loads((root / "baseline_evaluation" / "test_results.json").read_text())
+    after = json.loads((root / "test_evaluation" / "test_results.json").read_text())
+    quick = json.loads((root / "quick_test" / "config.json").read_text())
+    summary = {
+        "test_bleu_before": before["bleu"],
+        "test_bleu_after": after["bleu"],
+        "test_chrf_before": before["chrf"],
+        "test_chrf_after": after["chrf"],
+        "test_clips": after["num_samples"],
+        "bleu_signature": after["bleu_signature"],
+        "quick_test_epochs": quick["settings"]["epochs"],
+        "seconds": round(time.perf_counter() - started, 1),
+        "translations": rows,
+    }
+    write_json(root / "demo_summary.json", summary)
+    _banner("demo finished")
+    print(f"test BLEU before fine-tuning {before['bleu']:.1f} -> after {after['bleu']:.1f} "
+          f"(chrF {before['chrf']:.1f} -> {after['chrf']:.1f}) on {after['num_samples']} held-out clips")
+    print(f"""everything is under {root}/:
+  data/ (features, manifests)   assets/ (demo decoder, tokenizer, starting encoder)
+  quick_test/   finetune/ (metrics_epoch*.json, predictions_epoch*.json, best_encoder.pt, last.pt, config.json)
+  baseline_evaluation/ and test_evaluation/test_results.json
+  plots/loss.png plots/bleu.png   sonar_encoder_finetuned.tar.gz   demo_summary.json
+took {summary['seconds']:.0f} s""")
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m sonar_ft.demo", description=__doc__.splitlines()[0])
+    parser.add_argument("--demo-dir", default=os.environ.get("DEMO_DIR", "demo_runs"), help="where everything goes (env DEMO_DIR)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
+    run_demo(Path(args.demo_dir))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,115 @@
+"""Memory and speed options of a fine-tuning run, one function per recipe flag.
+
+``train()`` builds the encoder, the frozen decoder and the optimiser; the functions here turn the
+flags ``--decoder_dtype``, ``--gradient_checkpointing``, ``--optimizer``, ``--cache_dtype`` and
+``--compile`` into those objects' settings, with a :class:`~sonar_ft.errors.ConfigError` naming
+the flag when a setting cannot work on this machine.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Iterable
+
+import torch
+from torch import nn
+
+from sonar_ft.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+DECODER_DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+CACHE_DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16}
+OPTIMIZERS = ("adamw", "adamw8bit")
+
+
+def decoder_dtype(name: str, device: torch.device) -> torch.dtype:
+    """The dtype the frozen decoder's weights are held in for ``--decoder_dtype name``.
+
+    fp16 is only for GPUs without bf16 (a T4): bf16 keeps fp32's range and is the safer half type,
+    and CPUs run fp16 matmuls slowly or not at all.
+    """
+    if name not in DECODER_DTYPES:
+        raise ConfigError(f"--decoder_dtype must be one of {', '.join(DECODER_DTYPES)} (got {name!r})")
+    if name == "fp16":
+        if device.type != "cuda":
+            raise ConfigError("--decoder_dtype fp16 is for GPUs without bf16 (e.g. a T4); on CPU use --decoder_dtype bf16 or fp32")
+        if torch.cuda.is_bf16_supported():
+            raise ConfigError("this GPU supports bf16: use --decoder_dtype bf16 (fp16 is only for GPUs without it, e.g. a T4)")
+    if name == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ConfigError("this GPU has no bf16 support: use --decoder_dtype fp16 (or fp32)")
+    return DECODER_DTYPES[name]
+
+
+def cache_dtype(name: str) -> torch.dtype:
+    """The dtype cached features are stored in for ``--cache_dtype name``."""
+    if name not in CACHE_DTYPES:
+        raise ConfigError(f"--cache_dtype must be one of {', '.join(CACHE_DTYPES)} (got {name!r})")
+    return CACHE_DTYPES[name]
+
+
+def build_optimizer(
+    params: Iterable[nn.Parameter], name: str, *, lr: float, weight_decay: float, device: torch.device
+) -> torch.optim.Optimizer:
+    """AdamW (``adamw``, fused on CUDA) or bitsandbytes' 8-bit AdamW (``adamw8bit``, CUDA only).
+
+    8-bit AdamW keeps both moment estimates in 8 bits (about 2 bytes per parameter instead of 8),
+    which is what lets the official-size encoder train on a 16 GB GPU.
+    """
+    params = list(params)
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=device.type == "cuda")
+    if name == "adamw8bit":
+        if device.type != "cuda":
+            raise ConfigError("--optimizer adamw8bit needs a CUDA GPU (bitsandbytes); on this device use --optimizer adamw")
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise ConfigError(
+                "--optimizer adamw8bit needs the bitsandbytes package: pip install bitsandbytes (or use --optimizer adamw)"
+            ) from None
+        return bnb.optim.AdamW8bit(params, lr=lr, weight_decay=weight_decay)
+    raise ConfigError(f"--optimizer must be one of {', '.join(OPTIMIZERS)} (got {name!r})")
+
+
+def checkpoint_decoder_layers(model: nn.Module) -> int:
+    """Recompute each layer of a fairseq2 transformer decoder in the backward pass; returns how many.
+
+    ``model`` is the frozen SONAR decoder model (``FrozenTextDecoder.model``). Uses fairseq2's own
+    layer-wise wrapper; it is a no-op for layers already wrapped. Under ``torch.no_grad`` /
+    inference (generation) the wrapped layers run as before.
+    """
+    from fairseq2.models.utils.ac import apply_layerwise_ac
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
+
+    layers = model.decoder.layers
+    if all(isinstance(layer, CheckpointWrapper) for layer in layers):
+        return len(layers)
+    apply_layerwise_ac(layers, every_nth_layer=1)
+    return len(layers)
+
+
+def compile_encoder(encoder: nn.Module) -> nn.Module:
+    """``torch.compile`` the encoder in place (state-dict keys unchanged), with dynamic shapes.
+
+    Batches have a different number of frames each; ``dynamic=True`` avoids one recompilation per
+    length. The first steps are slow while it compiles.
+    """
+    encoder.compile(dynamic=True)
+    return encoder
+
+
+def configure_encoder(encoder: nn.Module, cfg: Any) -> nn.Module:
+    """Apply ``--freeze_encoder_layers``, ``--gradient_checkpointing`` and ``--compile`` (a ``TrainConfig``)."""
+    encoder.freeze_encoder_layers(cfg.freeze_encoder_layers)
+    encoder.gradient_checkpointing = cfg.gradient_checkpointing
+    if cfg.compile:
+        compile_encoder(encoder)
+    return encoder
+
+
+def feature_cache(cfg: Any) -> dict[str, Any]:
+    """``SignFeatureDataset`` keyword arguments for ``--cache_features`` / ``--cache_dtype``."""
+    if not cfg.cache_features:
+        return {}
+    return {"cache": True, "cache_dtype": cache_dtype(cfg.cache_dtype)}
