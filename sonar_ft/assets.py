@@ -53,6 +53,19 @@ def flores200_langs() -> tuple[str, ...]:
     raise RuntimeError(f"no language list in {card}")  # sonar-space changed its card format
 
 
+def default_tokenizer_for(model: str | Path) -> str | Path:
+    """The tokenizer to use with ``model`` when none is given.
+
+    A local card names its own tokenizer; the official cards and bare checkpoint files use the SONAR
+    tokenizer published with ``text_sonar_basic_encoder``.
+    """
+    if Path(str(model)).suffix in _CARD_SUFFIXES:
+        return model
+    if Path(str(model)).suffix in (".pt", ".pth") or str(model) in (DEFAULT_DECODER, DEFAULT_TEXT_ENCODER):
+        return DEFAULT_TOKENIZER
+    return model
+
+
 def read_card_file(path: Path) -> dict[str, Any]:
     """Read a local asset card, resolving relative file paths against its folder."""
     try:

@@ -111,8 +111,7 @@ class FrozenTextDecoder(nn.Module):
         to the official SONAR tokenizer card otherwise.
         """
         if tokenizer is None:
-            is_file = Path(str(decoder)).suffix in (".pt", ".pth")
-            tokenizer = assets.DEFAULT_TOKENIZER if is_file else decoder
+            tokenizer = assets.default_tokenizer_for(decoder)
         model = assets.load_sonar_model(decoder, family=assets.DECODER_FAMILY, device=torch.device(device), dtype=dtype)
         tok = assets.load_sonar_tokenizer(tokenizer)
         return cls(model, tok, langs=assets.tokenizer_langs(tokenizer), source=str(decoder))

@@ -37,8 +37,7 @@ class FrozenTextEncoder:
     ) -> "FrozenTextEncoder":
         """Load by asset card name, card ``.yaml`` or checkpoint (tokenizer defaults to the card's)."""
         if tokenizer is None:
-            is_file = Path(str(encoder)).suffix in (".pt", ".pth")
-            tokenizer = assets.DEFAULT_TOKENIZER if is_file else encoder
+            tokenizer = assets.default_tokenizer_for(encoder)
         model = assets.load_sonar_model(encoder, family=assets.ENCODER_FAMILY, device=torch.device(device), dtype=torch.float32)
         return cls(model, assets.load_sonar_tokenizer(tokenizer), source=str(encoder))
 
