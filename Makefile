@@ -36,5 +36,14 @@ demo: setup
 test: setup
 	$(PY) -m pytest -q tests
 
+# The demo Optuna study (configs/tuning/demo.yaml) on the demo assets under $(DEMO_DIR); study folder $(DEMO_DIR)/tuning.
+TUNE_DEMO_PATHS = --encoder_checkpoint $(DEMO_DIR)/assets/sonar_encoder_demo.pth --decoder $(DEMO_DIR)/assets/text_decoder.yaml \
+	--text_encoder $(DEMO_DIR)/assets/text_encoder.yaml \
+	--train_features $(DEMO_DIR)/data/features/train --train_manifest $(DEMO_DIR)/data/manifests/train.tsv \
+	--val_features $(DEMO_DIR)/data/features/val --val_manifest $(DEMO_DIR)/data/manifests/val.tsv
+tune-demo: setup
+	$(PY) -c 'from sonar_ft.demo.build import build_demo; build_demo("$(DEMO_DIR)")'
+	TQDM_DISABLE=1 $(PY) -m sonar_ft.cli tune --config configs/tuning/demo.yaml --output_dir $(DEMO_DIR)/tuning $(TUNE_DEMO_PATHS)
+
 clean:
 	rm -rf $(DEMO_DIR) .pytest_cache

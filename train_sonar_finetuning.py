@@ -12,6 +12,10 @@ Quick test (the Colab seed's command, unchanged)::
         --val_features features/val --val_manifest manifests/val.tsv \\
         --output_dir runs/quick_test --batch_size 8 --epochs 5 --learning_rate 1e-4 \\
         --freeze_decoder --eval_every 1 --device cuda --max_samples 50
+
+Several GPUs (data-parallel; ``--batch_size`` is per process)::
+
+    torchrun --nproc_per_node=4 train_sonar_finetuning.py ... --batch_size 8
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ from typing import Sequence
 
 from sonar_ft.cli import run
 from sonar_ft.config import config_from_sources
+from sonar_ft.distributed import is_main_process, world_size_from_env
+from sonar_ft.errors import ConfigError
 from sonar_ft.train import BEST_ENCODER, TEST_RESULTS, evaluate_checkpoint, train
 
 
@@ -115,6 +121,8 @@ def _main(flags: dict, config_file: str | None) -> int:
     cfg = config_from_sources(flags, config_file)
 
     if cfg.eval_only:
+        if world_size_from_env() > 1:
+            raise ConfigError("--eval_only runs as one process: start it with python, not torchrun")
         record = evaluate_checkpoint(cfg)
         print(
             f"\n{record['num_samples']} clips | BLEU {record['bleu']:.2f} | chrF {record['chrf']:.2f} | "
@@ -123,6 +131,8 @@ def _main(flags: dict, config_file: str | None) -> int:
         return 0
 
     result = train(cfg)
+    if not is_main_process():
+        return 0  # under torchrun, rank 0 prints the summary
     print("\n" + "=" * 72)
     if result.best_epoch is None:
         print("finished without an evaluation")

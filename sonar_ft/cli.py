@@ -23,6 +23,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "sonar_ft.export",  # export, translate
     "sonar_ft.tune_cli",  # tune, train-from-tuning
     "sonar_ft.plan",  # plan
+    "sonar_ft.download",  # download
 )
 
 

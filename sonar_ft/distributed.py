@@ -177,6 +177,11 @@ class DistContext:
         return self.device if self.device is not None and self.device.type == "cuda" else torch.device("cpu")
 
 
+def is_main_process() -> bool:
+    """False in the torchrun processes of rank > 0 (for CLIs deciding whether to print)."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def world_size_from_env() -> int:
     """``WORLD_SIZE`` as torchrun sets it (1 when absent)."""
     try:

@@ -29,3 +29,7 @@ class OutputDirError(SonarFtError):
 
 class TrainingError(SonarFtError):
     """Training cannot go on (diverged to NaN/Inf, out of GPU memory); the message says what fits."""
+
+
+class DownloadError(SonarFtError):
+    """A download failed, or what arrived is not what was asked for (size, SHA-256)."""

@@ -109,11 +109,11 @@ def export_run(run_dir: str | Path, out: str | Path, *, test_results: str | Path
     test = json.loads(test_path.read_text(encoding="utf-8")) if test_path.is_file() else None
     with tempfile.TemporaryDirectory() as tmp:
         staged = Path(tmp)
-        (staged / "README.md").write_text(model_card(config, tokenizer, history, test), encoding="utf-8")
-        (staged / "metrics.json").write_text(json.dumps(history, indent=2), encoding="utf-8")
+        io.write_text(staged / "README.md", model_card(config, tokenizer, history, test))
+        io.write_json(staged / "metrics.json", history)
         if test:
             summary = {k: v for k, v in test.items() if k != "samples"}
-            (staged / "test_results.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
+            io.write_json(staged / "test_results.json", summary)
         with io.atomic_path(out) as tmp_out:
             with tarfile.open(tmp_out, "w:gz") as tar:
                 for p in needed:
@@ -160,7 +160,7 @@ def open_export(path: str | Path, into: str | Path) -> dict[str, Path]:
                 src = tar.extractfile(m)
                 if src is None:
                     raise CheckpointError(f"{path}: cannot read member {m.name!r}")
-                with src, open(target, "wb") as dst:
+                with src, io.atomic_path(target) as tmp, open(tmp, "wb") as dst:
                     while chunk := src.read(1 << 20):
                         dst.write(chunk)
                 out[target.name] = target

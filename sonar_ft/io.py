@@ -88,6 +88,18 @@ def remove_stale_temps(folder: str | Path) -> list[Path]:
     return removed
 
 
+def commit_file(tmp: str | Path, path: str | Path) -> None:
+    """Flush ``tmp`` to disk and rename it onto ``path`` (same folder): the last step of an atomic write.
+
+    For writers that need a stable temporary name, e.g. a resumable download's ``.part`` file.
+    """
+    tmp, path = Path(tmp), Path(path)
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
 def write_bytes(path: str | Path, data: bytes) -> None:
     """Atomically write a binary file."""
     with atomic_path(path) as tmp:

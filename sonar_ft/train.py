@@ -472,21 +472,18 @@ def make_batches(
 # ------------------------------------------------------------------------------------------------
 def out_of_memory_error(cfg: TrainConfig) -> TrainingError:
     """What to say when the GPU runs out of memory: the settings that need less of it."""
-    names = set(TrainConfig.field_names())
     half = max(1, cfg.batch_size // 2)
     accum = cfg.grad_accum * cfg.batch_size // half
     tips = [f"--batch_size {half} --grad_accum {accum} (same effective batch of {half * accum})"]
-    # Named by flag when this version of the recipe has one (the memory options live beside device/precision).
-    checkpointing = next((n for n in ("gradient_checkpointing", "activation_checkpointing") if n in names), None)
-    tips.append("gradient checkpointing" + (f" (--{checkpointing})" if checkpointing else ""))
-    freeze = next((n for n in ("freeze_layers", "freeze_encoder_layers") if n in names), None)
-    tips.append("freezing the lower encoder layers" + (f" (--{freeze} N)" if freeze else ""))
+    if not cfg.gradient_checkpointing:
+        tips.append("--gradient_checkpointing")
+    tips.append(f"--freeze_encoder_layers {cfg.freeze_encoder_layers + 6} (freeze more of the lower layers)")
     tips.append("a smaller --max_frames" + (f" than {cfg.max_frames}" if cfg.max_frames else " (e.g. 512)"))
     if cfg.precision != "bf16":
         tips.append("--precision bf16 on an Ampere or newer GPU")
     return TrainingError(
-        f"the GPU ran out of memory at --batch_size {cfg.batch_size}. Settings that fit in less memory: "
-        + "; ".join(tips) + "; or a GPU with more memory."
+        f"the GPU ran out of memory at --batch_size {cfg.batch_size}. Settings that need less memory: "
+        + "; ".join(tips) + ". `sonar-ft plan --gpu YOUR_GPU` estimates which of them fit."
     )
 
 
@@ -643,7 +640,7 @@ def _train(cfg: TrainConfig, ddp: distributed.DistContext, on_evaluation: Callab
 
     log.info(
         "training %d clips, validating on %d | device %s, %s | encoder %s | effective batch %d",
-        len(train_set), len(val_set), device, precision, cfg.encoder_checkpoint, cfg.batch_size * cfg.grad_accum,
+        len(train_set), len(val_set), device, precision, cfg.encoder_checkpoint, cfg.batch_size * cfg.grad_accum * ddp.world_size,
     )
     model = ddp.wrap(encoder)  # DistributedDataParallel under torchrun; `encoder` stays the module saved and evaluated
     stopped_early = False

@@ -26,8 +26,11 @@ import json
 import logging
 import math
 import os
+import random
 import socket
 import threading
+import time
+import traceback
 import typing
 import warnings
 from dataclasses import dataclass, field
@@ -55,6 +58,7 @@ BEST_CONFIG_FILE = "best_config.yaml"
 TRIALS_CSV = "trials.csv"
 SUMMARY_FILE = "study_summary.json"
 PLOTS_DIR = "plots"
+TRIAL_ERROR_FILE = "error.txt"
 DEFAULT_STUDY_DIR = "runs/tuning"
 
 # Study user attributes written by sonar-ft (read back when a study is resumed).
@@ -70,6 +74,7 @@ FAIL_KIND = "fail_kind"
 TRAIN_FIELDS = frozenset(TrainConfig.field_names())
 # Settings the tuner sets itself for every trial: searching them makes no sense.
 _TUNER_OWNED = frozenset({"output_dir", "resume", "overwrite", "eval_only", "save_checkpoints", "write_predictions", "select_metric"})
+_STORAGE_ATTEMPTS = 4
 # Settings whose change between workers/resumptions makes earlier trials incomparable (warned about).
 _COMPARABILITY = ("epochs", "subset_fraction", "max_samples", "max_frames", "beam_size", "eval_every")
 
@@ -571,23 +576,28 @@ def make_storage(settings: TuneSettings) -> optuna.storages.BaseStorage:
         if db_path and db_path != ":memory:":
             Path(db_path).parent.mkdir(parents=True, exist_ok=True)
     heartbeat: dict[str, Any] = {}
-    try:
-        with _quiet_optuna_warnings():
-            if settings.heartbeat_interval:
-                heartbeat = {"heartbeat_interval": settings.heartbeat_interval, "grace_period": settings.grace_period}
-                if settings.retry_stale_trials:
-                    heartbeat["heartbeat_stale_trial_callback"] = optuna.storages.RetryHeartbeatStaleTrialCallback(
-                        max_retry=settings.retry_stale_trials
-                    )
-            return optuna.storages.RDBStorage(location, engine_kwargs=engine_kwargs, **heartbeat)
-    except ImportError as exc:
-        raise ConfigError(f"--storage {shown}: its database driver is not installed ({exc}); e.g. pip install psycopg2-binary") from None
-    except Exception as exc:  # sqlalchemy raises many kinds for unreachable / malformed databases
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ConfigError(
-            f"--storage {shown}: cannot open the database: {first}. Check the URL, that the server runs and that "
-            "the database exists (PostgreSQL: createdb NAME)"
-        ) from None
+    with _quiet_optuna_warnings():
+        if settings.heartbeat_interval:
+            heartbeat = {"heartbeat_interval": settings.heartbeat_interval, "grace_period": settings.grace_period}
+            if settings.retry_stale_trials:
+                heartbeat["heartbeat_stale_trial_callback"] = optuna.storages.RetryHeartbeatStaleTrialCallback(
+                    max_retry=settings.retry_stale_trials
+                )
+    for attempt in range(_STORAGE_ATTEMPTS):
+        try:
+            with _quiet_optuna_warnings():
+                return optuna.storages.RDBStorage(location, engine_kwargs=engine_kwargs, **heartbeat)
+        except ImportError as exc:
+            raise ConfigError(f"--storage {shown}: its database driver is not installed ({exc}); e.g. pip install psycopg2-binary") from None
+        except Exception as exc:  # sqlalchemy raises many kinds for unreachable / malformed databases
+            error = exc
+            # Workers started together on a fresh database race to create Optuna's tables: the loser retries.
+            time.sleep(0.5 + random.random())
+    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    raise ConfigError(
+        f"--storage {shown}: cannot open the database: {first}. Check the URL, that the server runs and that "
+        "the database exists (PostgreSQL: createdb NAME)"
+    )
 
 
 class TrialSeededSampler(BaseSampler):
@@ -639,7 +649,7 @@ class TrialSeededSampler(BaseSampler):
 
 
 def build_sampler(settings: TuneSettings) -> BaseSampler:
-    """The configured sampler (tpe / random / grid), seeded per trial (:class:`TrialSeededSampler`)."""
+    """The configured sampler: tpe / random seeded per trial (:class:`TrialSeededSampler`), or grid."""
     spec = dict(settings.sampler)
     kind, seed = spec.pop("type"), spec.pop("seed", 0)
     if kind == "tpe":
@@ -648,8 +658,9 @@ def build_sampler(settings: TuneSettings) -> BaseSampler:
         return TrialSeededSampler(lambda s: optuna.samplers.TPESampler(seed=s, **kwargs), seed)
     if kind == "random":
         return TrialSeededSampler(lambda s: optuna.samplers.RandomSampler(seed=s), seed)
-    grid = {p.name: p.grid() for p in settings.space}
-    return TrialSeededSampler(lambda s: optuna.samplers.GridSampler(grid, seed=s), seed)
+    # Not seeded per trial: the seed shuffles the grid once, and every worker must share that order (it
+    # maps grid ids, handed out by trial number, to points).
+    return optuna.samplers.GridSampler({p.name: p.grid() for p in settings.space}, seed=seed)
 
 
 def grid_size(settings: TuneSettings) -> int:
@@ -816,13 +827,15 @@ def is_finished(trial: FrozenTrial) -> bool:
 
 
 def failure_reason(exc: BaseException) -> str:
-    """One line saying why a trial failed."""
+    """One line saying why a trial failed (project errors as they are, others with their type)."""
     import torch
 
+    first = (str(exc).strip().splitlines() or [""])[0]
     if isinstance(exc, torch.cuda.OutOfMemoryError):
-        return "out of memory: " + (str(exc).strip().splitlines() or ["CUDA out of memory"])[0]
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
+        return "out of memory: " + (first or "CUDA out of memory")
+    if isinstance(exc, (SonarFtError, TrialFailed)):
+        return first or type(exc).__name__
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
 
 
 def metric_of(metrics: EpochMetrics, optimize: str) -> float | None:
@@ -872,9 +885,15 @@ def make_objective(settings: TuneSettings, worker: str) -> Callable[[optuna.Tria
         except KeyboardInterrupt:
             _fail(trial, "interrupted", "interrupted (Ctrl-C); the trial runs again when the command is re-run")
             raise
-        except (TrialFailed, SonarFtError, torch.cuda.OutOfMemoryError, FloatingPointError) as exc:
-            _fail(trial, "trial", failure_reason(exc))
-            raise TrialFailed(failure_reason(exc)) from None
+        except Exception as exc:
+            # NaN / Inf, out of memory, a setting the recipe refuses, or anything else these settings ran into:
+            # recorded on the trial (traceback in its folder) and the study goes on. A bug that fails every
+            # trial is stopped by max_consecutive_failures.
+            reason = failure_reason(exc)
+            _fail(trial, "trial", reason)
+            if not isinstance(exc, (TrialFailed, SonarFtError)):
+                io.write_text(folder / TRIAL_ERROR_FILE, traceback.format_exc())
+            raise TrialFailed(reason) from None
         finally:
             _after_trial(folder, settings, device_is_cuda=torch.cuda.is_available())
         trial.set_user_attr("epochs_run", len(result.history))

@@ -147,7 +147,7 @@ def test_bad_search_space_is_a_clear_error_naming_the_key(space, needle):
     "spec, needle",
     [
         ({"plateau_factor": {"type": "float", "low": 0.5, "high": 1.0}}, "search_space.plateau_factor allows 1.0, which the recipe refuses"),
-        ({"batch_size": {"type": "float", "low": 4, "high": 16}}, "search_space.batch_size is a whole-number setting"),
+        ({"warmup_steps": {"type": "float", "low": 0, "high": 16}}, "search_space.warmup_steps is a whole-number setting"),
         ({"distill_loss": {"type": "categorical", "choices": ["mse", "l1"]}}, "search_space.distill_loss allows 'l1'"),
     ],
 )
@@ -231,10 +231,11 @@ def test_best_config_runs_with_the_recipe_as_is(quick_study):
 def test_train_from_tuning_applies_overrides(quick_study, tmp_path):
     study_dir, _ = quick_study
     out = tmp_path / "final"
-    assert cli(["train-from-tuning", "--study_dir", str(study_dir), "--epochs", "2", "--output_dir", str(out)]) == 0
+    assert cli(["train-from-tuning", "--study_dir", str(study_dir), "--epochs", "2", "--max_samples", "16",
+                "--output_dir", str(out)]) == 0
     record = json.loads((out / "config.json").read_text())["settings"]
     best = json.loads((study_dir / BEST_PARAMS_FILE).read_text())
-    assert record["epochs"] == 2
+    assert (record["epochs"], record["max_samples"]) == (2, 16)
     assert record["learning_rate"] == pytest.approx(best["params"]["learning_rate"])
     assert (out / "metrics_epoch2.json").is_file()
 
@@ -251,7 +252,7 @@ def test_train_from_tuning_without_a_finished_study_is_one_line(tmp_path, capsys
 @pytest.mark.slow
 def test_pruned_trial_stops_training_early(tiny_demo, tmp_path):
     path = write_tuning_yaml(
-        tiny_demo, tmp_path / "study", epochs=3, pruner={"type": "median", "n_startup_trials": 1},
+        tiny_demo, tmp_path / "study", epochs=2, pruner={"type": "median", "n_startup_trials": 1},
         search_space={"learning_rate": {"type": "float", "low": 1e-8, "high": 1e-1, "log": True}},
     )
     settings = load_settings(path)
@@ -260,7 +261,7 @@ def test_pruned_trial_stops_training_early(tiny_demo, tmp_path):
     study.enqueue_trial({"learning_rate": 1e-8})  # barely moves: worse than the median after epoch 1
     run_study(settings, progress=False)
     good, bad = study.get_trials()
-    assert good.state == optuna.trial.TrialState.COMPLETE and sorted(good.intermediate_values) == [1, 2, 3]
+    assert good.state == optuna.trial.TrialState.COMPLETE and sorted(good.intermediate_values) == [1, 2]
     assert bad.state == optuna.trial.TrialState.PRUNED
     assert sorted(bad.intermediate_values) == [1]
     # Training really stopped: no epoch after the pruning point was run.
@@ -269,8 +270,9 @@ def test_pruned_trial_stops_training_early(tiny_demo, tmp_path):
 
 @pytest.mark.slow
 def test_diverging_trial_is_recorded_failed_and_the_study_goes_on(tiny_demo, tmp_path):
+    # Batches of 2: the diverged trial reaches the recipe's limit of non-finite steps within its epoch.
     path = write_tuning_yaml(
-        tiny_demo, tmp_path / "study", sampler="grid",
+        tiny_demo, tmp_path / "study", sampler="grid", batch_size=2,
         search_space={"learning_rate": {"type": "categorical", "choices": [1.0e-3, 1.0e+30]}},
     )
     report = run_study(load_settings(path), progress=False)
@@ -283,6 +285,31 @@ def test_diverging_trial_is_recorded_failed_and_the_study_goes_on(tiny_demo, tmp
     assert report.best_trial == fine.number
     row = next(r for r in csv.DictReader((tmp_path / "study" / TRIALS_CSV).open()) if int(r["number"]) == failed.number)
     assert "non-finite" in row["fail_reason"]
+
+
+@pytest.mark.slow
+def test_unexpected_error_in_a_trial_is_recorded_with_its_traceback(tiny_demo, tmp_path, monkeypatch):
+    from sonar_ft import tune
+
+    real_train = tune.train
+
+    def train_failing_at_high_lr(cfg, **kwargs):
+        if cfg.learning_rate > 5e-3:
+            raise RuntimeError("injected failure")
+        return real_train(cfg, **kwargs)
+
+    monkeypatch.setattr(tune, "train", train_failing_at_high_lr)
+    path = write_tuning_yaml(tiny_demo, tmp_path / "study", sampler="grid",
+                             search_space={"learning_rate": {"type": "categorical", "choices": [1.0e-3, 1.0e-2]}})
+    settings = load_settings(path)
+    run_study(settings, progress=False)
+    study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{tmp_path / 'study' / 'study.db'}")
+    by_lr = {t.params["learning_rate"]: t for t in study.get_trials()}
+    assert by_lr[1.0e-3].state == optuna.trial.TrialState.COMPLETE
+    failed = by_lr[1.0e-2]
+    assert failed.state == optuna.trial.TrialState.FAIL
+    assert failed.user_attrs[FAIL_REASON] == "RuntimeError: injected failure"
+    assert "train_failing_at_high_lr" in (trial_dir(settings, failed.number) / "error.txt").read_text()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -313,16 +340,18 @@ def _wait_for(predicate, timeout: float, what: str, procs=()) -> object:
 class StudyWatcher:
     """Polls a study that a worker process is about to create, on one storage connection."""
 
-    def __init__(self, storage: str, name: str) -> None:
-        self.storage = optuna.storages.RDBStorage(storage)
+    def __init__(self, url: str, name: str) -> None:
+        self.url = url
         self.name = name
         self.study: optuna.Study | None = None
 
     def running_trial_of(self, pid: int, after: int = 0) -> optuna.trial.FrozenTrial | None:
         if self.study is None:
             try:
-                self.study = optuna.load_study(study_name=self.name, storage=self.storage)
-            except KeyError:  # the worker has not created the study yet
+                # Only once the worker has created the database and the study: no race on creating tables.
+                storage = optuna.storages.RDBStorage(self.url, skip_table_creation=True)
+                self.study = optuna.load_study(study_name=self.name, storage=storage)
+            except Exception:
                 return None
         return next((t for t in self.study.get_trials() if t.state == optuna.trial.TrialState.RUNNING
                      and t.number >= after and t.user_attrs.get("worker", "").endswith(f":{pid}")), None)

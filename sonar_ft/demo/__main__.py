@@ -30,6 +30,8 @@ RECIPE = Path(__file__).resolve().parents[2] / "train_sonar_finetuning.py"
 FINETUNE_FLAGS = ["--batch_size", "16", "--epochs", "12", "--learning_rate", "1e-3", "--eval_every", "2", "--beam_size", "4"]
 # The Colab seed's quick test, unchanged but for the paths and the device.
 QUICK_FLAGS = ["--batch_size", "8", "--epochs", "5", "--learning_rate", "1e-4", "--freeze_decoder", "--eval_every", "1", "--max_samples", "50"]
+# The demo owns its run folders: each `make demo` trains afresh, so results always match the code.
+FRESH = ["--overwrite"]
 
 
 def _banner(text: str) -> None:
@@ -81,14 +83,14 @@ def run_demo(root: Path) -> dict:
             sys.exit(f"demo data for {split} failed verification")
 
     _banner("3/8 quick test: the Colab command (50 clips, 5 epochs), shows the flow")
-    _run(recipe_command(paths, root / "quick_test", QUICK_FLAGS))
+    _run(recipe_command(paths, root / "quick_test", QUICK_FLAGS + FRESH))
 
     _banner("4/8 the starting encoder on the test split (before fine-tuning)")
     _run(recipe_command(paths, root / "baseline_evaluation", ["--eval_only", "--beam_size", "4"], split="test"))
 
     _banner("5/8 fine-tuning on the whole demo train split")
     distill = ["--text_encoder", str(paths.text_encoder_card), "--distill_weight", "1.0"]
-    _run(recipe_command(paths, root / "finetune", FINETUNE_FLAGS + distill))
+    _run(recipe_command(paths, root / "finetune", FINETUNE_FLAGS + distill + FRESH))
 
     _banner("6/8 --eval_only: the best fine-tuned encoder on the held-out test split")
     best = root / "finetune" / "best_encoder.pt"
