@@ -95,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     system.add_argument("--overwrite", action="store_true", help="replace another run's files in --output_dir")
     system.add_argument("--checkpoint_every_steps", type=int,
                         help="also save the resumable last.pt every N optimiser steps inside an epoch (default 0: epoch ends only)")
-    system.add_argument("--loss_chunk_size", type=int, help="target positions per chunk of vocabulary logits (default 1024)")
+    system.add_argument("--loss_chunk_size", type=int, help="target positions per chunk of vocabulary logits (default 256)")
 
     mem = p.add_argument_group("memory and speed (`sonar-ft plan --gpu t4` recommends these)")
     mem.add_argument("--gradient_checkpointing", action="store_true",

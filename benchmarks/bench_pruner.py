@@ -8,9 +8,9 @@ median pruner. Reports, for each, the trial-epochs trained, the fraction of the 
 
     python benchmarks/bench_pruner.py [--demo_dir demo_runs] [--n_trials 12] [--seeds 0 1]
 
-Caveat printed with the numbers: the two studies do not sample the same points after the first
-pruned trial (TPE learns from the pruned trials too), so "best value" compares two searches with the
-same budget and seed, not the same trials.
+Caveat printed with the numbers: after the first pruned trial the two studies may sample different
+points (TPE learns from pruned trials too, as "bad" ones), so "best value" compares two searches with
+the same size and seed; how many trials got the same parameters in both is reported.
 """
 
 from __future__ import annotations
@@ -70,6 +70,7 @@ def run_variant(config: Path, demo: Path, out: Path, *, pruner: str | None, seed
         "best_trial": report.best_trial,
         "metric": f"val_{settings.optimize}",
         "seconds": round(seconds, 1),
+        "params": [t.params for t in trials],
     }
 
 
@@ -103,8 +104,10 @@ def main(argv: list[str] | None = None) -> int:
     pairs = []
     for seed in args.seeds:
         none, median = (r for r in results if r["seed"] == seed)
+        same = sum(a == b for a, b in zip(none["params"], median["params"]))
         pairs.append({
             "seed": seed,
+            "trials_with_same_params": same,
             "trial_epochs_ratio_median_over_none": median["trial_epochs"] / none["trial_epochs"],
             "time_ratio_median_over_none": median["seconds"] / none["seconds"],
             "best_none": none["best_value"],
@@ -112,9 +115,16 @@ def main(argv: list[str] | None = None) -> int:
         })
         print(f"seed {seed}: the median pruner trained {pairs[-1]['trial_epochs_ratio_median_over_none']:.2f}x the trial-epochs "
               f"and took {pairs[-1]['time_ratio_median_over_none']:.2f}x the time of the unpruned study; best "
-              f"{none['metric']} {none['best_value']:.2f} (none) vs {median['best_value']:.2f} (median)")
-    print("note: after the first pruned trial the two studies sample different points (TPE learns from pruned trials),\n"
-          "so the best values compare two searches of the same size and seed, not the same trials.")
+              f"{none['metric']} {none['best_value']:.2f} (none) vs {median['best_value']:.2f} (median); "
+              f"{same}/{len(none['params'])} trials sampled the same parameters in both")
+    if len(pairs) > 1:
+        mean = sum(p["trial_epochs_ratio_median_over_none"] for p in pairs) / len(pairs)
+        wins = sum(p["best_median"] >= p["best_none"] for p in pairs) if results[0]["metric"] == "val_bleu" else \
+            sum(p["best_median"] <= p["best_none"] for p in pairs)
+        print(f"over {len(pairs)} seeds: the median pruner trained {mean:.2f}x the trial-epochs on average; its best was at "
+              f"least as good in {wins}/{len(pairs)} seeds")
+    print("note: once a trial is pruned the two studies may sample different points (TPE learns from pruned trials),\n"
+          "so the best values compare two searches of the same size and seed, not necessarily the same trials.")
     write_json(out / "bench_pruner.json", {"results": results, "pairs": pairs})
     print(f"written: {out / 'bench_pruner.json'}")
     return 0

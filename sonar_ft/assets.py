@@ -75,6 +75,9 @@ def read_card_file(path: Path) -> dict[str, Any]:
     if len(docs) != 1 or not isinstance(docs[0], dict) or "name" not in docs[0]:
         raise ConfigError(f"asset card {path} must hold exactly one mapping with a 'name' field")
     meta = dict(docs[0])
+    # fairseq2 reads the checkpoint with torch.load(weights_only=<restrict>); a card from a user
+    # must not be able to switch that off and have a pickled checkpoint run code.
+    meta["restrict"] = True
     for key in ("checkpoint", "tokenizer"):
         value = meta.get(key)
         if isinstance(value, str) and "://" not in value:
@@ -110,7 +113,8 @@ def resolve_card(spec: str | Path, *, family: str, kind: str) -> Any:
                 "tokenizer_config": {"_set_": {"langs": list(flores200_langs()), "default_lang": "eng_Latn"}},
             }
         else:
-            meta = {"name": path.stem, "model_family": family, "model_arch": "basic", "checkpoint": _file_uri(path)}
+            meta = {"name": path.stem, "model_family": family, "model_arch": "basic", "checkpoint": _file_uri(path),
+                    "restrict": True}
         return AssetCard(path.stem, meta)
     return text  # a card name fairseq2 knows
 

@@ -50,8 +50,6 @@ def plot_history(run_dir: str | Path, out_dir: str | Path | None = None, *, titl
         matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from sonar_ft.io import atomic_path
-
     history = read_history(run_dir)
     if not history:
         raise FileNotFoundError(f"no metrics_epoch*.json in {run_dir} yet")
@@ -68,10 +66,7 @@ def plot_history(run_dir: str | Path, out_dir: str | Path | None = None, *, titl
     ax.set(xlabel="epoch", ylabel="token cross-entropy", title=f"{title} loss".strip())
     ax.grid(alpha=0.3)
     ax.legend()
-    paths["loss"] = out / "loss.png"
-    with atomic_path(paths["loss"]) as tmp:
-        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
+    paths["loss"] = _save(fig, out / "loss.png")
 
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot([h["epoch"] for h in evaluated], [h["val_bleu"] for h in evaluated], marker="o", label="val BLEU")
@@ -81,8 +76,16 @@ def plot_history(run_dir: str | Path, out_dir: str | Path | None = None, *, titl
     ax.set(xlabel="epoch", ylabel="score", title=f"{title} validation scores".strip())
     ax.grid(alpha=0.3)
     ax.legend()
-    paths["bleu"] = out / "bleu.png"
-    with atomic_path(paths["bleu"]) as tmp:
+    paths["bleu"] = _save(fig, out / "bleu.png")
+    return paths
+
+
+def _save(fig: Any, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    from sonar_ft.io import atomic_path
+
+    with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)
-    return paths
+    return path

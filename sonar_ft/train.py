@@ -128,8 +128,9 @@ class TrainConfig:
     resume: bool = False
     overwrite: bool = False
     eval_only: bool = False
-    loss_chunk_size: int = 1024
-    """Target positions per chunk of vocabulary logits in the loss (bounds its memory)."""
+    loss_chunk_size: int = 256
+    """Target positions per chunk of vocabulary logits in the loss (bounds its memory: 256 x 256k logits
+    peak at <= 25% of a batch-32 full-logits loss, see docs/benchmarks.md)."""
     # -- memory and speed (``sonar-ft plan`` recommends these; see sonar_ft.perf) -------------------
     gradient_checkpointing: bool = False
     """Recompute encoder blocks and frozen-decoder layers in the backward pass instead of keeping their activations."""

@@ -46,7 +46,7 @@ from optuna.trial import FrozenTrial, TrialState
 from sonar_ft import io
 from sonar_ft.config import make_config, read_yaml
 from sonar_ft.errors import CheckpointError, ConfigError, DataError, OutputDirError, SonarFtError
-from sonar_ft.train import BEST_ENCODER, LAST_STATE, EpochMetrics, TrainConfig, load_split, train
+from sonar_ft.train import LAST_STATE, EpochMetrics, TrainConfig, load_split, train
 
 log = logging.getLogger(__name__)
 
@@ -601,7 +601,7 @@ def make_storage(settings: TuneSettings) -> optuna.storages.BaseStorage:
 
 
 class TrialSeededSampler(BaseSampler):
-    """Wraps a sampler so each trial draws from ``seed + trial.number``.
+    """Wraps a sampler so each trial draws from a seed derived from ``(seed, trial.number)``.
 
     With a plain seeded sampler, two workers started with the same ``seed`` would propose the very same
     parameters for their first trials. Trial numbers are unique within a study, so seeding per trial
@@ -619,7 +619,7 @@ class TrialSeededSampler(BaseSampler):
     def _for(self, trial: FrozenTrial | optuna.Trial) -> BaseSampler:
         with self._lock:
             if trial.number not in self._samplers:
-                seed = None if self._seed is None else self._seed + trial.number
+                seed = None if self._seed is None else trial_seed(self._seed, trial.number)
                 with _quiet_optuna_warnings():
                     self._samplers[trial.number] = self._factory(seed)
             return self._samplers[trial.number]
@@ -646,6 +646,13 @@ class TrialSeededSampler(BaseSampler):
     def reseed_rng(self) -> None:
         # Seeding is per trial; Optuna calls this for n_jobs > 1 threads, where nothing needs changing.
         pass
+
+
+def trial_seed(seed: int, number: int) -> int:
+    """The sampler seed of trial ``number``: mixed, so study seeds 0 and 1 do not give shifted copies of one sequence."""
+    import numpy as np
+
+    return int(np.random.SeedSequence([seed, number]).generate_state(1)[0])
 
 
 def build_sampler(settings: TuneSettings) -> BaseSampler:
@@ -858,11 +865,8 @@ def make_objective(settings: TuneSettings, worker: str) -> Callable[[optuna.Tria
         params = suggest(trial, settings.space)
         folder = trial_dir(settings, trial.number)
         trial.set_user_attr("trial_dir", str(folder))
-        epochs_done = 0
 
         def on_evaluation(metrics: EpochMetrics) -> None:
-            nonlocal epochs_done
-            epochs_done = metrics.epoch
             trial.set_user_attr("epochs_run", metrics.epoch)
             value = metric_of(metrics, settings.optimize)
             if value is None or not math.isfinite(value):
@@ -1120,7 +1124,7 @@ def write_study_outputs(study: optuna.Study, settings: TuneSettings) -> dict[str
     else:
         log.info("no trial has completed yet: %s and %s are written once one does", BEST_PARAMS_FILE, BEST_CONFIG_FILE)
     if settings.plots:
-        for name, paths in tune_report.write_plots(study, out / PLOTS_DIR).items():
+        for name, paths in tune_report.write_plots(study, out / PLOTS_DIR, metric=f"val {settings.optimize}").items():
             for path in paths:
                 written[f"{name}{path.suffix}"] = path
     return written

@@ -9,22 +9,17 @@ override, with the recipe's names.
 from __future__ import annotations
 
 import argparse
-import logging
 import typing
 from typing import Any
 
 from sonar_ft.train import TrainConfig
 
-log = logging.getLogger(__name__)
 
-
-def _add_recipe_flags(parser: argparse.ArgumentParser, skip: set[str] = frozenset()) -> None:
+def _add_recipe_flags(parser: argparse.ArgumentParser, title: str) -> None:
     """Every :class:`TrainConfig` field as ``--name VALUE``; types are checked by ``sonar_ft.config``."""
-    group = parser.add_argument_group("recipe settings (fixed for every trial; see train_sonar_finetuning.py --help)")
+    group = parser.add_argument_group(f"{title} (see train_sonar_finetuning.py --help)")
     hints = typing.get_type_hints(TrainConfig)
     for name in TrainConfig.field_names():
-        if name in skip:
-            continue
         if hints[name] is bool:
             # --flag alone means true (as in the recipe); --flag false is accepted too.
             group.add_argument(f"--{name}", nargs="?", const="true", metavar="BOOL")
@@ -50,7 +45,7 @@ def register(subparsers: Any) -> None:
     t.add_argument("--n_jobs", type=int, help="parallel trials in this process (default 1)")
     t.add_argument("--optimize", choices=["bleu", "loss"], help="maximise val BLEU or minimise val loss (default bleu)")
     t.add_argument("--sampler", choices=["tpe", "random", "grid"], help="sampler (default tpe)")
-    t.add_argument("--sampler_seed", type=int, help="sampler seed (trial k draws from seed + k)")
+    t.add_argument("--sampler_seed", type=int, help="sampler seed (each trial draws from a seed mixed from it and its number)")
     t.add_argument("--pruner", choices=["median", "hyperband", "none"], help="pruner (default median)")
     t.add_argument("--heartbeat_interval", type=int, help="seconds between heartbeats of a running trial; 0 = off (default 60)")
     t.add_argument("--grace_period", type=int, help="seconds without heartbeat before a trial is declared dead (default 2x interval)")
@@ -61,7 +56,7 @@ def register(subparsers: Any) -> None:
     t.add_argument("--plots", type=_bool, help="write the HTML/PNG plots (default true)")
     t.add_argument("--verbose", action="store_true", help="keep the training loop's per-epoch log lines")
     t.add_argument("--no_progress", action="store_true", help="no progress bar")
-    _add_recipe_flags(p)
+    _add_recipe_flags(p, "recipe settings, fixed for every trial; --output_dir is the study folder")
     p.set_defaults(func=_cmd_tune)
 
     f = subparsers.add_parser(
@@ -70,7 +65,7 @@ def register(subparsers: Any) -> None:
         argument_default=argparse.SUPPRESS,
     )
     f.add_argument("--study_dir", "--study-dir", required=True, help="the study folder (holds best_config.yaml)")
-    _add_recipe_flags(f)
+    _add_recipe_flags(f, "recipe settings overriding best_config.yaml")
     f.set_defaults(func=_cmd_train_from_tuning)
 
 

@@ -139,8 +139,8 @@ def study_summary(
     }
 
 
-def write_plots(study: optuna.Study, out_dir: Path) -> dict[str, list[Path]]:
-    """HTML and PNG of each of :data:`PLOT_NAMES` that the study has enough trials for."""
+def write_plots(study: optuna.Study, out_dir: Path, *, metric: str = "value") -> dict[str, list[Path]]:
+    """HTML and PNG of each of :data:`PLOT_NAMES` that the study has enough trials for (``metric`` labels axes)."""
     import matplotlib
 
     if matplotlib.get_backend().lower() not in ("module://matplotlib_inline.backend_inline", "nbagg", "widget"):
@@ -174,11 +174,21 @@ def write_plots(study: optuna.Study, out_dir: Path) -> dict[str, list[Path]]:
             warnings.simplefilter("ignore")  # experimental-API and "no intermediate values" notices
             try:
                 fig = html_plot(study)
+                if name == "intermediate_values":
+                    fig.update_layout(xaxis_title="epoch", yaxis_title=metric)
+                elif name == "optimization_history":
+                    fig.update_layout(yaxis_title=metric)
                 html = out_dir / f"{name}.html"
                 io.write_text(html, fig.to_html(include_plotlyjs="directory", full_html=True))
                 paths.append(html)
                 ax = png_plot(study)
-                figure = (ax.flat[0] if hasattr(ax, "flat") else ax).figure
+                first = ax.flat[0] if hasattr(ax, "flat") else ax
+                if name == "intermediate_values":
+                    first.set_xlabel("epoch")
+                    first.set_ylabel(metric)
+                elif name == "optimization_history":
+                    first.set_ylabel(metric)
+                figure = first.figure
                 png = out_dir / f"{name}.png"
                 with io.atomic_path(png) as tmp:
                     figure.savefig(tmp, format="png", dpi=110, bbox_inches="tight")

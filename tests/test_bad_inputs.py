@@ -308,10 +308,11 @@ def test_bad_manifest_stops_verify_cli(data, capsys, kind):
 def test_duplicate_ids_are_an_error_line_in_verify_cli(data, capsys):
     # verify reads on past duplicates so that it can report everything else too.
     make, _ = MANIFEST_CASES["duplicate_ids"]
+    twice = data.ids("train")[1]
     data.manifest("train").write_bytes(make(data))
     code = sonar_ft_cli(["verify", "--features", str(data.features("train")), "--manifest", str(data.manifest("train"))])
     out = capsys.readouterr().out
-    assert code == 1 and "duplicate ids in manifest" in out and data.ids("train")[1] in out
+    assert code == 1 and "duplicate ids in manifest" in out and twice in out
 
 
 def _empty_text(data: Data) -> str:

@@ -53,6 +53,17 @@ SPACE = {
 }
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """Trials here are tiny: one thread is as fast, and leaves the second core to worker processes."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def write_tuning_yaml(demo: DemoPaths, study_dir: Path, **settings) -> Path:
     """A tiny study on the tiny demo (2 trials of 1 epoch on 24 clips, beam 1) with ``settings`` on top."""
     config = {
@@ -111,6 +122,17 @@ def test_condition_operators_on_numeric_parents():
     })
     assert "learning_rate" not in suggest(optuna.trial.FixedTrial({"warmup_steps": 0}), space)
     assert "learning_rate" in suggest(optuna.trial.FixedTrial({"warmup_steps": 20, "learning_rate": 1e-4}), space)
+
+
+def test_trials_are_seeded_by_study_seed_and_number():
+    from sonar_ft.tune import TrialSeededSampler
+
+    def first_draws(seed: int) -> list[float]:
+        study = optuna.create_study(sampler=TrialSeededSampler(lambda s: optuna.samplers.RandomSampler(seed=s), seed))
+        return [study.ask().suggest_float("x", 0, 1) for _ in range(4)]
+
+    assert first_draws(0) == first_draws(0)  # reproducible
+    assert not set(first_draws(0)) & set(first_draws(1))  # another seed is another sequence, not a shifted one
 
 
 @pytest.mark.parametrize(
@@ -313,6 +335,35 @@ def test_unexpected_error_in_a_trial_is_recorded_with_its_traceback(tiny_demo, t
 
 
 # ------------------------------------------------------------------------------------------------
+# Storage
+# ------------------------------------------------------------------------------------------------
+def test_storage_settings_resolve_to_sqlite_url_or_journal_file(tmp_path):
+    from sonar_ft.tune import describe_storage, resolve_storage
+
+    assert resolve_storage(None, tmp_path) == ("rdb", f"sqlite:///{tmp_path.resolve() / 'study.db'}")
+    assert resolve_storage(str(tmp_path / "s.db"), tmp_path) == ("rdb", f"sqlite:///{tmp_path.resolve() / 's.db'}")
+    assert resolve_storage("postgresql://u:pw@h/db", tmp_path) == ("rdb", "postgresql://u:pw@h/db")
+    assert resolve_storage("journal:/x/study", tmp_path) == ("journal", "/x/study")
+    assert resolve_storage("/x/study.log", tmp_path) == ("journal", "/x/study.log")
+    assert "pw" not in describe_storage("postgresql://u:pw@h/db", tmp_path)
+    with pytest.raises(ConfigError, match="--storage 'postgres//h/db' is neither"):
+        resolve_storage("postgres//h/db", tmp_path)
+
+
+@pytest.mark.slow
+def test_study_in_a_journal_file(tiny_demo, tmp_path):
+    from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+    journal = tmp_path / "shared" / "study.log"
+    path = write_tuning_yaml(tiny_demo, tmp_path / "study", n_trials=1, storage=f"journal:{journal}")
+    report = run_study(load_settings(path), progress=False)
+    study = optuna.load_study(study_name="tiny", storage=JournalStorage(JournalFileBackend(str(journal))))
+    assert [t.state for t in study.get_trials()] == [optuna.trial.TrialState.COMPLETE]
+    assert report.best_value == study.best_value
+    assert not (tmp_path / "study" / "study.db").exists()
+
+
+# ------------------------------------------------------------------------------------------------
 # Resume and changed search space
 # ------------------------------------------------------------------------------------------------
 def _worker_env() -> dict[str, str]:
@@ -343,18 +394,21 @@ class StudyWatcher:
     def __init__(self, url: str, name: str) -> None:
         self.url = url
         self.name = name
+        self.storage: optuna.storages.RDBStorage | None = None
         self.study: optuna.Study | None = None
 
     def running_trial_of(self, pid: int, after: int = 0) -> optuna.trial.FrozenTrial | None:
         if self.study is None:
             try:
-                # Only once the worker has created the database and the study: no race on creating tables.
-                storage = optuna.storages.RDBStorage(self.url, skip_table_creation=True)
-                self.study = optuna.load_study(study_name=self.name, storage=storage)
-            except Exception:
+                # Only read what the worker created: no race with it on creating Optuna's tables.
+                self.storage = self.storage or optuna.storages.RDBStorage(self.url, skip_table_creation=True)
+                self.study = optuna.load_study(study_name=self.name, storage=self.storage)
+            except Exception:  # no database, tables or study yet
                 return None
+        # "trial_dir" is set inside the objective, which starts after the trial's first heartbeat.
         return next((t for t in self.study.get_trials() if t.state == optuna.trial.TrialState.RUNNING
-                     and t.number >= after and t.user_attrs.get("worker", "").endswith(f":{pid}")), None)
+                     and t.number >= after and t.user_attrs.get("worker", "").endswith(f":{pid}")
+                     and "trial_dir" in t.user_attrs), None)
 
 
 @pytest.mark.slow

@@ -91,24 +91,26 @@ def _tokenizer_fields(tokenizer_file: str) -> dict[str, Any]:
     }
 
 
+def _shared_model_config(cfg: TextModelConfig, vocab_size: int) -> dict[str, Any]:
+    return {
+        "model_dim": cfg.model_dim,
+        "max_seq_len": cfg.max_seq_len,
+        "vocab_info": _vocab_yaml(vocab_size),
+        "num_encoder_layers": cfg.num_layers,
+        "num_decoder_layers": cfg.num_layers,
+        "num_encoder_attn_heads": cfg.num_heads,
+        "num_decoder_attn_heads": cfg.num_heads,
+        "ffn_inner_dim": cfg.ffn_dim,
+    }
+
+
 def decoder_card(name: str, checkpoint: str, tokenizer: str, vocab_size: int, cfg: TextModelConfig) -> dict[str, Any]:
     """An asset card for the demo decoder, in sonar-space's card format."""
     return {
         "name": name,
         "model_family": "transformer_decoder",
         "model_arch": "toy",
-        "model_config": {
-            "_set_": {
-                "model_dim": cfg.model_dim,
-                "max_seq_len": cfg.max_seq_len,
-                "vocab_info": _vocab_yaml(vocab_size),
-                "num_encoder_layers": cfg.num_layers,
-                "num_decoder_layers": cfg.num_layers,
-                "num_encoder_attn_heads": cfg.num_heads,
-                "num_decoder_attn_heads": cfg.num_heads,
-                "ffn_inner_dim": cfg.ffn_dim,
-            }
-        },
+        "model_config": {"_set_": _shared_model_config(cfg, vocab_size)},
         "checkpoint": checkpoint,
         **_tokenizer_fields(tokenizer),
     }
@@ -120,20 +122,7 @@ def encoder_card(name: str, checkpoint: str, tokenizer: str, vocab_size: int, cf
         "name": name,
         "model_family": "transformer_encoder",
         "model_arch": "basic",
-        "model_config": {
-            "_set_": {
-                "model_dim": cfg.model_dim,
-                "max_seq_len": cfg.max_seq_len,
-                "vocab_info": _vocab_yaml(vocab_size),
-                "num_encoder_layers": cfg.num_layers,
-                "num_decoder_layers": cfg.num_layers,
-                "num_encoder_attn_heads": cfg.num_heads,
-                "num_decoder_attn_heads": cfg.num_heads,
-                "ffn_inner_dim": cfg.ffn_dim,
-                "_from_fairseq": False,
-                "pooling": "mean",
-            }
-        },
+        "model_config": {"_set_": {**_shared_model_config(cfg, vocab_size), "_from_fairseq": False, "pooling": "mean"}},
         "checkpoint": checkpoint,
         **_tokenizer_fields(tokenizer),
     }
