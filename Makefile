@@ -36,6 +36,10 @@ demo: setup
 test: setup
 	$(PY) -m pytest -q tests
 
+# Benchmarks (not tests): each ratio printed next to its goal; figures in benchmarks/out/*.json, docs/benchmarks.md.
+bench: setup
+	DEMO_DIR=$(DEMO_DIR) $(PY) benchmarks/run_all.py
+
 # The demo Optuna study (configs/tuning/demo.yaml) on the demo assets under $(DEMO_DIR); study folder $(DEMO_DIR)/tuning.
 TUNE_DEMO_PATHS = --encoder_checkpoint $(DEMO_DIR)/assets/sonar_encoder_demo.pth --decoder $(DEMO_DIR)/assets/text_decoder.yaml \
 	--text_encoder $(DEMO_DIR)/assets/text_encoder.yaml \

@@ -135,7 +135,7 @@ NB01 = [
     and restarts the runtime once if it replaced Colab's torch; afterwards this notebook only reads
     the features — every file once, so time grows with the dataset and Drive's speed (a first read
     from Drive is much slower than later ones). `DEMO = True` runs it all on the built-in offline demo
-    in about a minute.
+    in seconds, after building the demo once (a minute or more on a CPU; cached in `demo_runs/`).
     '''),
     parameters('''
     SPLITS = ["train", "val", "test"]

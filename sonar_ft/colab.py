@@ -325,8 +325,7 @@ def setup(
         raise NotebookStop(f"{root} is not a sonar-ft project folder (no {RECIPE}); set PROJECT_DIR to your copy of the repository")
     os.chdir(root)
     install_error_display()
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
+    _show_library_logs()
     if in_colab() and not demo and model_cache and "FAIRSEQ2_CACHE_DIR" not in os.environ:
         os.environ["FAIRSEQ2_CACHE_DIR"] = str(root / model_cache)  # the recipe subprocesses inherit it
     if demo:
@@ -349,6 +348,18 @@ def setup(
     print(f"features:       {project.features('{split}')}\nmanifests:      {project.manifest('{split}')}")
     print(f"encoder:        {project.encoder_checkpoint}\nruns:           {project.runs}")
     return project
+
+
+def _show_library_logs() -> None:
+    # The library reports progress with logging (files indexed, encoder loaded, download skipped);
+    # a notebook shows it whatever the kernel did with the root logger.
+    logger = logging.getLogger("sonar_ft")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
 
 
 def install_error_display() -> None:

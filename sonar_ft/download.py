@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import http.client
 import logging
 import re
 import urllib.error
@@ -194,7 +195,7 @@ def _copy(src: BinaryIO, dst: BinaryIO, *, total: int | None, initial: int, desc
         while True:
             try:
                 chunk = src.read(CHUNK)
-            except OSError as exc:  # connection reset / timed out mid-file: what arrived is kept
+            except (OSError, http.client.HTTPException) as exc:  # reset, timed out, cut short: what arrived is kept
                 log.warning("connection lost: %s", exc)
                 return
             if not chunk:

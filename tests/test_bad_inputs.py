@@ -12,10 +12,8 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -25,77 +23,22 @@ import torch
 
 import train_sonar_finetuning as recipe
 from sonar_ft.cli import main as sonar_ft_cli
-from sonar_ft.data import LengthBucketSampler, load_feature_file, read_manifest, select_rows, write_manifest
+from sonar_ft.data import LengthBucketSampler, load_feature_file, read_manifest, select_rows
 from sonar_ft.data.bad_samples import read_bad_samples
 from sonar_ft.encoder import load_encoder
 from sonar_ft.errors import CheckpointError, ConfigError, DataError, OutputDirError
 from sonar_ft.io import load_torch
-from sonar_ft.train import BAD_SAMPLES, TrainConfig, load_split, prepare_output_dir, screen_bad_samples, train
+from sonar_ft.train import BAD_SAMPLES, load_split, prepare_output_dir, screen_bad_samples, train
 from tests.conftest import TINY_DEMO
+from tests.small_data import N_TRAIN, N_VAL, Data, make_data, save_npy
 
-N_TRAIN, N_VAL = 8, 4
 D = TINY_DEMO.feature_dim
-FAST = ["--epochs", "1", "--batch_size", "4", "--max_gen_len", "16", "--beam_size", "2", "--device", "cpu"]
 RECIPE = Path(recipe.__file__)
-
-
-# ------------------------------------------------------------------------------------------------
-# A small, breakable copy of the demo data
-# ------------------------------------------------------------------------------------------------
-@dataclass
-class Data:
-    root: Path
-    demo: object
-
-    def features(self, split: str) -> Path:
-        return self.root / "features" / split
-
-    def manifest(self, split: str) -> Path:
-        return self.root / f"{split}.tsv"
-
-    def ids(self, split: str) -> list[str]:
-        return [r.id for r in read_manifest(self.manifest(split))]
-
-    def npy(self, split: str, index: int) -> Path:
-        return self.features(split) / f"{self.ids(split)[index]}.npy"
-
-    def recipe_args(self, out: Path, *extra: str) -> list[str]:
-        return [
-            "--encoder_checkpoint", str(self.demo.encoder_checkpoint), "--decoder", str(self.demo.decoder_card),
-            "--train_features", str(self.features("train")), "--train_manifest", str(self.manifest("train")),
-            "--val_features", str(self.features("val")), "--val_manifest", str(self.manifest("val")),
-            "--output_dir", str(out), *FAST, *extra,
-        ]
-
-    def config(self, out: Path, **changes) -> TrainConfig:
-        base = dict(
-            encoder_checkpoint=str(self.demo.encoder_checkpoint), decoder=str(self.demo.decoder_card),
-            train_features=str(self.features("train")), train_manifest=str(self.manifest("train")),
-            val_features=str(self.features("val")), val_manifest=str(self.manifest("val")),
-            output_dir=str(out), epochs=1, batch_size=4, max_gen_len=16, beam_size=2, device="cpu",
-        )
-        return TrainConfig(**{**base, **changes})
-
-
-def make_data(demo, root: Path) -> Data:
-    for split, n in (("train", N_TRAIN), ("val", N_VAL)):
-        rows = read_manifest(demo.split_manifest(split))[:n]
-        folder = root / "features" / split
-        folder.mkdir(parents=True)
-        for row in rows:
-            shutil.copy(demo.split_features(split) / f"{row.id}.npy", folder)
-        write_manifest(root / f"{split}.tsv", rows)
-    return Data(root, demo)
 
 
 @pytest.fixture
 def data(tiny_demo, tmp_path) -> Data:
     return make_data(tiny_demo, tmp_path / "data")
-
-
-def save_npy(path: Path, arr: np.ndarray) -> None:
-    with open(path, "wb") as f:  # a file object: np.save must not add its own suffix
-        np.save(f, arr)
 
 
 def cli_error(capsys, code: int, *needles: str, expected: int = 2) -> str:
@@ -212,6 +155,23 @@ def test_bad_feature_file_is_an_error_line_in_verify_cli(data, capsys, kind):
     code = sonar_ft_cli(["verify", "--features", str(data.features("train")), "--manifest", str(data.manifest("train"))])
     out = capsys.readouterr().out
     assert code == 1 and "result: NOT OK" in out and data.ids("train")[5] in out
+
+
+def _all_wrong_dim(data: Data) -> None:
+    for split in ("train", "val"):
+        for path in data.features(split).glob("*.npy"):
+            save_npy(path, np.ones((6, D + 2), np.float32))
+
+
+def test_features_of_another_dimension_than_the_encoder_stop_training_library(data, tmp_path):
+    _all_wrong_dim(data)  # consistent among themselves, so only the encoder can tell
+    with pytest.raises(DataError, match=rf"have {D + 2} features per frame but the encoder .* expects {D}"):
+        train(data.config(tmp_path / "out"))
+
+
+def test_features_of_another_dimension_than_the_encoder_stop_the_recipe_cli(data, tmp_path, capsys):
+    _all_wrong_dim(data)
+    cli_error(capsys, recipe.main(data.recipe_args(tmp_path / "out")), str(data.features("train")), f"expects {D}")
 
 
 def test_every_bad_clip_of_both_splits_is_listed_at_once(data, tmp_path):

@@ -74,7 +74,7 @@ def _encoder_loss_and_grads(model: SignT5SonarEncoder, feats: torch.Tensor, mask
     model.zero_grad(set_to_none=True)
     loss = model(feats, mask).pow(2).mean()
     loss.backward()
-    return float(loss), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return float(loss.detach()), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
 def test_encoder_gradient_checkpointing_gives_same_loss_and_gradients():

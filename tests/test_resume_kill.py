@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import recipe_args
+from tests.conftest import recipe_args
 from sonar_ft.io import load_torch
 
 RECIPE = Path(__file__).resolve().parents[1] / "train_sonar_finetuning.py"

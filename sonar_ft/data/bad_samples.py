@@ -54,7 +54,8 @@ def _check(path: Path) -> _Check:
     try:
         tensor, _ = read_features(path)
     except DataError as exc:
-        return _Check(reason=str(exc))
+        # The sample's file is listed beside its reason; do not repeat it inside.
+        return _Check(reason=str(exc).removeprefix(f"feature file {path} "))
     if tensor.shape[0] == 0:
         return _Check(dim=tensor.shape[1], reason="has zero frames")
     # After the float32 cast on purpose: float64 values beyond float32's range become Inf there.
@@ -83,7 +84,7 @@ def find_bad_samples(
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         results = pool.map(_check, [p for _, p in to_read])
         bar = tqdm(results, total=len(to_read), desc=f"checking {split or 'clips'}", unit="file", disable=not progress)
-        for (i, _), result in zip(to_read, bar):
+        for result, (i, _) in zip(bar, to_read):  # the bar first, so that it sees the end and closes
             checks[i] = result
 
     dims = collections.Counter(c.dim for c in checks.values() if c.reason is None)
