@@ -835,7 +835,7 @@ def evaluate_checkpoint(cfg: TrainConfig) -> dict[str, Any]:
     dataset = load_split(cfg.val_features, cfg.val_manifest, cfg=cfg, split="evaluation")
     batches = make_batches(dataset, cfg.batch_size, shuffle=False, seed=cfg.seed, num_workers=cfg.num_workers)
     encoder, arch = load_encoder(cfg.encoder_checkpoint, device=device)
-    decoder = FrozenTextDecoder.load(cfg.decoder, cfg.tokenizer, device=device)
+    decoder = FrozenTextDecoder.load(cfg.decoder, cfg.tokenizer, device=device, dtype=perf.decoder_dtype(cfg.decoder_dtype, device))
     decoder.check_lang(cfg.tgt_lang)
     if arch.output_dim != decoder.embedding_dim:
         raise ConfigError(f"encoder outputs {arch.output_dim}-d embeddings but decoder {cfg.decoder} reads {decoder.embedding_dim}-d ones")
