@@ -306,7 +306,7 @@ def _tuplify(x: Any) -> Any:
 # ------------------------------------------------------------------------------------------------
 # Settings that may change between a run and its resumption without making it another run.
 _RESUMABLE_CHANGES = {"output_dir", "epochs", "resume", "overwrite", "num_workers", "eval_every", "device", "early_stopping_patience",
-                      "checkpoint_every_steps", "gradient_checkpointing", "cache_features", "cache_dtype", "compile"}
+                      "checkpoint_every_steps", "gradient_checkpointing", "cache_features", "cache_dtype", "compile", "loss_chunk_size"}
 RUN_FILES = (CONFIG_FILE, LAST_STATE, BEST_ENCODER)
 
 
