@@ -358,7 +358,8 @@ def test_study_in_a_journal_file(tiny_demo, tmp_path):
     path = write_tuning_yaml(tiny_demo, tmp_path / "study", n_trials=1, storage=f"journal:{journal}")
     report = run_study(load_settings(path), progress=False)
     study = optuna.load_study(study_name="tiny", storage=JournalStorage(JournalFileBackend(str(journal))))
-    assert [t.state for t in study.get_trials()] == [optuna.trial.TrialState.COMPLETE]
+    trials = study.get_trials()
+    assert [t.state for t in trials] == [optuna.trial.TrialState.COMPLETE], [t.user_attrs for t in trials]
     assert report.best_value == study.best_value
     assert not (tmp_path / "study" / "study.db").exists()
 
