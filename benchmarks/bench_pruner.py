@@ -126,7 +126,10 @@ def main(argv: list[str] | None = None) -> int:
     print("note: once a trial is pruned the two studies may sample different points (TPE learns from pruned trials),\n"
           "so the best values compare two searches of the same size and seed, not necessarily the same trials.")
     write_json(out / "bench_pruner.json", {"results": results, "pairs": pairs})
-    print(f"written: {out / 'bench_pruner.json'}")
+    summary = {"config": args.config, "seeds": args.seeds, "pairs": pairs,
+               "results": [{k: v for k, v in r.items() if k != "params"} for r in results]}
+    write_json(REPO / "benchmarks" / "out" / "pruner.json", summary)  # beside the other benchmarks' figures
+    print(f"written: {out / 'bench_pruner.json'} and benchmarks/out/pruner.json")
     return 0
 
 

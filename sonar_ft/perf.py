@@ -48,13 +48,53 @@ def cache_dtype(name: str) -> torch.dtype:
     return CACHE_DTYPES[name]
 
 
+NO_DECAY_NAMES = ("shared.weight", "embed_tokens.weight", "feature_proj_scale")
+"""Parameters kept out of weight decay besides norms and biases: the shared token embedding (of its
+32,128 rows only the start token's is ever used; decay would shrink the rest, which nothing trains)
+and the learned feature scale."""
+
+
+def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW parameter groups of ``model``'s trainable parameters: decay on weight matrices only.
+
+    Norm weights, biases, the shared embedding and the feature scale get no weight decay (usual
+    for T5 fine-tuning). With no decay, AdamW leaves an embedding row whose gradient is always zero
+    exactly as loaded, so the unused vocabulary rows of the checkpoint stay untouched.
+    """
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():  # tied copies are listed once
+        if not p.requires_grad:
+            continue
+        if p.ndim < 2 or name.endswith(NO_DECAY_NAMES):
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+def grad_scaler(decoder_dtype_name: str, device: torch.device) -> torch.amp.GradScaler:
+    """Dynamic loss scaling, on only while the frozen decoder runs in fp16 (``--decoder_dtype fp16``, a T4).
+
+    The token loss is a mean over thousands of target tokens, so the gradient flowing back through
+    the decoder's fp16 activations is ~1e-6 per element and below: in fp16 that is subnormal or zero.
+    Scaling the loss (starting at 2**16) before the backward pass and the encoder's fp32 gradients
+    back down before the optimiser step keeps them; a step whose scaled gradient overflows is skipped
+    and the scale halved. bf16 has fp32's range and needs no scaling: the scaler is then a no-op.
+    """
+    return torch.amp.GradScaler(device.type, enabled=decoder_dtype_name == "fp16")
+
+
 def build_optimizer(
-    params: Iterable[nn.Parameter], name: str, *, lr: float, weight_decay: float, device: torch.device
+    params: Iterable[nn.Parameter] | list[dict[str, Any]], name: str, *, lr: float, weight_decay: float,
+    device: torch.device,
 ) -> torch.optim.Optimizer:
     """AdamW (``adamw``, fused on CUDA) or bitsandbytes' 8-bit AdamW (``adamw8bit``, CUDA only).
 
-    8-bit AdamW keeps both moment estimates in 8 bits (about 2 bytes per parameter instead of 8),
-    which is what lets the official-size encoder train on a 16 GB GPU.
+    ``params`` is a list of parameters or of parameter groups (:func:`parameter_groups`); a group's
+    own ``weight_decay`` wins over ``weight_decay``. 8-bit AdamW keeps both moment estimates in
+    8 bits (about 2 bytes per parameter instead of 8), which is what lets the official-size encoder
+    train on a 16 GB GPU.
     """
     params = list(params)
     if name == "adamw":

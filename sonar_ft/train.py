@@ -390,7 +390,10 @@ def package_versions() -> dict[str, str]:
     return out
 
 
-def write_run_records(out: Path, cfg: TrainConfig, arch: dict[str, Any], decoder: FrozenTextDecoder, device: torch.device, precision: str) -> None:
+def write_run_records(
+    out: Path, cfg: TrainConfig, arch: dict[str, Any], decoder: FrozenTextDecoder, device: torch.device, precision: str,
+    world_size: int = 1,
+) -> None:
     """``config.json`` (settings, architecture, versions, data hashes) and ``tokenizer.json``."""
     data = {}
     for split in ("train", "val"):
@@ -399,7 +402,8 @@ def write_run_records(out: Path, cfg: TrainConfig, arch: dict[str, Any], decoder
             data[f"{split}_manifest_sha256"] = file_sha256(manifest)
     record = {
         "settings": asdict(cfg),
-        "resolved": {"device": str(device), "precision": precision},
+        "resolved": {"device": str(device), "precision": precision, "world_size": world_size,
+                     "global_batch": cfg.batch_size * cfg.grad_accum * world_size},
         "encoder_architecture": arch,
         "versions": package_versions(),
         "data": data,
@@ -568,6 +572,7 @@ def _train(cfg: TrainConfig, ddp: distributed.DistContext, on_evaluation: Callab
     precision = resolve_precision(cfg.precision, device)
     out, resuming = ddp.on_main(lambda: prepare_output_dir(cfg))
     seed_everything(cfg.seed)
+    checkpointing = cfg.save_checkpoints  # the same on every rank (mid-epoch saves take all ranks part)
     if not ddp.is_main:
         # Rank 0 writes every file; the others differ in dropout noise only.
         cfg = replace(cfg, save_checkpoints=False, write_predictions=False)
@@ -608,13 +613,15 @@ def _train(cfg: TrainConfig, ddp: distributed.DistContext, on_evaluation: Callab
         teacher = FrozenTextEncoder.load(cfg.text_encoder, cfg.tokenizer, device=device)
 
     params = [p for p in encoder.parameters() if p.requires_grad]
-    optimizer = perf.build_optimizer(params, cfg.optimizer, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, device=device)
+    groups = perf.parameter_groups(encoder, cfg.weight_decay)  # no decay on norms, biases, the shared embedding
+    optimizer = perf.build_optimizer(groups, cfg.optimizer, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, device=device)
+    scaler = perf.grad_scaler(cfg.decoder_dtype, device)  # loss scaling through an fp16 decoder; else a no-op
     maximize = cfg.select_metric == "bleu"
     plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(
         optimizer, mode="max" if maximize else "min", factor=cfg.plateau_factor, patience=cfg.plateau_patience
     )
     if ddp.is_main:
-        write_run_records(out, cfg, asdict(arch), decoder, device, precision)
+        write_run_records(out, cfg, asdict(arch), decoder, device, precision, world_size=ddp.world_size)
         plan.startup_check(cfg, arch, frames=max(train_set.lengths), device=device, precision=precision,
                            target_tokens=plan.longest_target(decoder, [r.text for r in train_set.rows], cfg.tgt_lang))
 
@@ -630,7 +637,15 @@ def _train(cfg: TrainConfig, ddp: distributed.DistContext, on_evaluation: Callab
         if position:
             log.info("resuming inside epoch %d after batch %d", position["epoch"], position["batches"])
         encoder.load_state_dict(state["encoder"])
-        optimizer.load_state_dict(state["optimizer"])
+        try:
+            optimizer.load_state_dict(state["optimizer"])
+        except ValueError as exc:  # e.g. a last.pt written by an older sonar-ft with other parameter groups
+            raise OutputDirError(
+                f"{out / LAST_STATE} holds an optimiser state this version cannot continue ({exc}); "
+                f"start a new run (another --output_dir, or --overwrite), or fine-tune from its best_encoder.pt"
+            ) from None
+        if state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
         plateau.load_state_dict(state["plateau"])
         start_epoch, step = state["epoch"] + 1, state["step"]
         best = state["best"]
@@ -654,7 +669,9 @@ def _train(cfg: TrainConfig, ddp: distributed.DistContext, on_evaluation: Callab
         done = 0  # batches of this epoch consumed: the sampler position a mid-epoch last.pt records
         restore_rng = None
         if position is not None and position["epoch"] == epoch:
-            loss_sum, token_sum, seen, micro, done = (position[k] for k in ("loss_sum", "token_sum", "seen", "micro", "batches"))
+            micro, done = position["micro"], position["batches"]
+            if ddp.is_main:  # the partial sums were saved summed over all ranks: counted once, on rank 0
+                loss_sum, token_sum, seen = position["loss_sum"], position["token_sum"], position["seen"]
             started -= position["seconds"]
             restore_rng, position = state["rng"], None
         train_batches.batch_sampler.set_epoch(epoch, skip=done)
@@ -687,27 +704,30 @@ def _train(cfg: TrainConfig, ddp: distributed.DistContext, on_evaluation: Callab
                     optimizer.zero_grad(set_to_none=True)
                     bad_steps = _count_bad_step(bad_steps, out, cfg, "loss", f"epoch {epoch}, batch {done} ({batch.ids[0]}, ...)")
                     continue
-                (loss * weight / cfg.grad_accum).backward()
+                scaler.scale(loss * weight / cfg.grad_accum).backward()
             except torch.cuda.OutOfMemoryError:
                 raise out_of_memory_error(cfg) from None
             micro += 1
             stepped = False
             if micro % cfg.grad_accum == 0:
-                step, stepped = _optimizer_step(encoder, optimizer, params, cfg, step)
+                step, stepped = _optimizer_step(optimizer, scaler, params, cfg, step)
                 bad_steps = 0 if stepped else _count_bad_step(bad_steps, out, cfg, "gradient", f"epoch {epoch}, batch {done}")
             loss_sum += float(out_loss.loss.detach()) * out_loss.num_tokens
             token_sum += out_loss.num_tokens
             seen += len(batch)
             bar.set_postfix(loss=f"{float(out_loss.loss.detach()):.3f}")
+            if stepped and checkpointing and cfg.checkpoint_every_steps and step % cfg.checkpoint_every_steps == 0:
+                # The epoch's partial sums over all ranks (every rank takes part), written by rank 0.
+                partial = ddp.sum(loss_sum, token_sum, seen)
+                here = {"epoch": epoch, "batches": done, "micro": micro, "loss_sum": partial[0], "token_sum": partial[1],
+                        "seen": partial[2], "seconds": time.perf_counter() - started}
             if stepped and cfg.save_checkpoints and cfg.checkpoint_every_steps and step % cfg.checkpoint_every_steps == 0:
-                here = {"epoch": epoch, "batches": done, "micro": micro, "loss_sum": loss_sum, "token_sum": token_sum,
-                        "seen": seen, "seconds": time.perf_counter() - started}
-                _save_state(out / LAST_STATE, encoder, optimizer, plateau, epoch=epoch - 1, step=step, best=best,
+                _save_state(out / LAST_STATE, encoder, optimizer, scaler, plateau, epoch=epoch - 1, step=step, best=best,
                             evals_without_improvement=evals_without_improvement, history=history, position=here)
         if restore_rng is not None:  # resumed at the very end of the epoch: no batch was left to restore it
             _set_rng_state(restore_rng)
         if micro % cfg.grad_accum:
-            step, stepped = _optimizer_step(encoder, optimizer, params, cfg, step)
+            step, stepped = _optimizer_step(optimizer, scaler, params, cfg, step)
             bad_steps = 0 if stepped else _count_bad_step(bad_steps, out, cfg, "gradient", f"end of epoch {epoch}")
         train_seconds = time.perf_counter() - started
         loss_sum, token_sum, seen = ddp.sum(loss_sum, token_sum, seen)  # over all ranks (as is on one process)
@@ -752,7 +772,7 @@ def _train(cfg: TrainConfig, ddp: distributed.DistContext, on_evaluation: Callab
         if ddp.is_main:
             io.write_json(out / f"metrics_epoch{epoch}.json", asdict(metrics))
         if cfg.save_checkpoints:
-            _save_state(out / LAST_STATE, encoder, optimizer, plateau, epoch=epoch, step=step, best=best,
+            _save_state(out / LAST_STATE, encoder, optimizer, scaler, plateau, epoch=epoch, step=step, best=best,
                         evals_without_improvement=evals_without_improvement, history=history)
         log.info(_epoch_line(metrics, cfg.epochs))
         if result is not None and on_evaluation is not None:
@@ -777,26 +797,39 @@ def _improves(result: EvalResult, best: dict[str, Any], maximize: bool) -> bool:
     return (result.loss or math.inf) < best["score"]
 
 
-def _optimizer_step(encoder: torch.nn.Module, optimizer: torch.optim.Optimizer, params: list, cfg: TrainConfig, step: int) -> tuple[int, bool]:
-    """One clipped AdamW step: ``(step + 1, True)``, or ``(step, False)`` when the gradient is NaN/Inf (skipped)."""
+def _optimizer_step(
+    optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, params: list, cfg: TrainConfig, step: int
+) -> tuple[int, bool]:
+    """One clipped AdamW step: ``(step + 1, True)``, or ``(step, False)`` when the gradient is NaN/Inf (skipped).
+
+    With loss scaling on (fp16 decoder), gradients are unscaled first and an overflowing step lowers
+    the scale; with it off, ``scaler`` does nothing.
+    """
     if cfg.warmup_steps and step < cfg.warmup_steps:
         for group in optimizer.param_groups:
             group["lr"] = cfg.learning_rate * (step + 1) / cfg.warmup_steps
+    scaler.unscale_(optimizer)
     # With clipping off, max_norm=inf only measures the norm, so a NaN/Inf gradient is still caught.
     norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
     if not bool(torch.isfinite(norm)):
         optimizer.zero_grad(set_to_none=True)
+        if scaler.is_enabled():
+            scale = scaler.get_scale()
+            scaler.update()  # found_inf was recorded by unscale_: the scale is lowered
+            log.info("gradient overflow at loss scale %g: step skipped, scale now %g", scale, scaler.get_scale())
         return step, False
     try:
         optimizer.step()  # the first step allocates AdamW's two moments: a common place to run out of memory
     except torch.cuda.OutOfMemoryError:
         raise out_of_memory_error(cfg) from None
+    scaler.update()
     optimizer.zero_grad(set_to_none=True)
     return step + 1, True
 
 
 def _save_state(
-    path: Path, encoder: torch.nn.Module, optimizer: torch.optim.Optimizer, plateau: Any, *, epoch: int, step: int,
+    path: Path, encoder: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, plateau: Any,
+    *, epoch: int, step: int,
     best: dict[str, Any], evals_without_improvement: int, history: list[EpochMetrics], position: dict[str, Any] | None = None,
 ) -> None:
     """Write the resumable ``last.pt``; ``epoch`` is the last completed one, ``position`` the place inside the next.
@@ -806,7 +839,7 @@ def _save_state(
     _refuse_broken_weights(encoder, path, f"epoch {epoch + 1 if position else epoch}, step {step}")
     io.save_torch(path, {
         "encoder": encoder.state_dict(), "optimizer": optimizer.state_dict(), "plateau": plateau.state_dict(),
-        "epoch": epoch, "step": step, "best": best, "evals_without_improvement": evals_without_improvement,
+        "scaler": scaler.state_dict() if scaler.is_enabled() else None, "epoch": epoch, "step": step, "best": best, "evals_without_improvement": evals_without_improvement,
         "history": [asdict(h) for h in history], "rng": _rng_state(), "position": position,
     })
 

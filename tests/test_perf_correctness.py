@@ -155,6 +155,60 @@ def test_bf16_decoder_loss_is_close_to_fp32_and_encoder_still_learns(tiny_demo, 
     assert encoder.projection_out.weight.grad.abs().sum() > 0
 
 
+def test_fp16_decoder_gradients_survive_only_with_loss_scaling(tiny_demo, decoder):
+    """Through an fp16 decoder, small gradients (a mean over thousands of tokens) underflow unless scaled.
+
+    The loss is multiplied by 1e-5 to give per-element gradients the size a real batch gives
+    (~1e-7 here); the fp16 decoder is loaded directly since the recipe allows it on GPUs only.
+    """
+    half = FrozenTextDecoder.load(tiny_demo.decoder_card, dtype=torch.float16)
+    emb0 = 0.1 * torch.randn(4, decoder.embedding_dim, generator=torch.Generator().manual_seed(0))
+
+    def grad(dec: FrozenTextDecoder, scaler: torch.amp.GradScaler) -> torch.Tensor:
+        emb = emb0.clone().requires_grad_(True)
+        scaler.scale(dec.loss(emb, TEXTS).loss * 1e-5).backward()
+        return emb.grad / scaler.get_scale() if scaler.is_enabled() else emb.grad
+
+    off = perf.grad_scaler("bf16", torch.device("cpu"))
+    on = perf.grad_scaler("fp16", torch.device("cpu"))
+    assert not off.is_enabled() and on.is_enabled() and on.get_scale() == 2.0**16
+    reference = grad(decoder, off)  # fp32 decoder
+    unscaled, scaled = grad(half, off), grad(half, on)
+    assert rel_err(unscaled, reference) > 0.1  # fp16 loses them...
+    assert rel_err(scaled, reference) < 0.02  # ...scaling keeps them (fp16 weights and activations: ~5e-3)
+
+
+def test_no_weight_decay_on_norms_biases_and_the_shared_embedding():
+    encoder = SignT5SonarEncoder(SMALL)
+    encoder.freeze_encoder_layers(1)
+    groups = perf.parameter_groups(encoder, 0.1)
+    names = {id(p): n for n, p in encoder.named_parameters()}
+    decay = {names[id(p)] for p in groups[0]["params"]}
+    no_decay = {names[id(p)] for p in groups[1]["params"]}
+    assert (groups[0]["weight_decay"], groups[1]["weight_decay"]) == (0.1, 0.0)
+    assert {"shared.weight", "encoder.final_layer_norm.weight", "encoder.feature_projection.feature_proj.bias"} - no_decay \
+        == {"encoder.feature_projection.feature_proj.bias"}  # frozen with block 0: in no group
+    assert "projection_out.weight" in decay and "encoder.block.1.layer.1.DenseReluDense.wi_0.weight" in decay
+    assert not any(n.startswith(("encoder.block.0.", "encoder.feature_projection.")) for n in decay | no_decay)
+    trainable = {n for n, p in encoder.named_parameters() if p.requires_grad}
+    assert decay | no_decay == trainable and not decay & no_decay
+
+
+def test_adamw_steps_leave_unused_embedding_rows_exactly_as_loaded():
+    torch.manual_seed(0)
+    encoder = SignT5SonarEncoder(SMALL)
+    before = encoder.shared.weight.detach().clone()
+    optimizer = perf.build_optimizer(perf.parameter_groups(encoder, 0.5), "adamw", lr=1e-2, weight_decay=0.5,
+                                     device=torch.device("cpu"))
+    for _ in range(3):
+        encoder(torch.randn(2, 5, SMALL.feature_dim)).pow(2).mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    after = encoder.shared.weight.detach()
+    assert not torch.equal(after[0], before[0])  # the start token's row learns
+    assert torch.equal(after[1:], before[1:])  # the other rows: no gradient, no decay
+
+
 # -- the flags' errors --------------------------------------------------------------------------
 def test_fp16_decoder_is_refused_on_cpu():
     with pytest.raises(ConfigError, match="--decoder_dtype fp16 .*bf16"):

@@ -73,8 +73,10 @@ def write_tuning_yaml(demo: DemoPaths, study_dir: Path, **settings) -> Path:
         "optimize": "loss",
         "sampler": {"type": "tpe", "seed": 0},
         "pruner": "none",
-        "heartbeat_interval": 1,
-        "grace_period": 3,
+        # Generous: a loaded CI machine can starve the heartbeat thread for seconds, and a live trial
+        # declared dead would make these tests flaky. The kill test below sets its own, shorter values.
+        "heartbeat_interval": 2,
+        "grace_period": 30,
         "epochs": 1,
         "max_samples": 24,
         "batch_size": 8,
@@ -524,8 +526,10 @@ def _check_records_match_study(study: optuna.Study, study_dir: Path, n_trials: i
 @pytest.mark.slow
 def test_workers_share_a_postgres_study_and_a_killed_workers_trial_fails_by_heartbeat(tiny_demo, tmp_path, postgres_url):
     study_dir = tmp_path / "study"
+    grace = 10  # long enough that a loaded machine does not starve a live worker's heartbeat that long
     path = write_tuning_yaml(tiny_demo, study_dir, n_trials=4, epochs=2, study_name="shared",
-                             sampler={"type": "tpe", "seed": 0}, pruner="none")
+                             sampler={"type": "tpe", "seed": 0}, pruner="none",
+                             heartbeat_interval=1, grace_period=grace)
     env = _worker_env()
 
     # 1. Two workers, one study.
@@ -555,7 +559,7 @@ def test_workers_share_a_postgres_study_and_a_killed_workers_trial_fails_by_hear
     finally:
         victim.kill()
     assert study.get_trials()[running.number].state == optuna.trial.TrialState.RUNNING  # nobody told Optuna
-    time.sleep(3 + 1.5)  # the grace period passes without a heartbeat
+    time.sleep(grace + 1.5)  # the grace period passes without a heartbeat
 
     # 3. A new worker declares the trial dead, re-runs its parameters and finishes the study.
     log = (tmp_path / "rescuer.log").open("w")
