@@ -246,17 +246,69 @@ def test_unknown_suffix(tmp_path):
 
 def test_feature_shape_reads_npy_header_only(tmp_path, monkeypatch):
     path = save_npy(tmp_path, "a", frames(7, 3))
-    modes = []
-    real_load = np.load
+    calls = []
+    real_memmap, real_frombuffer = np.memmap, np.frombuffer
 
-    def spy(*args, **kwargs):
-        modes.append(kwargs.get("mmap_mode"))
-        return real_load(*args, **kwargs)
+    def memmap(*args, **kwargs):
+        calls.append(("memmap", kwargs.get("mode")))
+        return real_memmap(*args, **kwargs)
 
-    monkeypatch.setattr(features_mod.np, "load", spy)
+    def frombuffer(*args, **kwargs):
+        calls.append(("frombuffer", None))  # the data read into memory
+        return real_frombuffer(*args, **kwargs)
+
+    monkeypatch.setattr(features_mod.np, "memmap", memmap)
+    monkeypatch.setattr(features_mod.np, "frombuffer", frombuffer)
     assert feature_shape(path) == (7, 3)
-    assert modes == ["r"]
+    assert calls == [("memmap", "r")]  # mapped (which also catches a truncated file), not read
 
 
 def test_feature_shape_of_pt(tmp_path):
     assert feature_shape(save_pt(tmp_path, "a", {"features": torch.zeros(9, 2)})) == (9, 2)
+
+
+# -- .npy reading without np.load: same arrays, headers parsed one thread at a time ---------------
+@pytest.mark.parametrize("dtype", ["<f4", ">f8", "<f2", "<i2", "u1"])
+@pytest.mark.parametrize("order", ["C", "F"])
+@pytest.mark.parametrize("version", [(1, 0), (2, 0)])
+def test_npy_reader_returns_what_numpy_saved(tmp_path, dtype, order, version):
+    arr = np.asarray(np.random.default_rng(0).normal(size=(6, 5)) * 10, dtype=dtype, order=order)
+    path = tmp_path / "clip.npy"
+    with open(path, "wb") as f:
+        np.lib.format.write_array(f, arr, version=version)
+    for mmap in (False, True):
+        got = features_mod._read_npy(path, mmap=mmap)
+        assert got.dtype == arr.dtype and got.shape == arr.shape and np.array_equal(got, arr)
+    tensor = load_feature_file(path)
+    assert torch.equal(tensor, torch.from_numpy(arr.astype(np.float32)))
+
+
+def test_npy_headers_are_never_parsed_by_two_threads_at_once(tmp_path, monkeypatch):
+    """NumPy parses headers with ast.literal_eval, which CPython 3.11 does not make thread-safe."""
+    import ast
+    import threading
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    for i in range(16):
+        np.save(tmp_path / f"c{i}.npy", np.ones((3, 4), dtype=np.float32))
+    inside, most, lock = 0, 0, threading.Lock()
+    real = ast.literal_eval
+
+    def watched(node):
+        nonlocal inside, most
+        with lock:
+            inside += 1
+            most = max(most, inside)
+        time.sleep(0.005)  # widen the window two unguarded parses would overlap in
+        try:
+            return real(node)
+        finally:
+            with lock:
+                inside -= 1
+
+    monkeypatch.setattr(ast, "literal_eval", watched)
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        shapes = list(pool.map(lambda i: features_mod._read_npy(tmp_path / f"c{i % 16}.npy", mmap=i % 2 == 0).shape, range(64)))
+    assert shapes == [(3, 4)] * 64
+    assert most == 1

@@ -336,6 +336,35 @@ def test_unexpected_error_in_a_trial_is_recorded_with_its_traceback(tiny_demo, t
     assert "train_failing_at_high_lr" in (trial_dir(settings, failed.number) / "error.txt").read_text()
 
 
+@pytest.mark.slow
+def test_trial_that_runs_out_of_gpu_memory_is_recorded_failed_and_the_study_goes_on(tiny_demo, tmp_path, monkeypatch):
+    import torch
+
+    from sonar_ft.decoder import FrozenTextDecoder
+
+    real_loss = FrozenTextDecoder.loss
+
+    def loss_with_a_small_gpu(self, embeddings, texts, *args, **kwargs):
+        if len(texts) > 4:  # as if batches of more than 4 clips did not fit the GPU
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real_loss(self, embeddings, texts, *args, **kwargs)
+
+    monkeypatch.setattr(FrozenTextDecoder, "loss", loss_with_a_small_gpu)
+    path = write_tuning_yaml(tiny_demo, tmp_path / "study", sampler="grid",
+                             search_space={"batch_size": {"type": "categorical", "choices": [8, 4]}})
+    tuning = yaml.safe_load(path.read_text())
+    del tuning["batch_size"]  # searched, not fixed
+    path.write_text(yaml.safe_dump(tuning, sort_keys=False), encoding="utf-8")
+    report = run_study(load_settings(path), progress=False)
+    study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{tmp_path / 'study' / 'study.db'}")
+    by_batch = {t.params["batch_size"]: t for t in study.get_trials()}
+    assert by_batch[4].state == optuna.trial.TrialState.COMPLETE and report.best_trial == by_batch[4].number
+    failed = by_batch[8]
+    assert failed.state == optuna.trial.TrialState.FAIL
+    assert failed.user_attrs[FAIL_REASON].startswith("the GPU ran out of memory at --batch_size 8")
+    assert "--grad_accum" in failed.user_attrs[FAIL_REASON]  # the recipe's advice is kept
+
+
 # ------------------------------------------------------------------------------------------------
 # Storage
 # ------------------------------------------------------------------------------------------------
@@ -417,7 +446,9 @@ class StudyWatcher:
 @pytest.mark.slow
 def test_interrupted_sqlite_study_resumes_where_it_stopped(tiny_demo, tmp_path):
     study_dir = tmp_path / "study"
-    path = write_tuning_yaml(tiny_demo, study_dir, n_trials=3, epochs=2)
+    # 8 epochs: a trial lasts seconds even on an idle machine, so the Ctrl-C below lands inside it
+    # (with 2 the worker could finish the whole study between the poll and the signal).
+    path = write_tuning_yaml(tiny_demo, study_dir, n_trials=3, epochs=8)
     storage = f"sqlite:///{study_dir / 'study.db'}"
     log = (tmp_path / "worker.log").open("w")
     worker = subprocess.Popen(_tune_command(path), cwd=REPO, env=_worker_env(), stdout=log, stderr=subprocess.STDOUT)

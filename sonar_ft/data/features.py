@@ -15,7 +15,9 @@ so no code from a user's file ever runs.
 from __future__ import annotations
 
 import logging
+import math
 import os
+import threading
 from pathlib import Path
 from typing import Mapping
 
@@ -30,6 +32,11 @@ log = logging.getLogger(__name__)
 FEATURE_SUFFIXES: tuple[str, ...] = (".npy", ".pt")
 MAX_LISTED = 10
 _NPY_MAGIC = b"\x93NUMPY"
+# NumPy parses a .npy header with ast.literal_eval, and CPython 3.11's AST constructor is not
+# thread-safe ("SystemError: AST constructor recursion depth mismatch"). Feature files are read from
+# several threads (verify, the bad-sample scan), so headers are parsed one at a time; data reads
+# stay parallel.
+_NPY_HEADER_LOCK = threading.Lock()
 
 
 def _is_feature_name(name: str) -> bool:
@@ -180,20 +187,43 @@ def _check_shape(path: Path, shape: tuple[int, ...]) -> None:
 
 
 def _read_npy(path: Path, mmap: bool) -> np.ndarray:
+    """A .npy file as an array (memory-mapped with ``mmap``), with errors that name the file."""
     if path.stat().st_size == 0:
         raise _bad_file(path, "is empty (0 bytes)")
     with open(path, "rb") as f:
         if f.read(len(_NPY_MAGIC)) != _NPY_MAGIC:
             # Without the header np.load would treat the file as a pickle (refused, but cryptic).
             raise _bad_file(path, "is not a .npy file (no NumPy header)")
-    try:
-        arr = np.load(path, allow_pickle=False, mmap_mode="r" if mmap else None)
-    except ValueError as exc:
-        if "allow_pickle" in str(exc):
-            raise _bad_file(path, "holds Python objects, not numbers; refusing to unpickle it") from None
-        raise _bad_file(path, f"cannot be read ({exc}); it may be truncated") from None
-    except (OSError, EOFError) as exc:
-        raise _bad_file(path, f"cannot be read ({exc}); it may be truncated") from None
+        f.seek(0)
+        try:
+            version = np.lib.format.read_magic(f)
+            with _NPY_HEADER_LOCK:
+                if version == (1, 0):
+                    shape, fortran_order, dtype = np.lib.format.read_array_header_1_0(f)
+                elif version == (2, 0):
+                    shape, fortran_order, dtype = np.lib.format.read_array_header_2_0(f)
+                else:  # format 3.0 (unicode field names): rare, let NumPy read it whole
+                    return _checked(path, np.load(path, allow_pickle=False, mmap_mode="r" if mmap else None))
+            if dtype.hasobject:
+                raise _bad_file(path, "holds Python objects, not numbers; refusing to unpickle it")
+            order = "F" if fortran_order else "C"
+            count = math.prod(shape)
+            if mmap and count > 0:
+                arr = np.memmap(path, dtype=dtype, mode="r", offset=f.tell(), shape=shape, order=order)
+            else:
+                buffer = bytearray(count * dtype.itemsize)  # writable, so torch.from_numpy can share it
+                got = f.readinto(buffer)
+                if got != len(buffer):
+                    raise EOFError(f"{got} of {len(buffer)} data bytes")
+                arr = np.frombuffer(buffer, dtype=dtype).reshape(shape, order=order)
+        except DataError:
+            raise
+        except (ValueError, OSError, EOFError) as exc:
+            raise _bad_file(path, f"cannot be read ({exc}); it may be truncated") from None
+    return _checked(path, arr)
+
+
+def _checked(path: Path, arr: np.ndarray) -> np.ndarray:
     if arr.dtype.kind not in "iuf":
         raise _bad_file(path, f"has dtype {arr.dtype}; expected integer or floating-point numbers")
     _check_shape(path, arr.shape)
