@@ -10,13 +10,12 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import ROOT, result, save, threads  # noqa: E402
+from benchmarks.common import ROOT, interleaved_times, result, save, threads  # noqa: E402
 from sonar_ft.data import read_manifest  # noqa: E402
 from sonar_ft.decoder import FrozenTextDecoder  # noqa: E402
 from sonar_ft.demo.build import DemoConfig, build_demo  # noqa: E402
@@ -32,16 +31,16 @@ def main() -> None:
     texts = [r.text for r in read_manifest(demo.split_manifest("val"))]
     emb = FrozenTextEncoder.load(demo.text_encoder_card).embed(texts)
     emb = emb + 0.05 * emb.std() * torch.randn(emb.shape, generator=torch.Generator().manual_seed(0))
-    decoder.generate(emb[:4], beam_size=BEAM)  # warm-up
+    outputs: dict[str, list[str]] = {}
 
-    start = time.perf_counter()
-    one = decoder.generate(emb, beam_size=BEAM, batch_size=1)
-    t_one = time.perf_counter() - start
-    start = time.perf_counter()
-    batched = decoder.generate(emb, beam_size=BEAM, batch_size=64)
-    t_batched = time.perf_counter() - start
+    def decode(name: str, batch_size: int) -> None:
+        outputs[name] = decoder.generate(emb, beam_size=BEAM, batch_size=batch_size)
+
+    times = interleaved_times({"one": lambda: decode("one", 1), "batched": lambda: decode("batched", 64)}, repeat=5)
+    t_one, t_batched = times["one"], times["batched"]
+    one, batched = outputs["one"], outputs["batched"]
     same = sum(a == b for a, b in zip(one, batched))
-    print(f"  {len(texts)} clips, beam {BEAM}: one at a time {t_one:.1f} s, in batches of 64 {t_batched:.1f} s; "
+    print(f"  {len(texts)} clips, beam {BEAM} (median of 5, in turns): one at a time {t_one:.2f} s, in batches of 64 {t_batched:.2f} s; "
           f"{same}/{len(texts)} identical; exact matches with the source sentence: {sum(a == b for a, b in zip(batched, texts))}")
     records = [
         result("evaluation decoding speed-up, batched / one at a time", t_one / t_batched, ">= 5", t_one / t_batched >= 5, unit="x"),

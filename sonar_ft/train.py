@@ -719,11 +719,11 @@ def _train(cfg: TrainConfig, ddp: distributed.DistContext, on_evaluation: Callab
             if stepped and checkpointing and cfg.checkpoint_every_steps and step % cfg.checkpoint_every_steps == 0:
                 # The epoch's partial sums over all ranks (every rank takes part), written by rank 0.
                 partial = ddp.sum(loss_sum, token_sum, seen)
-                here = {"epoch": epoch, "batches": done, "micro": micro, "loss_sum": partial[0], "token_sum": partial[1],
-                        "seen": partial[2], "seconds": time.perf_counter() - started}
-            if stepped and cfg.save_checkpoints and cfg.checkpoint_every_steps and step % cfg.checkpoint_every_steps == 0:
-                _save_state(out / LAST_STATE, encoder, optimizer, scaler, plateau, epoch=epoch - 1, step=step, best=best,
-                            evals_without_improvement=evals_without_improvement, history=history, position=here)
+                if cfg.save_checkpoints:
+                    here = {"epoch": epoch, "batches": done, "micro": micro, "loss_sum": partial[0], "token_sum": partial[1],
+                            "seen": partial[2], "seconds": time.perf_counter() - started}
+                    _save_state(out / LAST_STATE, encoder, optimizer, scaler, plateau, epoch=epoch - 1, step=step, best=best,
+                                evals_without_improvement=evals_without_improvement, history=history, position=here)
         if restore_rng is not None:  # resumed at the very end of the epoch: no batch was left to restore it
             _set_rng_state(restore_rng)
         if micro % cfg.grad_accum:

@@ -93,3 +93,49 @@ def test_two_cpu_processes_match_one_process_with_the_same_global_batch(tiny_dem
     names = [Path(line).name for line in written[0].read_text().split()]
     assert {"config.json", "metrics_epoch2.json", "predictions_epoch2.json", "last.pt", "best_encoder.pt"} <= set(names)
     assert done.stdout.count("best epoch") == 1  # one summary, from rank 0
+
+
+# Rank 0 dies (SIGKILL) right after its first last.pt is in place, in the middle of epoch 1, and
+# torchrun tears the job down: deterministic, no timing race.
+KILL_AFTER_FIRST_CHECKPOINT = '''
+import os, signal
+_replace = os.replace
+def _replace_then_die(src, dst, *args, **kwargs):
+    _replace(src, dst, *args, **kwargs)
+    if os.environ.get("RANK") == "0" and os.fspath(dst).endswith("last.pt"):
+        os.kill(os.getpid(), signal.SIGKILL)
+os.replace = _replace_then_die
+'''
+
+
+@pytest.mark.slow
+def test_run_killed_mid_epoch_resumes_under_torchrun_to_the_same_metrics(tiny_demo, tmp_path):
+    flags = ["--epochs", "2", "--max_samples", "32", "--batch_size", "4", "--learning_rate", "1e-3", "--dropout", "0",
+             "--checkpoint_every_steps", "2", "--max_gen_len", "16"]
+    plain_site, killer_site = tmp_path / "plain", tmp_path / "killer"
+    plain_site.mkdir(), killer_site.mkdir()
+    (plain_site / "sitecustomize.py").write_text("")
+    (killer_site / "sitecustomize.py").write_text(KILL_AFTER_FIRST_CHECKPOINT)
+    reference, resumed = tmp_path / "reference", tmp_path / "resumed"
+    done = _run_two_processes(tiny_demo, reference, flags, tmp_path, plain_site)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(killer_site), str(REPO)]), OMP_NUM_THREADS="1", TQDM_DISABLE="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(REPO / "train_sonar_finetuning.py"), *recipe_args(tiny_demo, resumed, *flags)]
+    killed = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert killed.returncode != 0 and "exitcode: -9" in killed.stderr, killed.stdout[-3000:] + killed.stderr[-3000:]
+    from sonar_ft.io import load_torch
+
+    position = load_torch(resumed / "last.pt", what="training state")["position"]
+    assert position and position["epoch"] == 1 and 0 < position["batches"] < 4  # stopped inside epoch 1
+    assert not (resumed / "metrics_epoch1.json").exists()
+
+    again = _run_two_processes(tiny_demo, resumed, flags, tmp_path, plain_site)  # the same command
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    for epoch in (1, 2):
+        a = json.loads((reference / f"metrics_epoch{epoch}.json").read_text())
+        b = json.loads((resumed / f"metrics_epoch{epoch}.json").read_text())
+        # Each rank's part of the interrupted epoch counted once: the same mean training loss.
+        assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-9)
+        assert b["val_loss"] == pytest.approx(a["val_loss"], rel=1e-6)

@@ -398,70 +398,50 @@ def test_study_in_a_journal_file(tiny_demo, tmp_path):
 # ------------------------------------------------------------------------------------------------
 # Resume and changed search space
 # ------------------------------------------------------------------------------------------------
-def _worker_env() -> dict[str, str]:
+# Loaded by a worker started with ``_worker_env(tmp_path, signal_at=(suffix, "SIGINT"))``: the worker
+# signals itself right after it writes a file whose path ends with ``suffix`` (every project write
+# ends with os.replace, see sonar_ft.io). Trials of the tiny demo take well under a second, so a
+# signal sent from outside while "a trial is running" could land after the study has finished.
+SIGNAL_SELF = '''
+import os, signal
+_replace = os.replace
+_suffix, _, _name = os.environ.get("SIGNAL_SELF_AT", "").partition("|")
+def _replace_then_signal(src, dst, *args, **kwargs):
+    _replace(src, dst, *args, **kwargs)
+    if _suffix and os.fspath(dst).endswith(_suffix):
+        os.kill(os.getpid(), getattr(signal, _name))
+os.replace = _replace_then_signal
+'''
+
+
+def _worker_env(tmp_path: Path | None = None, signal_at: tuple[str, str] | None = None) -> dict[str, str]:
     # One thread per worker: two workers on two cores must not fight over threads.
-    return dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TQDM_DISABLE="1", PYTHONUNBUFFERED="1")
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TQDM_DISABLE="1", PYTHONUNBUFFERED="1")
+    if signal_at:
+        site = tmp_path / "signal_site"
+        site.mkdir(exist_ok=True)
+        (site / "sitecustomize.py").write_text(SIGNAL_SELF)
+        env.update(PYTHONPATH=os.pathsep.join([str(site), str(REPO)]), SIGNAL_SELF_AT="|".join(signal_at))
+    return env
 
 
 def _tune_command(config: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "sonar_ft.cli", "tune", "--config", str(config), "--no_progress", *extra]
 
 
-def _wait_for(predicate, timeout: float, what: str, procs=()) -> object:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        for p in procs:
-            if p.poll() is not None:
-                raise AssertionError(f"worker exited ({p.returncode}) while waiting for {what}")
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-class StudyWatcher:
-    """Polls a study that a worker process is about to create, on one storage connection."""
-
-    def __init__(self, url: str, name: str) -> None:
-        self.url = url
-        self.name = name
-        self.storage: optuna.storages.RDBStorage | None = None
-        self.study: optuna.Study | None = None
-
-    def running_trial_of(self, pid: int, after: int = 0) -> optuna.trial.FrozenTrial | None:
-        if self.study is None:
-            try:
-                # Only read what the worker created: no race with it on creating Optuna's tables.
-                self.storage = self.storage or optuna.storages.RDBStorage(self.url, skip_table_creation=True)
-                self.study = optuna.load_study(study_name=self.name, storage=self.storage)
-            except Exception:  # no database, tables or study yet
-                return None
-        # "trial_dir" is set inside the objective, which starts after the trial's first heartbeat.
-        return next((t for t in self.study.get_trials() if t.state == optuna.trial.TrialState.RUNNING
-                     and t.number >= after and t.user_attrs.get("worker", "").endswith(f":{pid}")
-                     and "trial_dir" in t.user_attrs), None)
-
-
 @pytest.mark.slow
 def test_interrupted_sqlite_study_resumes_where_it_stopped(tiny_demo, tmp_path):
     study_dir = tmp_path / "study"
-    # 8 epochs: a trial lasts seconds even on an idle machine, so the Ctrl-C below lands inside it
-    # (with 2 the worker could finish the whole study between the poll and the signal).
-    path = write_tuning_yaml(tiny_demo, study_dir, n_trials=3, epochs=8)
+    path = write_tuning_yaml(tiny_demo, study_dir, n_trials=3, epochs=2)
     storage = f"sqlite:///{study_dir / 'study.db'}"
-    log = (tmp_path / "worker.log").open("w")
-    worker = subprocess.Popen(_tune_command(path), cwd=REPO, env=_worker_env(), stdout=log, stderr=subprocess.STDOUT)
-    try:
-        # Ctrl-C in the middle of the second trial.
-        watcher = StudyWatcher(storage, "tiny")
-        _wait_for(lambda: watcher.running_trial_of(worker.pid, after=1), 120, "the second trial", [worker])
-        worker.send_signal(signal.SIGINT)
-        assert worker.wait(timeout=60) == 130
-    finally:
-        worker.kill()
+    # Ctrl-C in the middle of the second trial: epoch 1 reported, epoch 2's metrics just written.
+    env = _worker_env(tmp_path, signal_at=("trial_0001/metrics_epoch2.json", "SIGINT"))
+    with (tmp_path / "worker.log").open("w") as log:
+        worker = subprocess.run(_tune_command(path), cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=240)
+    assert worker.returncode == 130, (tmp_path / "worker.log").read_text()[-2000:]
     study = optuna.load_study(study_name="tiny", storage=storage)
     interrupted = study.get_trials()[-1]
+    assert interrupted.number == 1 and sorted(interrupted.intermediate_values) == [1]
     assert len(finished(study)) == 1 and not counts_towards_budget(interrupted)
 
     assert cli(["tune", "--config", str(path), "--no_progress"]) == 0  # the same command again
@@ -579,17 +559,15 @@ def test_workers_share_a_postgres_study_and_a_killed_workers_trial_fails_by_hear
     assert ran_by == {str(w.pid) for w in workers}  # both took part
 
     # 2. The study grows to 6 trials; its worker is killed (SIGKILL) in the middle of a trial.
-    log = (tmp_path / "killed.log").open("w")
-    victim = subprocess.Popen(_tune_command(path, "--storage", postgres_url, "--n_trials", "6"), cwd=REPO, env=env,
-                              stdout=log, stderr=subprocess.STDOUT)
-    try:
-        watcher = StudyWatcher(postgres_url, "shared")
-        running = _wait_for(lambda: watcher.running_trial_of(victim.pid), 120, "the victim's trial", [victim])
-        victim.send_signal(signal.SIGKILL)
-        victim.wait(timeout=30)
-    finally:
-        victim.kill()
-    assert study.get_trials()[running.number].state == optuna.trial.TrialState.RUNNING  # nobody told Optuna
+    #    It kills itself inside its first trial (trial_0004 or later): epoch 1 reported, epoch 2's metrics written.
+    killer = _worker_env(tmp_path, signal_at=("metrics_epoch2.json", "SIGKILL"))
+    with (tmp_path / "killed.log").open("w") as log:
+        victim = subprocess.Popen(_tune_command(path, "--storage", postgres_url, "--n_trials", "6"), cwd=REPO,
+                                  env=killer, stdout=log, stderr=subprocess.STDOUT)
+        assert victim.wait(timeout=240) == -signal.SIGKILL, (tmp_path / "killed.log").read_text()[-2000:]
+    running = next(t for t in study.get_trials() if t.user_attrs.get("worker", "").endswith(f":{victim.pid}"))
+    assert running.state == optuna.trial.TrialState.RUNNING  # nobody told Optuna
+    assert sorted(running.intermediate_values) == [1]  # it died inside the trial, after epoch 1
     time.sleep(grace + 1.5)  # the grace period passes without a heartbeat
 
     # 3. A new worker declares the trial dead, re-runs its parameters and finishes the study.
