@@ -36,7 +36,8 @@ def lengths_like_how2sign(n: int, seed: int = 0) -> np.ndarray:
 
 def padded_fraction(lengths: np.ndarray, batches: list[list[int]]) -> float:
     padded = sum(len(b) * lengths[b].max() for b in batches)
-    return 1.0 - lengths.sum() / padded
+    real = sum(lengths[b].sum() for b in batches)  # only the clips in these batches
+    return 1.0 - real / padded
 
 
 def random_batches(n: int, size: int, seed: int) -> list[list[int]]:
