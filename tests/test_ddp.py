@@ -13,6 +13,7 @@ import pytest
 
 import train_sonar_finetuning as recipe
 from sonar_ft.data import LengthBucketSampler
+from sonar_ft.io import load_torch
 from tests.conftest import recipe_args
 
 REPO = Path(__file__).resolve().parents[1]
@@ -120,13 +121,8 @@ def test_run_killed_mid_epoch_resumes_under_torchrun_to_the_same_metrics(tiny_de
     done = _run_two_processes(tiny_demo, reference, flags, tmp_path, plain_site)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(killer_site), str(REPO)]), OMP_NUM_THREADS="1", TQDM_DISABLE="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(REPO / "train_sonar_finetuning.py"), *recipe_args(tiny_demo, resumed, *flags)]
-    killed = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    killed = _run_two_processes(tiny_demo, resumed, flags, tmp_path, killer_site)
     assert killed.returncode != 0 and "exitcode: -9" in killed.stderr, killed.stdout[-3000:] + killed.stderr[-3000:]
-    from sonar_ft.io import load_torch
-
     position = load_torch(resumed / "last.pt", what="training state")["position"]
     assert position and position["epoch"] == 1 and 0 < position["batches"] < 4  # stopped inside epoch 1
     assert not (resumed / "metrics_epoch1.json").exists()
