@@ -167,9 +167,17 @@ class DistContext:
             dataset.store, rows, max_frames=dataset.max_frames, cache=dataset.cache, cache_dtype=dataset.cache_dtype, progress=False
         )
 
-    def shutdown(self) -> None:
-        """Leave the process group (at the end of the run, also after an error)."""
+    def shutdown(self, finished: bool = True) -> None:
+        """Leave the process group: at the end of the run (``finished``), or after an error.
+
+        After a finished run every rank first waits for the others (rank 0 is still writing files
+        when the others are done): tearing the group down while a peer still uses it made gloo
+        abort a process now and then ("terminate called without an active exception"), failing a
+        run that had succeeded. After an error there is no waiting: the peers may never arrive.
+        """
         if self.active and dist.is_initialized():
+            if finished:
+                self.barrier()
             dist.destroy_process_group()
 
     def _comm_device(self) -> torch.device:

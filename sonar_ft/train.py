@@ -562,9 +562,12 @@ def train(cfg: TrainConfig, *, on_evaluation: Callable[[EpochMetrics], None] | N
     cfg.validate()
     ddp = distributed.setup(cfg.device)
     try:
-        return _train(cfg, ddp, on_evaluation)
-    finally:
-        ddp.shutdown()
+        result = _train(cfg, ddp, on_evaluation)
+    except BaseException:
+        ddp.shutdown(finished=False)
+        raise
+    ddp.shutdown(finished=True)
+    return result
 
 
 def _train(cfg: TrainConfig, ddp: distributed.DistContext, on_evaluation: Callable[[EpochMetrics], None] | None) -> TrainResult:
