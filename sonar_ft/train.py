@@ -34,6 +34,7 @@ from sonar_ft.data import (
     LengthBucketSampler,
     SignFeatureDataset,
     collate,
+    prepare_features,
     read_manifest,
     select_rows,
 )
@@ -444,10 +445,21 @@ def load_split(
     if bad is not None:
         # Subset first: a quick --max_samples test should not read the whole corpus.
         rows = select_rows(rows, max_samples=cfg.max_samples, subset_fraction=fraction, seed=cfg.seed)
-        found = find_bad_samples(store, rows, split=split)
+        # The scan reads every file: keep what it learns (frame counts; the features themselves when
+        # caching) so that neither the dataset's length pass nor epoch 1 reads the files again.
+        frames: dict[str, int] = {}
+        cache = perf.feature_cache(cfg)
+        preloaded: dict[str, torch.Tensor] = {}
+
+        def keep(clip_id: str, features: torch.Tensor) -> None:
+            preloaded[clip_id] = prepare_features(features, clip_id=clip_id, path=store.path(clip_id),
+                                                  max_frames=cfg.max_frames, cache_dtype=cache.get("cache_dtype"))
+
+        found = find_bad_samples(store, rows, split=split, frames=frames, keep=keep if cache else None)
         bad.extend(found)
         dropped = {b.id for b in found}
-        return SignFeatureDataset(store, [r for r in rows if r.id not in dropped], max_frames=cfg.max_frames, **perf.feature_cache(cfg))
+        rows = [replace(r, length=frames[r.id]) for r in rows if r.id not in dropped]
+        return SignFeatureDataset(store, rows, max_frames=cfg.max_frames, preloaded=preloaded, **cache)
     missing = [r for r in rows if store.path(r.id) is None]
     if missing:
         listed = ", ".join(f"{r.id} (line {r.line})" for r in missing[:10])

@@ -137,6 +137,34 @@ def test_recipe_feature_cache_returns_the_same_features(tiny_demo):
     assert perf.feature_cache(config_from_sources({})) == {}
 
 
+@pytest.mark.parametrize("cache", [True, False])
+def test_recipe_reads_each_feature_file_once_with_the_cache(tiny_demo, tmp_path, monkeypatch, cache):
+    """The bad-sample scan reads every file anyway: its frame counts (and, when caching, the features)
+    are kept, so neither the dataset's length pass nor epoch 1 opens a file again."""
+    from collections import Counter
+
+    from sonar_ft.data import features as features_mod
+
+    reads: Counter = Counter()
+    real = features_mod._read_npy
+
+    def counted(path, mmap):
+        reads[(path.name, "header" if mmap else "data")] += 1
+        return real(path, mmap)
+
+    monkeypatch.setattr(features_mod, "_read_npy", counted)
+    flags = ["--batch_size", "8", "--epochs", "2", "--max_samples", "16", "--max_gen_len", "8"]
+    out = tmp_path / "run"
+    assert recipe.main(recipe_args(tiny_demo, out, *flags, *(["--cache_features"] if cache else []))) == 0
+    assert reads and not [k for k in reads if k[1] == "header"]  # no separate pass for the lengths
+    # Cached: the scan's read is the only one. Not cached: the scan, then once per epoch, plus one
+    # read of a single clip per split by the feature-dimension check.
+    expected = 1 if cache else 3
+    extra = {k: n for k, n in reads.items() if n != expected}
+    assert len(reads) == 32 and (not extra if cache else list(extra.values()) == [expected + 1] * 2), reads
+    assert json.loads((out / "metrics_epoch2.json").read_text())["train_loss"] > 0
+
+
 # -- frozen decoder in bf16 ---------------------------------------------------------------------
 def test_bf16_decoder_loss_is_close_to_fp32_and_encoder_still_learns(tiny_demo, decoder):
     half = FrozenTextDecoder.load(tiny_demo.decoder_card, dtype=perf.decoder_dtype("bf16", torch.device("cpu")))

@@ -10,6 +10,7 @@ from sonar_ft.data.dataset import (
     SignFeatureDataset,
     collate,
     make_loader,
+    prepare_features,
     select_rows,
 )
 from sonar_ft.data.features import FeatureStore, feature_shape, load_feature_file, read_features
@@ -36,6 +37,7 @@ __all__ = [
     "how2sign_to_tsv",
     "load_feature_file",
     "make_loader",
+    "prepare_features",
     "read_features",
     "read_manifest",
     "select_rows",

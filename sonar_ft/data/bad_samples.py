@@ -15,7 +15,7 @@ import io
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -48,20 +48,23 @@ class BadSample:
 class _Check:
     dim: int = 0
     reason: str | None = None
+    frames: int = 0
+    tensor: torch.Tensor | None = None  # only when the caller keeps the features
 
 
-def _check(path: Path) -> _Check:
+def _check(path: Path, keep: bool = False) -> _Check:
     try:
         tensor, _ = read_features(path)
     except DataError as exc:
         # The sample's file is listed beside its reason; do not repeat it inside.
         return _Check(reason=str(exc).removeprefix(f"feature file {path} "))
-    if tensor.shape[0] == 0:
-        return _Check(dim=tensor.shape[1], reason="has zero frames")
+    frames, dim = tensor.shape
+    if frames == 0:
+        return _Check(dim=dim, reason="has zero frames")
     # After the float32 cast on purpose: float64 values beyond float32's range become Inf there.
     if not bool(torch.isfinite(tensor).all()):
-        return _Check(dim=tensor.shape[1], reason="contains NaN or Inf values")
-    return _Check(dim=tensor.shape[1])
+        return _Check(dim=dim, reason="contains NaN or Inf values", frames=frames)
+    return _Check(dim=dim, frames=frames, tensor=tensor if keep else None)
 
 
 def find_bad_samples(
@@ -72,19 +75,31 @@ def find_bad_samples(
     feature_dim: int | None = None,
     workers: int = 8,
     progress: bool = True,
+    frames: dict[str, int] | None = None,
+    keep: Callable[[str, torch.Tensor], None] | None = None,
 ) -> list[BadSample]:
     """Every row of ``rows`` that training would fail on, in manifest order.
 
     ``feature_dim`` is the D every file must have; without it the most common D among the
     readable files is taken as right and the others are reported.
+
+    Since every file is read anyway, what was read can be handed on instead of read again:
+    ``frames`` (a dict) receives each readable clip's frame count by id, and ``keep`` is called,
+    in the calling thread, with the id and float32 ``(T, D)`` features of every clip that reads
+    cleanly (one of them may still be reported for its feature dimension or an empty text).
     """
     checks: dict[int, _Check] = {}
     to_read = [(i, store.path(r.id)) for i, r in enumerate(rows)]
     to_read = [(i, p) for i, p in to_read if p is not None]
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        results = pool.map(_check, [p for _, p in to_read])
+        results = pool.map(_check, [p for _, p in to_read], [keep is not None] * len(to_read))
         bar = tqdm(results, total=len(to_read), desc=f"checking {split or 'clips'}", unit="file", disable=not progress)
         for result, (i, _) in zip(bar, to_read):  # the bar first, so that it sees the end and closes
+            if frames is not None and result.frames:
+                frames[rows[i].id] = result.frames
+            if result.tensor is not None:
+                keep(rows[i].id, result.tensor)
+                result.tensor = None  # the caller has it now
             checks[i] = result
 
     dims = collections.Counter(c.dim for c in checks.values() if c.reason is None)

@@ -11,7 +11,7 @@ import logging
 import math
 import random
 from dataclasses import dataclass, replace
-from typing import Iterator, Sequence
+from typing import Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -36,6 +36,30 @@ class Sample:
     text: str
 
 
+def prepare_features(
+    features: torch.Tensor, *, clip_id: str, path: object, max_frames: int | None, cache_dtype: torch.dtype | None
+) -> torch.Tensor:
+    """A clip's ``(T, D)`` features as a dataset keeps them: the first ``max_frames`` frames, in
+    ``cache_dtype`` (when caching). :class:`DataError` naming ``path`` for no frames or NaN/Inf."""
+    if max_frames is not None and features.shape[0] > max_frames:
+        # clone: a cached view would keep the whole untruncated clip alive.
+        features = features[:max_frames].clone()
+    if features.shape[0] == 0:
+        raise DataError(
+            f"feature file {path} has zero frames; drop clip {clip_id!r} from the manifest "
+            "(`sonar-ft verify` lists all such clips)"
+        )
+    if cache_dtype is not None:
+        features = features.to(cache_dtype)
+    if not bool(torch.isfinite(features).all()):
+        overflow = f" after conversion to {cache_dtype}" if cache_dtype else ""
+        raise DataError(
+            f"feature file {path} contains NaN or Inf values{overflow}; re-extract it or drop clip "
+            f"{clip_id!r} from the manifest (`sonar-ft verify` lists all such files)"
+        )
+    return features
+
+
 class SignFeatureDataset(Dataset[Sample]):
     """Manifest rows backed by a :class:`FeatureStore`.
 
@@ -43,7 +67,9 @@ class SignFeatureDataset(Dataset[Sample]):
     each clip is kept in memory after its first read (as ``cache_dtype``, e.g. ``torch.float16``
     to halve the memory; samples are still returned as float32).
     Raises :class:`DataError` at construction when a row has no feature file, and at load time
-    when a file is zero-length or holds NaN/Inf.
+    when a file is zero-length or holds NaN/Inf. ``preloaded`` (clip id -> features already in
+    the form :func:`prepare_features` gives, e.g. kept from the bad-sample scan) fills the cache
+    up front, so those files are not read again.
     """
 
     def __init__(
@@ -55,6 +81,7 @@ class SignFeatureDataset(Dataset[Sample]):
         cache: bool = False,
         cache_dtype: torch.dtype | None = None,
         progress: bool = True,
+        preloaded: Mapping[str, torch.Tensor] | None = None,
     ) -> None:
         if max_frames is not None and max_frames < 1:
             raise ConfigError(f"--max_frames must be >= 1 (got {max_frames}); leave it unset to keep every frame")
@@ -64,6 +91,8 @@ class SignFeatureDataset(Dataset[Sample]):
         self.cache = cache
         self.cache_dtype = cache_dtype
         self._cache: dict[int, torch.Tensor] = {}
+        if cache and preloaded:
+            self._cache = {i: preloaded[r.id] for i, r in enumerate(self.rows) if r.id in preloaded}
 
         missing = [r.id for r in self.rows if r.id not in store]
         if missing:
@@ -99,25 +128,8 @@ class SignFeatureDataset(Dataset[Sample]):
         return Sample(id=row.id, features=features.to(torch.float32), text=row.text)
 
     def _load(self, row: ManifestRow) -> torch.Tensor:
-        features = self.store.load(row.id)
-        path = self.store.path(row.id)
-        if self.max_frames is not None and features.shape[0] > self.max_frames:
-            # clone: a cached view would keep the whole untruncated clip alive.
-            features = features[: self.max_frames].clone()
-        if features.shape[0] == 0:
-            raise DataError(
-                f"feature file {path} has zero frames; drop clip {row.id!r} from the manifest "
-                "(`sonar-ft verify` lists all such clips)"
-            )
-        if self.cache and self.cache_dtype is not None:
-            features = features.to(self.cache_dtype)
-        if not bool(torch.isfinite(features).all()):
-            overflow = f" after conversion to {self.cache_dtype}" if self.cache and self.cache_dtype else ""
-            raise DataError(
-                f"feature file {path} contains NaN or Inf values{overflow}; re-extract it or drop clip "
-                f"{row.id!r} from the manifest (`sonar-ft verify` lists all such files)"
-            )
-        return features
+        return prepare_features(self.store.load(row.id), clip_id=row.id, path=self.store.path(row.id),
+                                max_frames=self.max_frames, cache_dtype=self.cache_dtype if self.cache else None)
 
 
 def select_rows(
