@@ -49,10 +49,9 @@ class _Check:
     dim: int = 0
     reason: str | None = None
     frames: int = 0
-    tensor: torch.Tensor | None = None  # only when the caller keeps the features
 
 
-def _check(path: Path, keep: bool = False) -> _Check:
+def _check(path: Path, clip_id: str = "", keep: Callable[[str, torch.Tensor], None] | None = None) -> _Check:
     try:
         tensor, _ = read_features(path)
     except DataError as exc:
@@ -64,7 +63,9 @@ def _check(path: Path, keep: bool = False) -> _Check:
     # After the float32 cast on purpose: float64 values beyond float32's range become Inf there.
     if not bool(torch.isfinite(tensor).all()):
         return _Check(dim=dim, reason="contains NaN or Inf values", frames=frames)
-    return _Check(dim=dim, frames=frames, tensor=tensor if keep else None)
+    if keep is not None:
+        keep(clip_id, tensor)  # here, in the reading thread: no clip waits in memory for the main thread
+    return _Check(dim=dim, frames=frames)
 
 
 def find_bad_samples(
@@ -84,22 +85,20 @@ def find_bad_samples(
     readable files is taken as right and the others are reported.
 
     Since every file is read anyway, what was read can be handed on instead of read again:
-    ``frames`` (a dict) receives each readable clip's frame count by id, and ``keep`` is called,
-    in the calling thread, with the id and float32 ``(T, D)`` features of every clip that reads
-    cleanly (one of them may still be reported for its feature dimension or an empty text).
+    ``frames`` (a dict) receives each readable clip's frame count by id, and ``keep`` is called
+    with the id and float32 ``(T, D)`` features of every clip that reads cleanly (one of them may
+    still be reported for its feature dimension or an empty text) — from the reading threads, so it
+    must be thread-safe (storing into a dict is); an error it raises stops the scan.
     """
     checks: dict[int, _Check] = {}
     to_read = [(i, store.path(r.id)) for i, r in enumerate(rows)]
     to_read = [(i, p) for i, p in to_read if p is not None]
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        results = pool.map(_check, [p for _, p in to_read], [keep is not None] * len(to_read))
+        results = pool.map(lambda item: _check(item[1], rows[item[0]].id, keep), to_read)
         bar = tqdm(results, total=len(to_read), desc=f"checking {split or 'clips'}", unit="file", disable=not progress)
         for result, (i, _) in zip(bar, to_read):  # the bar first, so that it sees the end and closes
             if frames is not None and result.frames:
                 frames[rows[i].id] = result.frames
-            if result.tensor is not None:
-                keep(rows[i].id, result.tensor)
-                result.tensor = None  # the caller has it now
             checks[i] = result
 
     dims = collections.Counter(c.dim for c in checks.values() if c.reason is None)
