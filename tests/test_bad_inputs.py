@@ -143,6 +143,15 @@ def test_bad_feature_file_stops_training_before_it_starts_library(data, tmp_path
     assert not (tmp_path / "out" / "last.pt").exists()
 
 
+def test_features_that_overflow_the_fp16_cache_are_named_before_training(data, tmp_path, capsys):
+    # Finite in float32, Inf in float16: found while the scan fills the cache, not in epoch 1.
+    path = data.npy("train", 2)
+    np.save(path, np.full((7, D), 1.0e5, dtype=np.float32))
+    code = recipe.main(data.recipe_args(tmp_path / "out", "--cache_features", "--cache_dtype", "fp16"))
+    cli_error(capsys, code, str(path), "NaN or Inf values after conversion to torch.float16")
+    assert not (tmp_path / "out" / "last.pt").exists()
+
+
 @pytest.mark.parametrize("kind", FEATURE_CASES)
 def test_bad_feature_file_stops_the_recipe_naming_it_cli(data, tmp_path, capsys, kind):
     named, reason = FEATURE_CASES[kind](data.npy("val", 1))
