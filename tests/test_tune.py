@@ -400,12 +400,16 @@ def test_study_in_a_journal_file(tiny_demo, tmp_path):
 # ------------------------------------------------------------------------------------------------
 # Loaded by a worker started with ``_worker_env(tmp_path, signal_at=(suffix, "SIGINT"))``: the worker
 # signals itself right after it writes a file whose path ends with ``suffix`` (every project write
-# ends with os.replace, see sonar_ft.io). Trials of the tiny demo take well under a second, so a
-# signal sent from outside while "a trial is running" could land after the study has finished.
+# ends with os.replace, see sonar_ft.io): the signal lands at a known point of a known trial, however
+# fast the tiny demo's trials run.
 SIGNAL_SELF = '''
 import os, signal
 _replace = os.replace
 _suffix, _, _name = os.environ.get("SIGNAL_SELF_AT", "").partition("|")
+if _name == "SIGINT":
+    # A suite started in the background (`cmd &` without job control) hands its children SIGINT
+    # ignored, and Python then keeps it ignored: give the worker the Ctrl-C a terminal would.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 def _replace_then_signal(src, dst, *args, **kwargs):
     _replace(src, dst, *args, **kwargs)
     if _suffix and os.fspath(dst).endswith(_suffix):
