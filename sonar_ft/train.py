@@ -433,13 +433,44 @@ def tokenizer_record(cfg: TrainConfig, decoder: FrozenTextDecoder) -> dict[str, 
 # ------------------------------------------------------------------------------------------------
 def load_split(
     features: str, manifest: str, *, cfg: TrainConfig, split: str, fraction: float | None = None,
-    bad: list[BadSample] | None = None,
+    bad: list[BadSample] | None = None, reuse: dict[tuple, Any] | None = None,
 ) -> SignFeatureDataset:
     """Manifest rows with a feature file each, subset as asked, as a dataset.
 
     With ``bad`` (a list), every selected clip's file is read once first; the clips training
     would fail on are appended to ``bad`` and left out (the caller decides whether to stop).
+    ``reuse`` (a dict the caller keeps, e.g. across tuning trials) hands back the dataset and bad
+    clips of an earlier call with the same split, files and data settings instead of scanning (and,
+    with ``--cache_features``, reading) every file again. A manifest is recognised by its size and
+    modification time; feature files changed in between are not noticed.
     """
+    key = _split_key(features, manifest, cfg, split, fraction) if reuse is not None and bad is not None else None
+    if key is not None and key in reuse:
+        dataset, found = reuse[key]
+        bad.extend(found)
+        return dataset
+    found: list[BadSample] | None = [] if bad is not None else None
+    dataset = _read_split(features, manifest, cfg=cfg, split=split, fraction=fraction, bad=found)
+    if bad is not None:
+        bad.extend(found)
+    if key is not None:
+        reuse[key] = (dataset, found)
+    return dataset
+
+
+def _split_key(features: str, manifest: str, cfg: TrainConfig, split: str, fraction: float | None) -> tuple | None:
+    """Everything that decides a split's dataset; None when the manifest cannot be looked at."""
+    try:
+        stat = Path(manifest).stat()
+    except OSError:
+        return None  # _read_split says what is wrong
+    return (split, str(Path(features).resolve()), str(Path(manifest).resolve()), stat.st_size, stat.st_mtime_ns,
+            cfg.max_samples, fraction, cfg.seed, cfg.max_frames, cfg.cache_features, cfg.cache_dtype)
+
+
+def _read_split(
+    features: str, manifest: str, *, cfg: TrainConfig, split: str, fraction: float | None, bad: list[BadSample] | None,
+) -> SignFeatureDataset:
     store = FeatureStore.open(features)
     rows = read_manifest(manifest)
     if bad is not None:
@@ -565,8 +596,14 @@ def _refuse_broken_weights(encoder: torch.nn.Module, path: Path, where: str) -> 
         )
 
 
-def train(cfg: TrainConfig, *, on_evaluation: Callable[[EpochMetrics], None] | None = None) -> TrainResult:
+def train(
+    cfg: TrainConfig, *, on_evaluation: Callable[[EpochMetrics], None] | None = None, reuse_data: dict[tuple, Any] | None = None,
+) -> TrainResult:
     """Fine-tune the encoder as configured; ``on_evaluation`` is called after each evaluation (tuning prunes there).
+
+    ``reuse_data``: a dict kept between runs of one process (tuning trials), so that a later run with
+    the same data settings reuses the earlier datasets, their bad-clip scan and feature cache
+    (see :func:`load_split`).
 
     Under ``torchrun`` (``WORLD_SIZE`` > 1) every process runs this data-parallel: ``--batch_size``
     is per process, only rank 0 writes files.
@@ -574,7 +611,7 @@ def train(cfg: TrainConfig, *, on_evaluation: Callable[[EpochMetrics], None] | N
     cfg.validate()
     ddp = distributed.setup(cfg.device)
     try:
-        result = _train(cfg, ddp, on_evaluation)
+        result = _train(cfg, ddp, on_evaluation, reuse_data)
     except BaseException:
         ddp.shutdown(finished=False)
         raise
@@ -582,7 +619,10 @@ def train(cfg: TrainConfig, *, on_evaluation: Callable[[EpochMetrics], None] | N
     return result
 
 
-def _train(cfg: TrainConfig, ddp: distributed.DistContext, on_evaluation: Callable[[EpochMetrics], None] | None) -> TrainResult:
+def _train(
+    cfg: TrainConfig, ddp: distributed.DistContext, on_evaluation: Callable[[EpochMetrics], None] | None,
+    reuse_data: dict[tuple, Any] | None = None,
+) -> TrainResult:
     device = ddp.device if ddp.active else resolve_device(cfg.device)
     precision = resolve_precision(cfg.precision, device)
     out, resuming = ddp.on_main(lambda: prepare_output_dir(cfg))
@@ -595,8 +635,9 @@ def _train(cfg: TrainConfig, ddp: distributed.DistContext, on_evaluation: Callab
 
     # -- data ---------------------------------------------------------------------------------
     bad: list[BadSample] = []  # every unusable clip of both splits, reported together
-    train_set = load_split(cfg.train_features, cfg.train_manifest, cfg=cfg, split="training", fraction=cfg.subset_fraction, bad=bad)
-    val_set = load_split(cfg.val_features, cfg.val_manifest, cfg=cfg, split="validation", bad=bad)
+    train_set = load_split(cfg.train_features, cfg.train_manifest, cfg=cfg, split="training", fraction=cfg.subset_fraction,
+                           bad=bad, reuse=reuse_data)
+    val_set = load_split(cfg.val_features, cfg.val_manifest, cfg=cfg, split="validation", bad=bad, reuse=reuse_data)
     ddp.on_main(lambda: screen_bad_samples(out, cfg, bad))
     for split, dataset, manifest in (("training", train_set, cfg.train_manifest), ("validation", val_set, cfg.val_manifest)):
         if len(dataset) == 0:

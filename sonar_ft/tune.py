@@ -853,6 +853,10 @@ def make_objective(settings: TuneSettings, worker: str) -> Callable[[optuna.Tria
     """The objective: sample, train with the recipe's ``train``, report each evaluation, prune, return the best."""
     import torch
 
+    # The trials of this worker read the same clips: the first one's bad-clip scan (and feature cache,
+    # with cache_features) serves the others, which then read no feature file again.
+    datasets: dict[tuple, Any] = {}
+
     def objective(trial: optuna.Trial) -> float:
         trial.set_user_attr("worker", worker if settings.n_jobs == 1 else f"{worker}/{threading.current_thread().name}")
         study = trial.study
@@ -879,7 +883,7 @@ def make_objective(settings: TuneSettings, worker: str) -> Callable[[optuna.Tria
         try:
             cfg = trial_config(settings, params, trial.number)
             cfg.validate()
-            result = train(cfg, on_evaluation=on_evaluation)
+            result = train(cfg, on_evaluation=on_evaluation, reuse_data=datasets)
         except optuna.TrialPruned:
             raise
         except (DataError, CheckpointError, OutputDirError) as exc:

@@ -293,6 +293,30 @@ def test_pruned_trial_stops_training_early(tiny_demo, tmp_path):
 
 
 @pytest.mark.slow
+def test_trials_of_one_worker_read_each_feature_file_once_with_the_cache(tiny_demo, tmp_path, monkeypatch):
+    from collections import Counter
+
+    from sonar_ft.data import features as features_mod
+
+    reads: Counter = Counter()
+    real = features_mod._read_npy
+
+    def counted(path, mmap):
+        reads[path.name] += 1
+        return real(path, mmap)
+
+    path = write_tuning_yaml(tiny_demo, tmp_path / "study", n_trials=3, cache_features=True, cache_dtype="fp16")
+    settings = load_settings(path)
+    monkeypatch.setattr(features_mod, "_read_npy", counted)
+    report = run_study(settings, progress=False)
+    assert report.counts["complete"] == 3
+    # The first trial's scan fills the cache; later trials and their epochs read nothing (without
+    # the reuse: once per trial). The demo manifests list lengths, so the pre-flight reads no file.
+    assert len(reads) == 24 + 16 and set(reads.values()) == {1}, reads  # max_samples 24 + all 16 val clips
+    assert {p.name for p in trial_dir(settings, 2).glob("metrics_epoch*.json")} == {"metrics_epoch1.json"}
+
+
+@pytest.mark.slow
 def test_diverging_trial_is_recorded_failed_and_the_study_goes_on(tiny_demo, tmp_path):
     # Batches of 2: the diverged trial reaches the recipe's limit of non-finite steps within its epoch.
     path = write_tuning_yaml(
