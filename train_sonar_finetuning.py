@@ -21,11 +21,10 @@ Several GPUs (data-parallel; ``--batch_size`` is per process)::
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from typing import Sequence
 
-from sonar_ft.cli import run
+from sonar_ft.cli import run, setup_logging
 from sonar_ft.config import config_from_sources
 from sonar_ft.distributed import is_main_process, world_size_from_env
 from sonar_ft.errors import ConfigError
@@ -111,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
+    setup_logging(sys.stdout)
     args = vars(build_parser().parse_args(argv))
     config_file = args.pop("config", None)
     return run(lambda _: _main(args, config_file), argparse.Namespace())

@@ -12,7 +12,7 @@ import argparse
 import importlib
 import logging
 import sys
-from typing import Sequence
+from typing import Sequence, TextIO
 
 from sonar_ft.errors import SonarFtError
 
@@ -50,8 +50,15 @@ def run(func, args: argparse.Namespace) -> int:
         return 130
 
 
+def setup_logging(stream: TextIO | None = None) -> None:
+    """Our INFO messages as plain lines; libraries' INFO chatter (fairseq2 announcing its file
+    systems on every start) stays hidden, their warnings do not."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=stream)
+    logging.getLogger("fairseq2").setLevel(logging.WARNING)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    setup_logging()
     args = build_parser().parse_args(argv)
     return run(args.func, args)
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import shlex
 import subprocess
@@ -20,6 +19,7 @@ import sys
 import time
 from pathlib import Path
 
+from sonar_ft.cli import setup_logging
 from sonar_ft.demo.build import DemoConfig, DemoPaths, build_demo
 
 RECIPE = Path(__file__).resolve().parents[2] / "train_sonar_finetuning.py"
@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m sonar_ft.demo", description=__doc__.splitlines()[0])
     parser.add_argument("--demo-dir", default=os.environ.get("DEMO_DIR", "demo_runs"), help="where everything goes (env DEMO_DIR)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
+    setup_logging(sys.stdout)
     run_demo(Path(args.demo_dir))
     return 0
 
