@@ -48,7 +48,7 @@ def cache_dtype(name: str) -> torch.dtype:
     return CACHE_DTYPES[name]
 
 
-NO_DECAY_NAMES = ("shared.weight", "embed_tokens.weight", "feature_proj_scale")
+NO_DECAY_NAMES = ("shared.weight", "feature_proj_scale")  # the tied embed_tokens copies are listed as shared.weight
 """Parameters kept out of weight decay besides norms and biases: the shared token embedding (of its
 32,128 rows only the start token's is ever used; decay would shrink the rest, which nothing trains)
 and the learned feature scale."""

@@ -5,6 +5,7 @@ Built once per test session with the project's own builder, small enough to take
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -24,6 +25,22 @@ TINY_DEMO = DemoConfig(
     encoder_d_ff=48,
     encoder_layers=1,
 )
+
+
+@pytest.fixture
+def npy_reads(monkeypatch: pytest.MonkeyPatch) -> Counter:
+    """Counts every .npy read from now on, by ``(file name, "data" | "header")`` (header: memory-mapped)."""
+    from sonar_ft.data import features as features_mod
+
+    reads: Counter = Counter()
+    real = features_mod._read_npy
+
+    def counted(path: Path, mmap: bool):
+        reads[(path.name, "header" if mmap else "data")] += 1
+        return real(path, mmap)
+
+    monkeypatch.setattr(features_mod, "_read_npy", counted)
+    return reads
 
 
 @pytest.fixture(scope="session")

@@ -138,21 +138,10 @@ def test_recipe_feature_cache_returns_the_same_features(tiny_demo):
 
 
 @pytest.mark.parametrize("cache", [True, False])
-def test_recipe_reads_each_feature_file_once_with_the_cache(tiny_demo, tmp_path, monkeypatch, cache):
+def test_recipe_reads_each_feature_file_once_with_the_cache(tiny_demo, tmp_path, npy_reads, cache):
     """The bad-sample scan reads every file anyway: its frame counts (and, when caching, the features)
     are kept, so neither the dataset's length pass nor epoch 1 opens a file again."""
-    from collections import Counter
-
-    from sonar_ft.data import features as features_mod
-
-    reads: Counter = Counter()
-    real = features_mod._read_npy
-
-    def counted(path, mmap):
-        reads[(path.name, "header" if mmap else "data")] += 1
-        return real(path, mmap)
-
-    monkeypatch.setattr(features_mod, "_read_npy", counted)
+    reads = npy_reads
     flags = ["--batch_size", "8", "--epochs", "2", "--max_samples", "16", "--max_gen_len", "8"]
     out = tmp_path / "run"
     assert recipe.main(recipe_args(tiny_demo, out, *flags, *(["--cache_features"] if cache else []))) == 0

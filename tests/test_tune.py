@@ -293,21 +293,10 @@ def test_pruned_trial_stops_training_early(tiny_demo, tmp_path):
 
 
 @pytest.mark.slow
-def test_trials_of_one_worker_read_each_feature_file_once_with_the_cache(tiny_demo, tmp_path, monkeypatch):
-    from collections import Counter
-
-    from sonar_ft.data import features as features_mod
-
-    reads: Counter = Counter()
-    real = features_mod._read_npy
-
-    def counted(path, mmap):
-        reads[path.name] += 1
-        return real(path, mmap)
-
+def test_trials_of_one_worker_read_each_feature_file_once_with_the_cache(tiny_demo, tmp_path, request):
     path = write_tuning_yaml(tiny_demo, tmp_path / "study", n_trials=3, cache_features=True, cache_dtype="fp16")
     settings = load_settings(path)
-    monkeypatch.setattr(features_mod, "_read_npy", counted)
+    reads = request.getfixturevalue("npy_reads")  # counting starts here, after the set-up
     report = run_study(settings, progress=False)
     assert report.counts["complete"] == 3
     # The first trial's scan fills the cache; later trials and their epochs read nothing (without

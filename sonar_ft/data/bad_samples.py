@@ -51,7 +51,7 @@ class _Check:
     frames: int = 0
 
 
-def _check(path: Path, clip_id: str = "", keep: Callable[[str, torch.Tensor], None] | None = None) -> _Check:
+def _check(path: Path, clip_id: str, keep: Callable[[str, torch.Tensor], None] | None) -> _Check:
     try:
         tensor, _ = read_features(path)
     except DataError as exc:
