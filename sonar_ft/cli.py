@@ -16,25 +16,44 @@ from typing import Sequence, TextIO
 
 from sonar_ft.errors import SonarFtError
 
-# Sub-command modules, imported lazily so `sonar-ft --help` stays fast.
-COMMAND_MODULES: tuple[str, ...] = (
-    "sonar_ft.data.commands",  # manifest how2sign, verify
-    "sonar_ft.embed",  # embed
-    "sonar_ft.export",  # export, translate
-    "sonar_ft.tune_cli",  # tune, train-from-tuning
-    "sonar_ft.plan",  # plan
-    "sonar_ft.download",  # download
-)
+# Sub-command name -> (module that registers it, one-line help). Only the module of the command
+# being run is imported (most import torch, ~5-10 s); `sonar-ft --help` lists them from this table.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "train": ("sonar_ft.train_cli", "fine-tune the encoder (the recipe; same flags as train_sonar_finetuning.py)"),
+    "verify": ("sonar_ft.data.commands", "check a manifest + feature folder before training"),
+    "manifest": ("sonar_ft.data.commands", "build manifests"),
+    "embed": ("sonar_ft.embed", "features -> SONAR sentence embeddings (.npy)"),
+    "export": ("sonar_ft.export", "pack a run's best encoder + records + model card as a tarball"),
+    "translate": ("sonar_ft.export", "translate feature clips with a fine-tuned encoder"),
+    "tune": ("sonar_ft.tune_cli", "Optuna search over the fine-tuning settings (resumable, prunable, parallel)"),
+    "train-from-tuning": ("sonar_ft.tune_cli", "train with a study's best settings (its best_config.yaml), overrides allowed"),
+    "plan": ("sonar_ft.plan", "estimate GPU memory of fine-tuning the official-size encoder and recommend settings that fit"),
+    "download": ("sonar_ft.download", "download one file safely (resumable, size / SHA-256 checked, written atomically)"),
+}
+COMMAND_MODULES: tuple[str, ...] = tuple(dict.fromkeys(module for module, _ in COMMANDS.values()))
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The ``sonar-ft`` parser; with ``argv``, only the chosen command's module is imported."""
     parser = argparse.ArgumentParser(
         prog="sonar-ft",
         description="Fine-tune the SONAR ASL encoder on How2Sign (see README.md).",
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name in COMMAND_MODULES:
-        importlib.import_module(name).register(subparsers)
+    chosen = next((a for a in (argv or []) if not a.startswith("-")), None) if argv is not None else None
+    if argv is None or chosen not in COMMANDS:
+        if argv is None:  # every real parser (for tools that inspect them all)
+            for name in COMMAND_MODULES:
+                importlib.import_module(name).register(subparsers)
+        else:  # help or a typo: the names and one line each, no imports
+            for name, (_, help_text) in COMMANDS.items():
+                subparsers.add_parser(name, help=help_text, add_help=False)
+        return parser
+    module = COMMANDS[chosen][0]
+    importlib.import_module(module).register(subparsers)
+    for name, (other, help_text) in COMMANDS.items():
+        if other != module:
+            subparsers.add_parser(name, help=help_text, add_help=False)
     return parser
 
 
@@ -59,7 +78,8 @@ def setup_logging(stream: TextIO | None = None) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     setup_logging()
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser(argv).parse_args(argv)
     return run(args.func, args)
 
 

@@ -1,25 +1,311 @@
-"""Build a :class:`~sonar_ft.train.TrainConfig` from defaults, a YAML file and command-line flags.
+"""The settings of a fine-tuning run, defined once: :class:`TrainConfig`.
+
+Everything else is generated from this dataclass: the recipe's command line (``sonar-ft train``,
+``train_sonar_finetuning.py``), the tuning CLI's override flags, ``--config run.yaml`` files and the
+``settings`` block of ``config.json``. Allowed values are ``Literal`` types; each field's help is the
+docstring under it; number ranges are checked in :meth:`TrainConfig.validate`.
 
 Precedence: flags given on the command line > keys of ``--config run.yaml`` > the defaults.
 Unknown keys and values of the wrong type are errors that name the key and the file.
+
+This module imports no torch (``sonar-ft --help`` and display code stay fast).
 """
 
 from __future__ import annotations
 
+import argparse
+import ast
 import dataclasses
+import functools
+import inspect
+import math
+import re
 import types
 import typing
+from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Mapping
-
-import yaml
+from typing import Any, Literal, Mapping
 
 from sonar_ft.errors import ConfigError
-from sonar_ft.train import TrainConfig
+
+Metric = Literal["bleu", "loss", "chrf", "bleu1", "bleu2", "bleu3", "bleu4", "rougeL", "cosine", "r1", "r5"]
+MINIMIZED_METRICS = frozenset({"loss"})
+"""The one place that says which way a validation metric improves: these go down, every other goes up."""
 
 
+def maximize(metric: str) -> bool:
+    """True when a higher ``metric`` is better (every metric but the loss)."""
+    return metric not in MINIMIZED_METRICS
+
+
+REPORTERS = ("jsonl", "tensorboard")
+
+
+@dataclass
+class TrainConfig:
+    """Every setting of a fine-tuning run; ``config.json`` in the output folder holds one of these."""
+
+    # -- data ---------------------------------------------------------------------------------------
+    train_features: str | None = None
+    """Folder of training feature files (flat ``<id>.npy`` / ``<id>.pt`` or ssvp_slt's nested layout)."""
+    train_manifest: str | None = None
+    """Training manifest: TSV ``id [length] text`` or How2Sign's re-aligned CSV."""
+    val_features: str | None = None
+    """Folder of validation (or, with ``eval_only``, test) feature files."""
+    val_manifest: str | None = None
+    """Validation (or test) manifest."""
+    allow_train_as_val: bool = False
+    """Accept a validation manifest that is the training manifest (same file or same content); its scores then say nothing about unseen clips."""
+    max_samples: int | None = None
+    """Use at most this many clips of each split (quick tests)."""
+    subset_fraction: float | None = None
+    """Use this seeded fraction of the training clips (tuning)."""
+    max_frames: int | None = None
+    """Truncate longer clips to this many frames."""
+    on_bad_sample: Literal["error", "skip"] = "error"
+    """Clips that cannot be used (missing, unreadable, wrong shape, NaN/Inf, no frames, empty text): ``error`` stops before training, listing all of them; ``skip`` trains without them. Both list them in ``bad_samples.tsv``."""
+    num_workers: int = 0
+    """Data-loading worker processes."""
+    # -- models -------------------------------------------------------------------------------------
+    encoder_checkpoint: str | None = None
+    """The SONAR ASL encoder to start from (``dm_70h_ub_sonar_encoder.pth`` or a fine-tuned one)."""
+    decoder: str = "text_sonar_basic_decoder"
+    """Frozen SONAR text decoder: asset card name, card ``.yaml`` or checkpoint file."""
+    tokenizer: str | None = None
+    """Tokenizer: card name, card ``.yaml`` or SentencePiece model (default: the decoder's)."""
+    text_encoder: str = "text_sonar_basic_encoder"
+    """SONAR text encoder used as distillation teacher (only loaded when ``distill_weight > 0``)."""
+    tgt_lang: str = "eng_Latn"
+    """FLORES-200 code of the target language."""
+    freeze_decoder: bool = True
+    """The decoder is always frozen; accepted so existing command lines keep working."""
+    dropout: float | None = None
+    """Encoder dropout (default: keep the architecture's 0.1)."""
+    # -- optimisation -------------------------------------------------------------------------------
+    batch_size: int = 8
+    """Clips per batch (per process under torchrun)."""
+    epochs: int = 10
+    """Number of epochs."""
+    learning_rate: float = 1e-4
+    """AdamW learning rate."""
+    weight_decay: float = 0.01
+    """AdamW weight decay (never on norms, biases and the shared embedding)."""
+    label_smoothing: float = 0.1
+    """Label smoothing of the token loss."""
+    grad_clip: float = 1.0
+    """Max gradient norm; 0 disables clipping."""
+    grad_accum: int = 1
+    """Batches per optimiser step. The gradient is that of one batch of ``batch_size x grad_accum`` clips: every target token weighs the same."""
+    warmup_steps: int = 0
+    """Linear learning-rate warm-up over this many optimiser steps."""
+    plateau_factor: float = 0.5
+    """ReduceLROnPlateau: multiply the learning rate by this when the validation metric stalls."""
+    plateau_patience: int = 2
+    """ReduceLROnPlateau: evaluations without improvement before reducing."""
+    early_stopping_patience: int = 0
+    """Stop after this many evaluations without improvement; 0 disables."""
+    distill_weight: float = 0.0
+    """Weight of the distillation term towards the SONAR text embedding of the target; 0 disables."""
+    distill_loss: Literal["mse", "cosine"] = "mse"
+    """Distillation distance."""
+    optimizer: Literal["adamw", "adamw8bit"] = "adamw"
+    """``adamw``, or ``adamw8bit`` (bitsandbytes, CUDA only: 2 instead of 8 bytes of state per parameter)."""
+    seed: int = 42
+    """Random seed (data order, dropout, subsets)."""
+    # -- evaluation ---------------------------------------------------------------------------------
+    eval_every: int = 1
+    """Evaluate every N epochs (and always after the last)."""
+    beam_size: int = 5
+    """Beam size of the validation translations."""
+    max_gen_len: int = 128
+    """Maximum generated tokens per translation."""
+    select_metric: Metric = "bleu"
+    """Validation metric for the best checkpoint, plateau and early stopping (the loss is minimised, every other maximised)."""
+    eval_only: bool = False
+    """Evaluate ``encoder_checkpoint`` on the ``val_*`` split and write only ``test_results.json``."""
+    write_predictions: bool = True
+    """Write ``predictions_epoch{N}.json`` at each evaluation."""
+    # -- system -------------------------------------------------------------------------------------
+    output_dir: str = "runs/finetune"
+    """Where metrics, predictions, logs and checkpoints go."""
+    device: str = "auto"
+    """``auto`` (CUDA when present), ``cuda``, ``cuda:N`` or ``cpu``."""
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    """``auto`` (bf16 on GPUs that support it, else fp32), ``bf16`` or ``fp32``. Never fp16."""
+    resume: bool = False
+    """Continue the run in ``output_dir`` from its ``last.pt``."""
+    overwrite: bool = False
+    """Replace another run's files in ``output_dir`` (deleted only once the new run has started)."""
+    save_checkpoints: bool = True
+    """Write ``best_encoder.pt`` / ``last.pt`` (tuning trials may switch this off)."""
+    checkpoint_every_steps: int = 0
+    """Also write the resumable ``last.pt`` every N optimiser steps inside an epoch (0: only at epoch ends)."""
+    loss_chunk_size: int = 256
+    """Target positions per chunk of vocabulary logits in the loss (bounds its memory, see docs/benchmarks.md)."""
+    # -- logging ------------------------------------------------------------------------------------
+    log_every_steps: int = 10
+    """Write a step record (loss, lr, gradient norm, throughput, memory) every N optimiser steps; 0 = off."""
+    report_to: str = "jsonl,tensorboard"
+    """Where step records go, comma-separated: ``jsonl`` (``steps.jsonl``), ``tensorboard`` (``tensorboard/``); empty = nowhere."""
+    progress: Literal["auto", "bar", "plain", "none"] = "auto"
+    """Progress display: ``bar`` (tqdm), ``plain`` (a line every ``progress_seconds`` and one per epoch), ``none``; ``auto`` = bars in a terminal, plain lines elsewhere (notebooks, log files)."""
+    progress_seconds: float = 30.0
+    """Seconds between two plain progress lines."""
+    # -- memory and speed (``sonar-ft plan`` recommends these; see sonar_ft.perf) -------------------
+    gradient_checkpointing: bool = False
+    """Recompute encoder blocks and frozen-decoder layers in the backward pass instead of keeping their activations."""
+    decoder_dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """Frozen decoder weights: ``fp32``, ``bf16``, or ``fp16`` (only on GPUs without bf16, e.g. a T4)."""
+    freeze_encoder_layers: int = 0
+    """Freeze the feature projection and the lowest N encoder blocks."""
+    cache_features: bool = False
+    """Keep every clip in memory after its first read: later epochs do not touch the disk / Drive."""
+    cache_dtype: Literal["fp32", "fp16"] = "fp32"
+    """Dtype of the feature cache (``fp16``: half the memory)."""
+    compile: bool = False
+    """``torch.compile`` the encoder (off by default: see docs/benchmarks.md)."""
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+    def reporters(self) -> list[str]:
+        """``report_to`` as a list of known names."""
+        return [r.strip() for r in self.report_to.split(",") if r.strip()]
+
+    def validate(self) -> None:
+        """Raise :class:`ConfigError` naming the flag for any setting that cannot work.
+
+        Everything is checked before anything is read, loaded or deleted.
+        """
+        need = ["encoder_checkpoint", "val_features", "val_manifest"]
+        if not self.eval_only:
+            need += ["train_features", "train_manifest"]
+        missing = [f"--{n}" for n in need if not getattr(self, n)]
+        if missing:
+            raise ConfigError(f"missing required flag(s): {', '.join(missing)}")
+        hints = typing.get_type_hints(type(self))
+        for f in fields(self):
+            value = getattr(self, f.name)
+            allowed = _literal_values(hints[f.name])
+            if allowed and value not in allowed:
+                raise ConfigError(f"--{f.name} must be one of {', '.join(allowed)} (got {value!r})")
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"--{f.name} must be a finite number (got {value})")
+        for name, (low, high, low_open, high_open) in _RANGES.items():
+            value = getattr(self, name)
+            if value is None:
+                continue
+            too_low = value <= low if low_open else value < low
+            too_high = high is not None and (value >= high if high_open else value > high)
+            if too_low or too_high:
+                lo = ("(" if low_open else "[") + f"{low:g}"
+                hi = (f"{high:g}" + (")" if high_open else "]")) if high is not None else "inf)"
+                raise ConfigError(f"--{name} must be in {lo}, {hi} (got {value:g})" + _RANGE_HINTS.get(name, ""))
+        if self.precision == "fp16":  # pragma: no cover - refused by the Literal above; kept for the message
+            raise ConfigError("--precision fp16 is unstable for T5; use bf16 or fp32")
+        if not self.freeze_decoder:
+            raise ConfigError("the SONAR text decoder is always frozen in sonar-ft; drop --freeze_decoder false")
+        unknown = [r for r in self.reporters() if r not in REPORTERS]
+        if unknown:
+            raise ConfigError(f"--report_to: unknown {', '.join(unknown)}; use a comma-separated list of {', '.join(REPORTERS)}")
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
+            raise ConfigError(f"--device {self.device!r} is not a device; use auto, cpu, cuda or cuda:N")
+
+
+# name: (low, high, low bound excluded, high bound excluded); None = unbounded above.
+_RANGES: dict[str, tuple[float, float | None, bool, bool]] = {
+    "batch_size": (1, None, False, False), "epochs": (1, None, False, False), "grad_accum": (1, None, False, False),
+    "eval_every": (1, None, False, False), "beam_size": (1, None, False, False), "max_gen_len": (1, None, False, False),
+    "max_samples": (1, None, False, False), "max_frames": (1, None, False, False), "loss_chunk_size": (1, None, False, False),
+    "subset_fraction": (0, 1, True, False), "learning_rate": (0, None, True, False), "weight_decay": (0, None, False, False),
+    "label_smoothing": (0, 1, False, True), "dropout": (0, 1, False, True), "plateau_factor": (0, 1, True, True),
+    "grad_clip": (0, None, False, False), "warmup_steps": (0, None, False, False), "plateau_patience": (0, None, False, False),
+    "early_stopping_patience": (0, None, False, False), "distill_weight": (0, None, False, False),
+    "num_workers": (0, None, False, False), "checkpoint_every_steps": (0, None, False, False),
+    "freeze_encoder_layers": (0, None, False, False), "log_every_steps": (0, None, False, False),
+    "progress_seconds": (0, None, False, False),
+}
+_RANGE_HINTS = {
+    "max_samples": "; leave it out to use all clips",
+    "checkpoint_every_steps": "; 0 saves at epoch ends only",
+    "early_stopping_patience": "; 0 turns early stopping off",
+    "grad_clip": "; 0 turns clipping off",
+}
+
+
+def _literal_values(hint: Any) -> tuple[Any, ...]:
+    return typing.get_args(hint) if typing.get_origin(hint) is Literal else ()
+
+
+def _options(hint: Any) -> tuple[Any, ...]:
+    """The non-None members of ``X | None`` (or ``(X,)``)."""
+    options = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    return tuple(o for o in options if o is not type(None))
+
+
+# ------------------------------------------------------------------------------------------------
+# Field docs and sections, read from this file's source (the docstring under each field)
+# ------------------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=None)
+def field_docs(cls: type = TrainConfig) -> dict[str, tuple[str, str]]:
+    """``{field: (section, doc)}`` from the class source: the string under each field, the ``# -- x --`` above."""
+    source = inspect.getsource(cls)
+    lines = source.splitlines()
+    body = ast.parse(source).body[0].body  # type: ignore[attr-defined]
+    docs: dict[str, tuple[str, str]] = {}
+    for node, after in zip(body, body[1:] + [None]):
+        if not isinstance(node, ast.AnnAssign) or not isinstance(node.target, ast.Name):
+            continue
+        doc = ""
+        if isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant) and isinstance(after.value.value, str):
+            doc = " ".join(after.value.value.split())
+        section = "settings"
+        for line in reversed(lines[: node.lineno - 1]):
+            match = re.match(r"\s*# -- ([^-]+?) -", line)
+            if match:
+                section = match.group(1).strip()
+                break
+        docs[node.target.id] = (section, doc)
+    return docs
+
+
+def add_arguments(parser: argparse.ArgumentParser, *, skip: tuple[str, ...] = (), title: str = "") -> None:
+    """Every :class:`TrainConfig` field as ``--name VALUE`` (grouped by section, help from its doc).
+
+    Values stay strings here; :func:`make_config` types them (one coercion for flags and files).
+    Booleans take ``--flag`` alone for true, or ``--flag true/false``. Nothing has an argparse
+    default (the parser must use ``argument_default=SUPPRESS``) so that only typed flags override
+    a ``--config`` file.
+    """
+    hints = typing.get_type_hints(TrainConfig)
+    defaults = TrainConfig()
+    groups: dict[str, Any] = {}
+    for name, (section, doc) in field_docs(TrainConfig).items():
+        if name in skip:
+            continue
+        key = f"{title} ({section})" if title else section
+        group = groups.setdefault(key, parser.add_argument_group(key))
+        default = getattr(defaults, name)
+        help_text = doc.replace("%", "%%") + (f" (default {default})" if default not in (None, "") else "")
+        options = _options(hints[name])
+        allowed = _literal_values(options[0]) if len(options) == 1 else ()
+        if options == (bool,):
+            group.add_argument(f"--{name}", nargs="?", const="true", metavar="BOOL", help=help_text)
+        elif allowed:
+            group.add_argument(f"--{name}", choices=allowed, help=help_text)
+        else:
+            kind = getattr(options[0], "__name__", "value")
+            group.add_argument(f"--{name}", metavar=kind.upper(), help=help_text)
+
+
+# ------------------------------------------------------------------------------------------------
+# Values from YAML files and flags
+# ------------------------------------------------------------------------------------------------
 def read_yaml(path: str | Path) -> dict[str, Any]:
     """A YAML mapping from ``path`` (comments allowed), with clear errors."""
+    import yaml
+
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"--config file not found: {path}")
@@ -32,18 +318,22 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def _coerce(name: str, value: Any, annotation: Any, source: str) -> Any:
+def coerce(name: str, value: Any, annotation: Any, source: str) -> Any:
+    """``value`` (from a flag, a YAML file or code) as the field's type, or a :class:`ConfigError` naming it."""
     if value is None:
         return None
-    hint = annotation
-    options = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
-    options = tuple(o for o in options if o is not type(None))
+    options = _options(annotation)
     for kind in options:
+        allowed = _literal_values(kind)
+        if allowed:
+            if value in allowed:
+                return value
+            continue
         if kind is bool:
             if isinstance(value, bool):
                 return value
-            if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
-                return value.lower() in ("true", "1", "yes")
+            if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no", "on", "off"):
+                return value.lower() in ("true", "1", "yes", "on")
         elif kind is int:
             if isinstance(value, int) and not isinstance(value, bool):
                 return value
@@ -67,8 +357,13 @@ def _coerce(name: str, value: Any, annotation: Any, source: str) -> Any:
                 return str(value)
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 return str(value)
-    wanted = " or ".join(getattr(o, "__name__", str(o)) for o in options)
+    wanted = " or ".join(
+        ", ".join(map(str, _literal_values(o))) if _literal_values(o) else getattr(o, "__name__", str(o)) for o in options
+    )
     raise ConfigError(f"{source}: {name} must be {wanted}, got {value!r}")
+
+
+_coerce = coerce  # the name older callers used
 
 
 def make_config(values: Mapping[str, Any], *, source: str = "settings", base: TrainConfig | None = None) -> TrainConfig:
@@ -77,7 +372,7 @@ def make_config(values: Mapping[str, Any], *, source: str = "settings", base: Tr
     unknown = sorted(set(values) - set(known))
     if unknown:
         raise ConfigError(f"{source}: unknown setting(s) {', '.join(unknown)}. Known: {', '.join(sorted(known))}")
-    coerced = {k: _coerce(k, v, known[k], source) for k, v in values.items()}
+    coerced = {k: coerce(k, v, known[k], source) for k, v in values.items()}
     return dataclasses.replace(base or TrainConfig(), **coerced)
 
 

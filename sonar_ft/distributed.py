@@ -6,8 +6,8 @@
 few questions data parallelism needs:
 
 - which device this process uses, and whether it is rank 0 (the only one that writes files);
-- how to weight its micro-batch loss so that the averaged gradient equals the token-mean over
-  the *global* batch (ranks' batches hold different numbers of target tokens);
+- the global sums the training loop weights its micro-batches with (a window's target tokens over
+  all ranks, see ``FineTuneRecipe.train_step``), and when to skip gradient synchronisation;
 - the sums of per-rank numbers (training loss, tokens, clips) and the gathered evaluation parts.
 
 Without ``WORLD_SIZE`` (or with 1) everything here is a no-op and ``train()`` runs as before.
@@ -69,21 +69,13 @@ class DistContext:
         return DistributedDataParallel(model, device_ids=ids, gradient_as_bucket_view=True, broadcast_buffers=False)
 
     # -- collectives -----------------------------------------------------------------------------
-    def step_sync(self, num_tokens: int, finite: bool) -> tuple[float, bool]:
-        """Loss weight of this rank's micro-batch and whether every rank's loss is finite.
-
-        DDP averages gradients over ranks; weighting rank r's mean token loss by
-        ``world * tokens_r / tokens_global`` makes that average the gradient of the mean over all
-        tokens of the global batch, as one process with the whole batch would compute. A skipped
-        (non-finite) step must be skipped by every rank, or the others would wait forever in
-        backward.
-        """
+    def no_sync(self, model: nn.Module) -> Any:
+        """Context in which backward keeps gradients local (non-final micro-steps of a window); a no-op on one process."""
         if not self.active:
-            return 1.0, finite
-        t = torch.tensor([float(num_tokens), 0.0 if finite else 1.0], dtype=torch.float64, device=self._comm_device())
-        dist.all_reduce(t)
-        total, bad = float(t[0]), float(t[1])
-        return (self.world_size * num_tokens / total if total > 0 else 1.0), bad == 0
+            import contextlib
+
+            return contextlib.nullcontext()
+        return model.no_sync()
 
     def sum(self, *values: float) -> tuple[float, ...]:
         """Element-wise sums over ranks (the values themselves when not distributed)."""

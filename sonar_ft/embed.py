@@ -100,11 +100,9 @@ def ids_path(out: Path) -> Path:
 
 
 def _resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda was given but no CUDA GPU is available; use --device cpu or auto")
-    return torch.device(name)
+    from sonar_ft.device import resolve_device  # the one resolver (cuda:N included), shared with training
+
+    return resolve_device(name)
 
 
 def _clips(args: argparse.Namespace) -> tuple[list[str], Callable[[str], Tensor]]:

@@ -117,6 +117,18 @@ def write_json(path: str | Path, obj: Any) -> None:
     write_text(path, json.dumps(obj, indent=2, ensure_ascii=False, default=_json_default) + "\n")
 
 
+def append_lines(path: str | Path, lines: list[str]) -> None:
+    """Append whole lines to a log-like file (``steps.jsonl``) and flush them to disk.
+
+    Append-only files cannot be replaced atomically on every record; a line cut short by a crash
+    is the last one, and readers skip it.
+    """
+    with open(path, "a", encoding="utf-8") as f:
+        f.write("".join(line.rstrip("\n") + "\n" for line in lines))
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def _json_default(obj: Any) -> Any:
     if isinstance(obj, Path):
         return str(obj)

@@ -36,10 +36,28 @@ def latest_predictions(run_dir: str | Path) -> dict[str, Any] | None:
     return None
 
 
-def best_epoch(history: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """The epoch with the highest validation BLEU (None before the first evaluation)."""
-    evaluated = [h for h in history if h.get("val_bleu") is not None]
-    return max(evaluated, key=lambda h: (h["val_bleu"], -(h.get("val_loss") or 0.0))) if evaluated else None
+def best_epoch(history: list[dict[str, Any]], select_metric: str | None = None) -> dict[str, Any] | None:
+    """The best evaluated epoch (None before the first evaluation).
+
+    The epoch the run itself marked best (``is_best``, chosen by its ``--select_metric``) wins;
+    without marks, the best by ``select_metric`` (default ``bleu``; the loss is minimised, every
+    other metric maximised), ties broken by the lower validation loss.
+    """
+    from sonar_ft.config import maximize
+
+    evaluated = [h for h in history if h.get("val_loss") is not None or h.get("val_bleu") is not None]
+    if not evaluated:
+        return None
+    marked = [h for h in evaluated if h.get("is_best")]
+    if marked and select_metric is None:
+        return marked[-1]
+    metric = select_metric or "bleu"
+    key = "val_loss" if metric == "loss" else f"val_{metric}"
+    scored = [h for h in evaluated if h.get(key) is not None]
+    if not scored:
+        return marked[-1] if marked else None
+    sign = 1.0 if maximize(metric) else -1.0
+    return max(scored, key=lambda h: (sign * h[key], -(h.get("val_loss") or 0.0)))
 
 
 def plot_history(run_dir: str | Path, out_dir: str | Path | None = None, *, title: str = "") -> dict[str, Path]:

@@ -9,22 +9,14 @@ override, with the recipe's names.
 from __future__ import annotations
 
 import argparse
-import typing
 from typing import Any
 
-from sonar_ft.train import TrainConfig
+from sonar_ft.config import add_arguments
 
 
 def _add_recipe_flags(parser: argparse.ArgumentParser, title: str) -> None:
-    """Every :class:`TrainConfig` field as ``--name VALUE``; types are checked by ``sonar_ft.config``."""
-    group = parser.add_argument_group(f"{title} (see train_sonar_finetuning.py --help)")
-    hints = typing.get_type_hints(TrainConfig)
-    for name in TrainConfig.field_names():
-        if hints[name] is bool:
-            # --flag alone means true (as in the recipe); --flag false is accepted too.
-            group.add_argument(f"--{name}", nargs="?", const="true", metavar="BOOL")
-        else:
-            group.add_argument(f"--{name}", metavar=name.split("_")[-1].upper())
+    """Every :class:`~sonar_ft.config.TrainConfig` field as ``--name VALUE`` (generated; typed by ``sonar_ft.config``)."""
+    add_arguments(parser, title=title)
 
 
 def register(subparsers: Any) -> None:
@@ -56,7 +48,7 @@ def register(subparsers: Any) -> None:
     t.add_argument("--plots", type=_bool, help="write the HTML/PNG plots (default true)")
     t.add_argument("--verbose", action="store_true", help="keep the training loop's per-epoch log lines")
     t.add_argument("--no_progress", action="store_true", help="no progress bar")
-    _add_recipe_flags(p, "recipe settings, fixed for every trial; --output_dir is the study folder")
+    _add_recipe_flags(p, "recipe settings fixed for every trial; --output_dir is the study folder")
     p.set_defaults(func=_cmd_tune)
 
     f = subparsers.add_parser(
