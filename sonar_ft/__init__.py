@@ -5,7 +5,10 @@ The package follows the data flow, one module per box::
     sonar_ft.data      manifests + feature files -> validated dataset -> length-bucketed batches
     sonar_ft.encoder   SignT5 SONAR encoder: features (B, T, D) -> sentence embedding (B, 1024)
     sonar_ft.decoder   frozen SONAR text decoder: embedding -> token loss / beam-search text
-    sonar_ft.train     the training loop used by the recipe and by tuning
+    sonar_ft.config    the run's settings (one dataclass; flags, --config files and tuning are generated from it)
+    sonar_ft.recipe    the training loop, read top to bottom (FineTuneRecipe: setup, train, validate, save)
+    sonar_ft.train     train(config) for the recipe and tuning; output folder, run records, data splits
+    sonar_ft.run_log   progress lines / bars, steps.jsonl, TensorBoard, train.log
     sonar_ft.evaluate  BLEU / chrF and predictions
     sonar_ft.export    tarball of a fine-tuned encoder, and loading it back
     sonar_ft.tune      Optuna search over training settings

@@ -93,7 +93,8 @@ class FineTuneRecipe:
         if self.resuming:
             self.load_last()
         main = self.out if ddp.is_main else None
-        self.recorder = StepRecorder(main, every=cfg.log_every_steps, reporters=cfg.reporters(), distill_weight=cfg.distill_weight)
+        self.recorder = StepRecorder(main, every=cfg.log_every_steps, reporters=cfg.reporters(), distill_weight=cfg.distill_weight,
+                                     resumed_step=self.state.step if self.resuming else None)
         self.progress = Progress(self.progress_kind, epochs=cfg.epochs, every_seconds=cfg.progress_seconds)
 
     @property
@@ -103,7 +104,8 @@ class FineTuneRecipe:
     def claim_output_dir(self) -> tuple[Path, bool, bool]:
         """The output folder (created), whether this run resumes the one in it, and whether another run's
         files must be removed once this one is known to start (``--overwrite``). The place for a folder lock."""
-        return components.prepare_output_dir(self.cfg)
+        out, resuming = components.prepare_output_dir(self.cfg)
+        return out, resuming, self.cfg.overwrite and not resuming
 
     def load_data(self) -> None:
         cfg, ddp = self.cfg, self.ddp

@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -74,7 +73,7 @@ class Progress:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.mode, self.epochs, self.every, self.clock = mode, epochs, every_seconds, clock
-        self.emit = emit or log.info
+        self.emit = emit or logging.getLogger("sonar_ft.train").info  # the loop's logger (tuning quiets it)
         self._bar: Any = None
         self._epoch_bar: Any = None
         self._epoch = 0
@@ -151,13 +150,19 @@ class StepRecorder:
     over ranks and rank 0 (the one given an output folder) :meth:`write`\ s them.
     """
 
-    def __init__(self, out: Path | None, *, every: int, reporters: list[str], distill_weight: float = 0.0) -> None:
+    def __init__(
+        self, out: Path | None, *, every: int, reporters: list[str], distill_weight: float = 0.0, resumed_step: int | None = None,
+    ) -> None:
         self.every = every
         self.distill_weight = distill_weight
         self.jsonl = out / STEPS_FILE if out is not None and every and "jsonl" in reporters else None
+        if self.jsonl is not None and resumed_step is not None and self.jsonl.is_file():
+            # Records written after the checkpoint this run resumes from are written again: drop the old ones.
+            kept = [json.dumps(r) for r in read_steps(self.jsonl) if r.get("step", 0) <= resumed_step]
+            io.write_text(self.jsonl, "".join(line + "\n" for line in kept))
         self.writer: Any = None
         if out is not None and "tensorboard" in reporters:
-            self.writer = _tensorboard_writer(out / TENSORBOARD_DIR)
+            self.writer = _tensorboard_writer(out / TENSORBOARD_DIR, None if resumed_step is None else resumed_step + 1)
         self._sums = [0.0, 0.0, 0.0, 0.0]  # token-loss sum, tokens, distillation sum, clips
         self._norms: list[float] = []
         self._started = time.perf_counter()
@@ -214,14 +219,15 @@ class StepRecorder:
             self.writer = None
 
 
-def _tensorboard_writer(folder: Path) -> Any:
+def _tensorboard_writer(folder: Path, purge_step: int | None) -> Any:
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
         log.warning("--report_to tensorboard: the tensorboard package is not installed (pip install tensorboard); "
                     "step records go to %s only", STEPS_FILE)
         return None
-    return SummaryWriter(log_dir=str(folder))
+    # purge_step: TensorBoard hides the events a killed run wrote after the checkpoint resumed from.
+    return SummaryWriter(log_dir=str(folder), purge_step=purge_step)
 
 
 def read_steps(path: str | Path) -> list[dict[str, Any]]:
@@ -247,7 +253,7 @@ class attach_train_log:
         if self.path is None:
             return self
         logger = logging.getLogger("sonar_ft")
-        self.handler = logging.FileHandler(self.path, encoding="utf-8")
+        self.handler = logging.FileHandler(self.path, encoding="utf-8", delay=True)
         self.handler.setLevel(logging.INFO)
         self.handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S"))
         logger.addHandler(self.handler)
@@ -262,27 +268,6 @@ class attach_train_log:
             logger.removeHandler(self.handler)
             logger.setLevel(self._level)
             self.handler.close()
-
-
-class quiet_bars:
-    """Context manager: no tqdm bars anywhere (data loading, validation) while plain lines are shown."""
-
-    def __init__(self, active: bool) -> None:
-        self.active = active
-        self._old: str | None = None
-
-    def __enter__(self) -> "quiet_bars":
-        if self.active:
-            self._old = os.environ.get("TQDM_DISABLE")
-            os.environ["TQDM_DISABLE"] = "1"
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        if self.active:
-            if self._old is None:
-                os.environ.pop("TQDM_DISABLE", None)
-            else:
-                os.environ["TQDM_DISABLE"] = self._old
 
 
 def iter_lines(path: str | Path) -> Iterator[str]:

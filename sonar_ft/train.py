@@ -16,7 +16,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import platform
 import shutil
 import subprocess
@@ -28,7 +27,7 @@ from typing import Any, Callable
 import torch
 
 from sonar_ft import distributed, io, perf
-from sonar_ft.config import TrainConfig, maximize
+from sonar_ft.config import TrainConfig
 from sonar_ft.data import (
     FeatureStore,
     LengthBucketSampler,
@@ -44,7 +43,7 @@ from sonar_ft.device import hardware_record, resolve_device, resolve_precision
 from sonar_ft.encoder import load_encoder
 from sonar_ft.errors import ConfigError, DataError, OutputDirError, TrainingError
 from sonar_ft.evaluate import evaluate
-from sonar_ft.run_log import STEPS_FILE, TENSORBOARD_DIR, attach_train_log, progress_mode, quiet_bars
+from sonar_ft.run_log import STEPS_FILE, TENSORBOARD_DIR, attach_train_log
 from sonar_ft.train_state import EpochMetrics, seed_everything
 
 __all__ = [
@@ -510,14 +509,13 @@ def train(
         return done
     ddp = distributed.setup(cfg.device)
     main_out = Path(cfg.output_dir) if ddp.is_main else None
-    plain = progress_mode(cfg.progress) != "bar"
     if main_out is not None:
         try:
             main_out.mkdir(parents=True, exist_ok=True)
         except OSError:
             main_out = None  # prepare_output_dir says what is wrong with it
     try:
-        with attach_train_log(main_out), quiet_bars(plain):
+        with attach_train_log(main_out):
             recipe = FineTuneRecipe(cfg, ddp, on_evaluation=on_evaluation, reuse_data=reuse_data)
             recipe.setup()
             result = recipe.train()
