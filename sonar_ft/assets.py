@@ -23,6 +23,7 @@ from typing import Any
 import yaml
 
 from sonar_ft.errors import ConfigError
+from sonar_ft.stack_env import require_stack
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +96,7 @@ def resolve_card(spec: str | Path, *, family: str, kind: str) -> Any:
 
     ``kind`` is ``"model"`` or ``"tokenizer"`` and only changes how a bare file is wrapped.
     """
+    require_stack()
     from fairseq2.assets import AssetCard
 
     text = str(spec)
@@ -129,8 +131,13 @@ def load_sonar_model(spec: str | Path, *, family: str, device: Any, dtype: Any) 
     try:
         return load_model(card, device=device, dtype=dtype)
     except Exception as exc:  # fairseq2 raises many types (network, card, shape, a broken install)
-        hint = (" Without network access, pass a local asset card (.yaml) or checkpoint file instead "
-                "(see README: 'Offline models')." if is_network_error(exc) else "")
+        if is_network_error(exc):
+            hint = (" Without network access, pass a local asset card (.yaml) or checkpoint file instead "
+                    "(see README: 'Offline models').")
+        elif isinstance(card, str) and is_unknown_name(exc):
+            hint = " It is not a card name fairseq2 / sonar-space knows: check the name, or pass a local card (.yaml) or checkpoint file."
+        else:
+            hint = ""
         raise ConfigError(f"cannot load SONAR model {spec!r}: {describe_cause(exc)}.{hint}") from exc
 
 
@@ -173,6 +180,11 @@ def is_network_error(exc: BaseException) -> bool:
     return any(isinstance(e, _NETWORK_ERRORS) or "Download" in type(e).__name__ for e in _chain(exc))
 
 
+def is_unknown_name(exc: BaseException) -> bool:
+    """True when fairseq2 did not know the asset name (``ModelNotKnownError``, ``AssetNotFoundError``)."""
+    return any(type(e).__name__ in ("ModelNotKnownError", "AssetNotFoundError", "TokenizerNotKnownError") for e in _chain(exc))
+
+
 def describe_cause(exc: BaseException) -> str:
     """``Type: first line`` of ``exc`` and, when different, of the error at the root of its chain."""
     chain = _chain(exc)
@@ -185,4 +197,4 @@ def describe_cause(exc: BaseException) -> str:
 
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+    return text.splitlines()[0].rstrip(".") if text else type(exc).__name__

@@ -493,8 +493,9 @@ class DiskPlan:
         }[self.strategy]
         cost = ("a disconnect loses the work since the last save of last.pt (an epoch, or --checkpoint_every_steps)"
                 if self.strategy != "mirror-replace" else
-                "a disconnect loses the work since the last copy to Drive; one during the copy itself (a minute or "
-                "two) leaves no copy and costs up to the whole run so far: best_encoder.pt stays")
+                "a disconnect loses the work since the last copy to Drive (an epoch); one during the copy itself (a "
+                "minute or two) leaves no copy of last.pt: continue by fine-tuning from best_encoder.pt (the "
+                "optimiser state and the epochs after the best one are lost)")
         verdict = "fits" if self.fits else "does NOT fit"
         return "\n".join([
             f"disk plan ({self.strategy}): {where}",
@@ -583,18 +584,42 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Estimate memory (weights, gradients, optimiser states, activations, frozen decoder, loss) of "
         "fine-tuning the official SONAR ASL encoder and recommend recipe flags that fit the GPU.",
     )
-    p.add_argument("--gpu", required=True, help=f"one of {', '.join(GPUS)}")
+    p.add_argument("--gpu", required=True, help=f"auto (this machine's GPU) or one of {', '.join(GPUS)}")
     p.add_argument("--batch_size", type=int, default=32, help="effective batch (reached with --grad_accum)")
     p.add_argument("--max_frames", type=int, default=DEFAULT_MAX_FRAMES, help="longest clip in frames (the recipe's --max_frames)")
     p.add_argument("--target_tokens", type=int, default=DEFAULT_TARGET_TOKENS, help="longest target sentence in tokens")
+    p.add_argument("--drive_gb", type=float, default=DRIVE_FREE_BYTES / GIB,
+                   help="free space (GiB) where the run folder is, e.g. Google Drive (default: a free Drive's 15)")
+    p.add_argument("--json", dest="json_path", help="also write the plan (flags, estimate, disk plan) to this JSON file")
     p.set_defaults(func=_plan_command)
 
 
+def plan_record(plan: Plan, disk: DiskPlan) -> dict[str, Any]:
+    """The plan as JSON-ready data (what the notebooks read): flags, settings, estimate and disk plan."""
+    return {
+        "gpu": plan.gpu.name, "gpu_memory_gib": round(plan.gpu.memory_bytes / GIB, 1), "bf16": plan.gpu.bf16,
+        "fits": plan.fits, "flags": plan.flags(), "settings": plan.settings, "effective_batch": plan.effective_batch,
+        "estimate_gib": {k: round(v / GIB, 2) for k, v in plan.estimate.items()}, "budget_gib": round(plan.budget / GIB, 2),
+        "table": plan.format_table(),
+        "disk": {"strategy": disk.strategy, "fits": disk.fits, "best_encoder_gb": round(disk.best_bytes / GB, 2),
+                 "last_gb": round(disk.state_bytes / GB, 2), "drive_peak_gb": round(disk.drive_peak / GB, 2),
+                 "local_peak_gb": round(disk.local_peak / GB, 2), "table": disk.format_table()},
+    }
+
+
 def _plan_command(args: argparse.Namespace) -> int:
-    plan = recommend(args.gpu, args.batch_size, max_frames=args.max_frames, target_tokens=args.target_tokens)
+    gpu = gpu_spec(args.gpu)
+    plan = recommend(gpu, args.batch_size, max_frames=args.max_frames, target_tokens=args.target_tokens)
+    s = plan.settings
+    disk = disk_plan(optimizer=s["optimizer"], freeze_encoder_layers=s["freeze_encoder_layers"],
+                     drive_budget=int(args.drive_gb * GIB))
     print(plan.format_table())
+    print(disk.format_table())
+    if args.json_path:
+        from sonar_ft import io
+
+        io.write_json(args.json_path, plan_record(plan, disk))
     if not plan.fits:
         print("no setting fits this GPU by the estimate; lower --max_frames or use a larger GPU")
         return 1
     return 0
-

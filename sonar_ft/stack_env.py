@@ -72,6 +72,18 @@ def check_supported_python(version: Sequence[int] | None = None) -> None:
         raise StackEnvError(unsupported_python_message((major, minor)))
 
 
+def require_stack(version: Sequence[int] | None = None) -> None:
+    """Import fairseq2, or say why it cannot work here (unsupported Python) instead of a bare ImportError."""
+    try:
+        import fairseq2  # noqa: F401
+    except ImportError as err:
+        major, minor = tuple(version or sys.version_info[:2])[:2]
+        if f"{major}.{minor}" not in SUPPORTED_PYTHONS:
+            raise StackEnvError(unsupported_python_message((major, minor))) from err
+        raise StackEnvError(f"the SONAR stack is not installed in this Python ({sys.executable}): {err}. Install it with "
+                            "`make setup`, or `python -m pip install -r requirements.txt -e .`") from err
+
+
 @dataclass
 class StackEnv:
     """A stack environment: where it is and what its check reported."""

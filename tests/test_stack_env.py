@@ -115,3 +115,11 @@ def test_a_real_environment_made_offline_with_this_machines_python(tmp_path: Pat
     again = ensure_stack_env(env, ROOT, pythons=(version,), uv=uv, packages_from=sys.prefix)
     assert not again.created
     assert "reused and checked" in capsys.readouterr().out
+
+
+def test_importing_the_stack_on_an_unsupported_python_says_what_to_do(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "fairseq2", None)  # as on Python 3.13: not installable
+    with pytest.raises(StackEnvError, match="Python 3.13 cannot run the SONAR stack.*3.10, 3.11, 3.12"):
+        stack_env.require_stack((3, 13))
+    with pytest.raises(StackEnvError, match="not installed in this Python.*make setup"):
+        stack_env.require_stack((3, 12))
