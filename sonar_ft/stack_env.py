@@ -23,6 +23,7 @@ import json
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -172,15 +173,35 @@ def _run(cmd: list[str]) -> subprocess.CompletedProcess[str]:
     return subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def check_env(env: Path, *, runner: Runner = _run) -> dict | None:
-    """Import the stack with the environment's Python; what it reports, or None when that fails."""
+def _check_cache(env: Path) -> Path:
+    # One check per runtime and environment: a temp-folder file, gone with the runtime (Colab resets /tmp).
+    python = env_python(env)
+    key = f"{env.resolve()}|{python.stat().st_mtime_ns if python.exists() else 0}|{(env / STAMP).is_file()}"
+    return Path(tempfile.gettempdir()) / f"sonar_ft_env_{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
+
+
+def check_env(env: Path, *, runner: Runner = _run, cached: bool = False) -> dict | None:
+    """Import the stack with the environment's Python; what it reports, or None when that fails.
+
+    ``cached``: reuse a successful check made earlier in this runtime (the notebooks call setup in
+    every notebook; importing torch and fairseq2 takes a while).
+    """
     python = env_python(env)
     if not python.is_file():
         return None
+    cache = _check_cache(env)
+    if cached and cache.is_file():
+        try:
+            return json.loads(cache.read_text(encoding="utf-8"))
+        except ValueError:
+            pass
     proc = runner([str(python), "-c", CHECK_SCRIPT])
     for line in (proc.stdout or "").splitlines():
         if proc.returncode == 0 and line.startswith("SONAR_FT_ENV "):
-            return json.loads(line.removeprefix("SONAR_FT_ENV "))
+            info = json.loads(line.removeprefix("SONAR_FT_ENV "))
+            if cached:
+                cache.write_text(json.dumps(info), encoding="utf-8")
+            return info
     return None
 
 
@@ -221,11 +242,13 @@ def ensure_stack_env(
     packages_from: str | Path | None = None,
     runner: Runner = _run,
     clock: Callable[[], float] = time.monotonic,
+    cached: bool = False,
 ) -> StackEnv:
     """The environment at ``env``, checked; created first when missing, broken or built from other requirements.
 
     Tries each Python of ``pythons`` in order until ``uv venv`` succeeds. ``packages_from`` (an
     existing environment holding the stack) links its packages instead of installing (offline).
+    ``cached`` reuses a check made earlier in this runtime for an existing environment.
     Prints what it does and how long it took. Raises :class:`StackEnvError` with the tool's last
     output lines when creating or checking fails.
     """
@@ -240,12 +263,21 @@ def ensure_stack_env(
     except (OSError, ValueError):
         recorded = {}
     if recorded.get("requirements") == digest and recorded.get("project") == str(project_dir):
-        info = check_env(env, runner=runner)
+        info = check_env(env, runner=runner, cached=cached)
         if info is not None:
             result = StackEnv(env, info, created=False, seconds=clock() - start)
             print(f"stack environment {env}: reused and checked in {result.seconds:.0f} s\n  {result.describe()}", flush=True)
             return result
         print(f"stack environment {env} is there but its check failed: creating it again", flush=True)
+    elif env.exists() and not recorded:
+        # Not made here (e.g. `make setup`'s .venv): use it when it works, never delete it.
+        info = check_env(env, runner=runner, cached=cached)
+        if info is not None:
+            result = StackEnv(env, info, created=False, seconds=clock() - start)
+            print(f"stack environment {env} (existing): checked in {result.seconds:.0f} s\n  {result.describe()}", flush=True)
+            return result
+        raise StackEnvError(f"{env} exists but is not a working stack environment (and was not made by sonar_ft, so "
+                            "it is left alone): choose another folder for the environment, or delete this one")
     elif env.exists():
         print(f"stack environment {env} was built from other requirements (or not finished): creating it again", flush=True)
     if env.exists():

@@ -123,3 +123,15 @@ def test_importing_the_stack_on_an_unsupported_python_says_what_to_do(monkeypatc
         stack_env.require_stack((3, 13))
     with pytest.raises(StackEnvError, match="not installed in this Python.*make setup"):
         stack_env.require_stack((3, 12))
+
+
+def test_an_environment_not_made_here_is_used_when_it_works_and_never_deleted(tmp_path: Path) -> None:
+    env = tmp_path / ".venv"
+    (env / "bin").mkdir(parents=True)
+    (env / "bin" / "python").write_text("")
+    runner = FakeRunner()
+    assert not ensure_stack_env(env, ROOT, uv="uv", runner=runner).created
+    assert [c[1] for c in runner.commands] == ["-c"]
+    with pytest.raises(StackEnvError, match="left alone"):
+        ensure_stack_env(env, ROOT, uv="uv", runner=FakeRunner(check_ok=False))
+    assert (env / "bin" / "python").is_file()
