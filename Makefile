@@ -9,7 +9,10 @@ DEMO_DIR ?= demo_runs
 SUDO := $(shell [ "$$(id -u)" -ne 0 ] && command -v sudo)
 APT_PACKAGES := libsndfile1 python3-venv postgresql
 
-.PHONY: demo test setup system-deps bench tune-demo clean
+KERNEL_VENV ?= .kernel-venv
+KERNEL_STAMP := $(KERNEL_VENV)/.installed-stamp
+
+.PHONY: demo test setup system-deps bench tune-demo clean kernel-venv
 
 system-deps:
 	@missing=""; \
@@ -30,11 +33,19 @@ $(STAMP): requirements.txt pyproject.toml
 
 setup: system-deps $(STAMP)
 
+# A Colab-like notebook kernel: display packages only, no torch (tests/test_notebooks.py runs the notebooks in it).
+$(KERNEL_STAMP): requirements-kernel.txt
+	@[ -x $(KERNEL_VENV)/bin/python ] || python3 -m venv $(KERNEL_VENV)
+	$(KERNEL_VENV)/bin/python -m pip install -q -r requirements-kernel.txt
+	@touch $(KERNEL_STAMP)
+
+kernel-venv: $(KERNEL_STAMP)
+
 demo: setup
 	$(PY) -m sonar_ft.demo --demo-dir $(DEMO_DIR)
 
-test: setup
-	$(PY) -m pytest -q tests
+test: setup kernel-venv
+	SONAR_FT_KERNEL_VENV=$(abspath $(KERNEL_VENV)) $(PY) -m pytest -q tests
 
 # Benchmarks (not tests): each ratio printed next to its goal; figures in benchmarks/out/*.json, docs/benchmarks.md.
 bench: setup
@@ -50,4 +61,4 @@ tune-demo: setup
 	TQDM_DISABLE=1 $(PY) -m sonar_ft.cli tune --config configs/tuning/demo.yaml --output_dir $(DEMO_DIR)/tuning $(TUNE_DEMO_PATHS)
 
 clean:
-	rm -rf $(DEMO_DIR) .pytest_cache
+	rm -rf $(DEMO_DIR) .pytest_cache $(KERNEL_VENV)

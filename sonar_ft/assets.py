@@ -14,6 +14,8 @@ A model or tokenizer can be named three ways, and all three go through ``fairseq
 from __future__ import annotations
 
 import logging
+import socket
+import urllib.error
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -21,6 +23,7 @@ from typing import Any
 import yaml
 
 from sonar_ft.errors import ConfigError
+from sonar_ft.stack_env import require_stack
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +96,7 @@ def resolve_card(spec: str | Path, *, family: str, kind: str) -> Any:
 
     ``kind`` is ``"model"`` or ``"tokenizer"`` and only changes how a bare file is wrapped.
     """
+    require_stack()
     from fairseq2.assets import AssetCard
 
     text = str(spec)
@@ -126,11 +130,15 @@ def load_sonar_model(spec: str | Path, *, family: str, device: Any, dtype: Any) 
     card = resolve_card(spec, family=family, kind="model")
     try:
         return load_model(card, device=device, dtype=dtype)
-    except Exception as exc:  # fairseq2 raises many types (network, card, shape)
-        raise ConfigError(
-            f"cannot load SONAR model {spec!r}: {_first_line(exc)}. Without network access, pass a local "
-            "asset card (.yaml) or checkpoint file instead (see README: 'Offline models')."
-        ) from None
+    except Exception as exc:  # fairseq2 raises many types (network, card, shape, a broken install)
+        if is_network_error(exc):
+            hint = (" Without network access, pass a local asset card (.yaml) or checkpoint file instead "
+                    "(see README: 'Offline models').")
+        elif isinstance(card, str) and is_unknown_name(exc):
+            hint = " It is not a card name fairseq2 / sonar-space knows: check the name, or pass a local card (.yaml) or checkpoint file."
+        else:
+            hint = ""
+        raise ConfigError(f"cannot load SONAR model {spec!r}: {describe_cause(exc)}.{hint}") from exc
 
 
 def load_sonar_tokenizer(spec: str | Path) -> Any:
@@ -141,10 +149,9 @@ def load_sonar_tokenizer(spec: str | Path) -> Any:
     try:
         return load_tokenizer(card)
     except Exception as exc:
-        raise ConfigError(
-            f"cannot load tokenizer {spec!r}: {_first_line(exc)}. Without network access, pass a local "
-            "asset card (.yaml) or the SentencePiece model file instead."
-        ) from None
+        hint = (" Without network access, pass a local asset card (.yaml) or the SentencePiece model file instead."
+                if is_network_error(exc) else "")
+        raise ConfigError(f"cannot load tokenizer {spec!r}: {describe_cause(exc)}.{hint}") from exc
 
 
 def tokenizer_langs(spec: str | Path) -> tuple[str, ...]:
@@ -156,6 +163,38 @@ def tokenizer_langs(spec: str | Path) -> tuple[str, ...]:
     return tuple(langs) if langs else flores200_langs()
 
 
+_NETWORK_ERRORS: tuple[type[BaseException], ...] = (ConnectionError, TimeoutError, socket.gaierror, socket.timeout,
+                                                    urllib.error.URLError)
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    seen: list[BaseException] = []
+    while exc is not None and all(exc is not s for s in seen):
+        seen.append(exc)
+        exc = exc.__cause__ or exc.__context__
+    return seen
+
+
+def is_network_error(exc: BaseException) -> bool:
+    """True when ``exc`` or an error it was raised from is a failed download / connection."""
+    return any(isinstance(e, _NETWORK_ERRORS) or "Download" in type(e).__name__ for e in _chain(exc))
+
+
+def is_unknown_name(exc: BaseException) -> bool:
+    """True when fairseq2 did not know the asset name (``ModelNotKnownError``, ``AssetNotFoundError``)."""
+    return any(type(e).__name__ in ("ModelNotKnownError", "AssetNotFoundError", "TokenizerNotKnownError") for e in _chain(exc))
+
+
+def describe_cause(exc: BaseException) -> str:
+    """``Type: first line`` of ``exc`` and, when different, of the error at the root of its chain."""
+    chain = _chain(exc)
+    parts = [f"{type(exc).__name__}: {_first_line(exc)}"]
+    if len(chain) > 1:
+        root = chain[-1]
+        parts.append(f"caused by {type(root).__name__}: {_first_line(root)}")
+    return "; ".join(parts)
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+    return text.splitlines()[0].rstrip(".") if text else type(exc).__name__

@@ -3,22 +3,21 @@
 The notebooks stay thin: each cell calls a ``sonar_ft`` function or the recipe's command line, and
 this module holds the plumbing they share —
 
-- :func:`setup` → :class:`Project`: where features, manifests, the starting encoder and run folders
-  are, for a real project folder (on Google Drive in Colab) or for the offline demo (``DEMO = True``);
-  it also makes project errors show as one readable line instead of a traceback;
-- :func:`ensure_requirements`: installs the pinned ``requirements.txt`` in Colab and restarts the
-  runtime when that replaced an already-loaded torch (the old one stays in memory otherwise);
-- :func:`run_command`: runs a CLI step as a subprocess, streaming its output into the cell;
+- :func:`setup` → :class:`Project`: creates or reuses the SONAR stack's own environment
+  (:mod:`sonar_ft.stack_env`; the kernel's Python stays as it is, no restart) and says where
+  features, manifests, the starting encoder and run folders are, for a real project folder (on
+  Google Drive in Colab) or for the offline demo (``DEMO = True``); project errors show as one line;
+- :func:`run_command`: runs a step as a command of that environment's Python, streaming its output;
+- :func:`show_plan`: the memory and disk plan for this runtime's GPU (``sonar-ft plan --gpu auto``);
 - :func:`show_table`, :func:`show_images`, :func:`show_figure`: tables as HTML, figures as PNG.
 
-Nothing here trains or evaluates: that is the recipe's job (``train_sonar_finetuning.py``).
+Nothing here trains or evaluates: that is the recipe's job (``train_sonar_finetuning.py``). This
+module imports neither torch nor fairseq2 nor sonar (a Colab kernel on Python 3.13 cannot have them).
 """
 
 from __future__ import annotations
 
 import codecs
-import importlib
-import importlib.metadata
 import io as _io
 import json
 import logging
@@ -27,17 +26,16 @@ import shlex
 import signal
 import subprocess
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
 from sonar_ft.errors import SonarFtError
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-    from sonar_ft.data.verify import VerifyReport
-    from sonar_ft.demo.build import DemoPaths
+    from sonar_ft.stack_env import StackEnv
 
 RECIPE = "train_sonar_finetuning.py"
 DEFAULT_DEMO_DIR = "demo_runs"
@@ -59,157 +57,58 @@ def in_colab() -> bool:
     return "google.colab" in sys.modules
 
 
-def describe_device() -> str:
-    """One line on the accelerator this runtime has (what the training steps will use)."""
-    import torch
-
-    if torch.cuda.is_available():
-        props = torch.cuda.get_device_properties(0)
-        bf16 = "bf16" if torch.cuda.is_bf16_supported() else "no bf16 (fp32 training)"
-        return f"GPU: {props.name}, {props.total_memory / 1024**3:.1f} GiB, {bf16}"
-    hint = "" if not in_colab() else " (Colab: Runtime > Change runtime type > T4 GPU or better)"
-    return f"no GPU: CPU only — enough for DEMO mode, far too slow for real fine-tuning{hint}"
-
-
-# ------------------------------------------------------------------------------------------------
-# Requirements
-# ------------------------------------------------------------------------------------------------
-@dataclass
-class RequirementsCheck:
-    """What :func:`ensure_requirements` found and did."""
-
-    requirements: Path
-    unsatisfied: list[str] = field(default_factory=list)
-    """Requirement lines not met before installing (missing, or another version)."""
-    installed: bool = False
-    torch_before: str | None = None
-    torch_after: str | None = None
-    restart_reason: str | None = None
-    """Why the runtime was (or must be) restarted; None when no restart is needed."""
-
-
-def read_requirements(path: str | Path) -> list[str]:
-    """The requirement lines of a pip requirements file (comments, blank lines and options dropped)."""
-    lines = []
-    for raw in Path(path).read_text(encoding="utf-8").splitlines():
-        line = raw.split(" #", 1)[0].strip()
-        if line and not line.startswith(("#", "-")):
-            lines.append(line)
-    return lines
-
-
-def installed_version(name: str) -> str | None:
-    """The installed version of distribution ``name``, or None."""
-    try:
-        return importlib.metadata.version(name)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
-def unsatisfied_requirements(lines: Iterable[str], version_of: Callable[[str], str | None] = installed_version) -> list[str]:
-    """The requirement lines whose distribution is missing or outside the pinned/allowed versions."""
-    from packaging.requirements import Requirement
-
-    missing = []
-    for line in lines:
-        req = Requirement(line)
-        if req.marker is not None and not req.marker.evaluate():
-            continue
-        version = version_of(req.name)
-        if version is None or (req.specifier and not req.specifier.contains(version, prereleases=True)):
-            missing.append(line)
-    return missing
-
-
-def _pip_install(requirements: Path) -> None:
-    run_command([sys.executable, "-m", "pip", "install", "-q", "-r", str(requirements)])
-
-
-def _restart_runtime() -> None:
-    # Colab restarts a runtime whose kernel process dies; SIGKILL is the standard way to ask for it.
-    os.kill(os.getpid(), signal.SIGKILL)
-
-
-def ensure_requirements(
-    requirements: str | Path,
-    *,
-    install: bool | None = None,
-    pip: Callable[[Path], None] = _pip_install,
-    restart: Callable[[], None] = _restart_runtime,
-    version_of: Callable[[str], str | None] = installed_version,
-) -> RequirementsCheck:
-    """Make sure the pinned requirements are installed; restart the runtime if torch was replaced.
-
-    ``install`` defaults to "only in Colab": elsewhere the missing lines are listed with the command
-    that installs them (a local environment is yours to change, e.g. with ``make setup``). When the
-    install changed torch's version, the runtime is restarted after saying why (a running Python
-    keeps the torch it loaded first; Colab's kernel may load it at start-up): in Colab the kernel
-    process is killed and Colab starts a fresh one. Run the notebook again from the top then.
-    """
-    requirements = Path(requirements)
-    if not requirements.is_file():
-        raise NotebookStop(f"{requirements} not found: PROJECT_DIR must be a copy of the sonar-ft repository")
-    check = RequirementsCheck(requirements=requirements)
-    check.unsatisfied = unsatisfied_requirements(read_requirements(requirements), version_of)
-    if not check.unsatisfied:
-        print(f"All requirements of {requirements.name} are installed.")
-        return check
-    shown = ", ".join(check.unsatisfied)
-    if not (in_colab() if install is None else install):
-        print(f"Not installed or another version: {shown}.\n"
-              f"Install them with `make setup` or `{Path(sys.executable).name} -m pip install -r {requirements}`.")
-        return check
-    print(f"Installing {len(check.unsatisfied)} requirement(s): {shown} (a few minutes the first time).", flush=True)
-    check.torch_before = version_of("torch")
-    pip(requirements)
-    importlib.invalidate_caches()
-    check.torch_after = version_of("torch")
-    check.installed = True
-    if check.torch_before != check.torch_after:
-        check.restart_reason = (
-            f"torch {check.torch_before or '(none)'} was replaced by torch {check.torch_after} (pinned in "
-            f"{requirements.name}: fairseq2 needs exactly this version), and a running Python keeps the torch it loaded"
-        )
-        print(f"\nRESTARTING THE RUNTIME: {check.restart_reason}.\n"
-              "When it is back (a few seconds), run this notebook again from the top; this step will then be quick.",
-              flush=True)
-        restart()
-    else:
-        print("Requirements installed; no restart needed.")
-    return check
+def default_env_dir(root: Path) -> Path:
+    """Where the stack environment goes: ``/content/sonar_env`` in Colab (local disk, once per runtime),
+    else the project's ``.venv`` (what ``make setup`` makes)."""
+    return Path("/content/sonar_env") if in_colab() else root / ".venv"
 
 
 # ------------------------------------------------------------------------------------------------
 # The demo
 # ------------------------------------------------------------------------------------------------
-def demo_paths(demo_dir: str | Path | None = None) -> DemoPaths:
-    """The offline demo under ``demo_dir`` (default: ``$DEMO_DIR`` or ``demo_runs/``), built the first time.
+@dataclass(frozen=True)
+class DemoFiles:
+    """Where the offline demo's pieces are (the layout of ``sonar_ft.demo.build.DemoPaths``, without torch)."""
 
-    A complete build already there is reused whatever its sizes (the tests build a smaller one);
-    otherwise the default demo is built (about a minute on a laptop CPU, cached afterwards).
-    """
-    from sonar_ft.demo.build import BUILD_VERSION, DemoConfig, DemoPaths, build_demo
+    root: Path
 
-    root = Path(demo_dir or os.environ.get("DEMO_DIR") or DEFAULT_DEMO_DIR)
-    paths = DemoPaths(root)
-    record = _build_record(paths)
-    if record is not None and record.get("version") == BUILD_VERSION:
-        print(f"DEMO: using the offline demo in {root}")
-        return paths
-    print(f"DEMO: building the offline demo in {root} (once; about a minute on a CPU) ...", flush=True)
-    return build_demo(root, DemoConfig())
+    @property
+    def features(self) -> Path:
+        return self.root / "data" / "features"
+
+    @property
+    def manifests(self) -> Path:
+        return self.root / "data" / "manifests"
+
+    def split_features(self, split: str) -> Path:
+        return self.features / split
+
+    def split_manifest(self, split: str) -> Path:
+        return self.manifests / f"{split}.tsv"
+
+    @property
+    def encoder_checkpoint(self) -> Path:
+        return self.root / "assets" / "sonar_encoder_demo.pth"
+
+    @property
+    def decoder_card(self) -> Path:
+        return self.root / "assets" / "text_decoder.yaml"
+
+    @property
+    def text_encoder_card(self) -> Path:
+        return self.root / "assets" / "text_encoder.yaml"
+
+    @property
+    def build_record(self) -> Path:
+        return self.root / "assets" / "BUILD.json"
 
 
-def _build_record(paths: DemoPaths) -> dict[str, Any] | None:
-    try:
-        return json.loads(paths.build_record.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-
-
-def demo_feature_dim(paths: DemoPaths) -> int:
+def demo_feature_dim(paths: DemoFiles) -> int:
     """The feature dimension the demo at ``paths`` was built with."""
-    record = _build_record(paths) or {}
+    try:
+        record = json.loads(paths.build_record.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        record = {}
     return int(record.get("config", {}).get("feature_dim", 768))
 
 
@@ -233,7 +132,10 @@ class Project:
     """The frozen text decoder: asset card name or card file."""
     device: str
     feature_dim: int
-    demo: DemoPaths | None = None
+    demo: DemoFiles | None = None
+    python: str = sys.executable
+    """The stack environment's Python: every heavy step runs as a command of it."""
+    env: StackEnv | None = None
 
     def features(self, split: str) -> Path:
         """Feature folder of ``split`` (train / val / test)."""
@@ -250,7 +152,7 @@ class Project:
     def recipe_command(self, output_dir: str | Path, *flags: str, split: str = "val", encoder: str | Path | None = None) -> list[str]:
         """``python train_sonar_finetuning.py`` with this project's data and models, evaluating on ``split``."""
         cmd = [
-            sys.executable, str(self.root / RECIPE),
+            self.python, str(self.root / RECIPE),
             "--encoder_checkpoint", str(encoder or self.encoder_checkpoint),
             "--train_features", str(self.features("train")),
             "--train_manifest", str(self.manifest("train")),
@@ -267,7 +169,11 @@ class Project:
 
     def cli_command(self, *args: str) -> list[str]:
         """The ``sonar-ft`` command (``python -m sonar_ft.cli``) with ``args``."""
-        return [sys.executable, "-m", "sonar_ft.cli", *[str(a) for a in args]]
+        return [self.python, "-m", "sonar_ft.cli", *[str(a) for a in args]]
+
+    def step_command(self, *args: str) -> list[str]:
+        """A step of :mod:`sonar_ft.notebook_steps` (demo build, encoder info) in the stack environment."""
+        return [self.python, "-m", "sonar_ft.notebook_steps", *[str(a) for a in args]]
 
     def find_run(self, run_dir: str | Path, *, need: str = "best_encoder.pt") -> Path:
         """``run_dir`` when it holds ``need``; in DEMO mode a small run made here otherwise.
@@ -304,6 +210,7 @@ def setup(
     *,
     demo: bool = False,
     demo_dir: str | Path | None = None,
+    env_dir: str | Path | None = None,
     features: str = "features/{split}",
     manifests: str = "manifests/{split}.tsv",
     encoder_checkpoint: str = "sonar_checkpoints/dm_70h_ub_sonar_encoder.pth",
@@ -313,36 +220,39 @@ def setup(
     feature_dim: int = 768,
     model_cache: str | None = "model_cache",
 ) -> Project:
-    """Resolve a notebook's paths, ``chdir`` into the project folder and print where everything is.
+    """Create or reuse the stack environment, ``chdir`` into the project folder and print where everything is.
 
-    With ``demo`` everything comes from the offline demo (built the first time) and runs on the CPU.
-    In Colab, ``model_cache`` (in the project folder) becomes fairseq2's download cache, so the SONAR
-    text decoder is downloaded once instead of after every disconnect. Library log lines are shown,
-    and project errors raised in later cells show as one line (see :func:`install_error_display`).
+    ``env_dir`` (default :func:`default_env_dir`) is the stack environment; the kernel's own Python
+    is left as it is. With ``demo`` everything comes from the offline demo (built the first time,
+    by the environment's Python) and runs on the CPU. In Colab, ``model_cache`` (in the project
+    folder) becomes fairseq2's download cache, so the SONAR text decoder is downloaded once.
     """
+    from sonar_ft.stack_env import ensure_stack_env
+
     root = Path(project_dir).resolve()
     if not (root / RECIPE).is_file():
         raise NotebookStop(f"{root} is not a sonar-ft project folder (no {RECIPE}); set PROJECT_DIR to your copy of the repository")
     os.chdir(root)
     install_error_display()
-    _show_library_logs()
+    env = ensure_stack_env(Path(env_dir) if env_dir else default_env_dir(root), root, cached=True)
+    python = str(env.python)
     if in_colab() and not demo and model_cache and "FAIRSEQ2_CACHE_DIR" not in os.environ:
         os.environ["FAIRSEQ2_CACHE_DIR"] = str(root / model_cache)  # the recipe subprocesses inherit it
     if demo:
-        paths = demo_paths(Path(demo_dir) if demo_dir else None)
-        paths = type(paths)(paths.root.resolve())
+        paths = DemoFiles(Path(demo_dir or os.environ.get("DEMO_DIR") or root / DEFAULT_DEMO_DIR).resolve())
+        run_command([python, "-m", "sonar_ft.notebook_steps", "demo", "--demo_dir", str(paths.root)])
         project = Project(
             root=root, runs=paths.root / NOTEBOOK_RUNS,
             features_pattern=str(paths.features / "{split}"), manifest_pattern=str(paths.manifests / "{split}.tsv"),
             encoder_checkpoint=paths.encoder_checkpoint, decoder=str(paths.decoder_card), device="cpu",
-            feature_dim=demo_feature_dim(paths), demo=paths,
+            feature_dim=demo_feature_dim(paths), demo=paths, python=python, env=env,
         )
     else:
         checkpoint = Path(encoder_checkpoint)
         project = Project(
             root=root, runs=root / runs, features_pattern=features, manifest_pattern=manifests,
             encoder_checkpoint=checkpoint if checkpoint.is_absolute() else root / checkpoint,
-            decoder=decoder, device=device, feature_dim=feature_dim,
+            decoder=decoder, device=device, feature_dim=feature_dim, python=python, env=env,
         )
     print(f"project folder: {root}" + ("  [DEMO mode: offline demo data and models, CPU]" if demo else ""))
     print(f"features:       {project.features('{split}')}\nmanifests:      {project.manifest('{split}')}")
@@ -350,16 +260,21 @@ def setup(
     return project
 
 
-def _show_library_logs() -> None:
-    # The library reports progress with logging (files indexed, encoder loaded, download skipped);
-    # a notebook shows it whatever the kernel did with the root logger.
-    logger = logging.getLogger("sonar_ft")
-    if not logger.handlers:
-        handler = logging.StreamHandler(sys.stdout)
-        handler.setFormatter(logging.Formatter("%(message)s"))
-        logger.addHandler(handler)
-        logger.setLevel(logging.INFO)
-        logger.propagate = False
+def show_plan(project: Project, effective_batch: int) -> list[str]:
+    """Memory settings for this runtime's GPU from ``sonar-ft plan --gpu auto``: shown as a table, returned as flags.
+
+    In DEMO mode (CPU, the demo's small encoder) and on a runtime without a GPU there is nothing
+    to plan: that is said, and no flags are returned.
+    """
+    if project.demo is not None or not (project.env and project.env.info.get("cuda")):
+        why = "DEMO mode (the demo's small encoder on the CPU)" if project.demo is not None else "no GPU in this runtime"
+        print(f"memory plan: none needed, {why}; the official-size plans: `sonar-ft plan --gpu t4` (or l4, a100, h100)")
+        return []
+    out = project.runs / "plan.json"
+    run_command(project.cli_command("plan", "--gpu", "auto", "--batch_size", effective_batch, "--json", out))
+    plan = json.loads(out.read_text(encoding="utf-8"))
+    show_table([{"setting": k, "value": str(v)} for k, v in plan["settings"].items()])
+    return [str(f) for f in plan["flags"]]
 
 
 def install_error_display() -> None:
@@ -390,9 +305,10 @@ def stop(message: str) -> None:
 # ------------------------------------------------------------------------------------------------
 # Running the command-line steps
 # ------------------------------------------------------------------------------------------------
-def run_command(cmd: Sequence[str | os.PathLike], *, env: Mapping[str, str] | None = None) -> None:
+def run_command(cmd: Sequence[str | os.PathLike], *, env: Mapping[str, str] | None = None, check: bool = True) -> int:
     """Run ``cmd`` (a list, no shell), streaming its output into the cell; stop with a clear message if it fails.
 
+    ``check=False`` returns a non-zero exit code instead of stopping (a check whose report says more).
     ``env`` adds environment variables (``TQDM_DISABLE=1`` in the environment hides progress bars).
     Interrupting the cell stops the command too; training runs resume when the cell runs again.
     """
@@ -420,10 +336,11 @@ def run_command(cmd: Sequence[str | os.PathLike], *, env: Mapping[str, str] | No
         raise
     finally:
         proc.stdout.close()
-    if code != 0:
+    if code != 0 and check:
         what = " ".join(shown[2:4]) if shown[1:2] == ["-m"] else " ".join(shown[:1] + [Path(c).name for c in shown[1:2]])
         why = "its error message is the last line above" if code == 2 else "see its output above"
         raise NotebookStop(f"`{what}` failed (exit code {code}): {why}.")
+    return code
 
 
 # ------------------------------------------------------------------------------------------------
@@ -522,26 +439,26 @@ def is_up_to_date(target: str | Path, *sources: str | Path) -> bool:
 # ------------------------------------------------------------------------------------------------
 # Feature verification (notebook 01)
 # ------------------------------------------------------------------------------------------------
-def verify_summary(reports: Mapping[str, VerifyReport]) -> list[dict[str, Any]]:
-    """One table row per split: counts, errors, warnings, frames per clip and the verdict."""
+def verify_summary(reports: Mapping[str, Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """One table row per split from ``sonar-ft verify --json`` reports: counts, errors, warnings, frames, verdict."""
     rows = []
     for split, r in reports.items():
-        stats = r.length_stats() or {}
+        stats = r.get("length_stats") or {}
         rows.append({
             "split": split,
-            "manifest rows": r.num_rows,
-            "feature files": r.num_feature_files,
-            "checked": r.num_checked,
-            "errors": sum(r.errors.values()),
-            "warnings": sum(r.warnings.values()),
+            "manifest rows": r["counts"]["manifest_rows"],
+            "feature files": r["counts"]["feature_files"],
+            "checked": r["counts"]["checked"],
+            "errors": sum(r["errors"].values()),
+            "warnings": sum(r["warnings"].values()),
             "median frames": stats.get("median"),
             "max frames": stats.get("max"),
-            "result": "OK" if r.ok else "NOT OK",
+            "result": "OK" if r["ok"] else "NOT OK",
         })
     return rows
 
 
-def length_histogram(reports: Mapping[str, VerifyReport], *, max_bins: int = 50) -> Figure:
+def length_histogram(reports: Mapping[str, Mapping[str, Any]], *, max_bins: int = 50) -> Figure:
     """Histogram of frames per clip, one colour per split, on bins shared by all splits."""
     import matplotlib
     import numpy as np
@@ -550,14 +467,14 @@ def length_histogram(reports: Mapping[str, VerifyReport], *, max_bins: int = 50)
         matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    everything = [n for report in reports.values() for n in report.lengths]
+    everything = [n for report in reports.values() for n in report["lengths"]]
     lo, hi = (min(everything), max(everything)) if everything else (0, 1)
     # Frame counts are integers: one bin per count when few, else max_bins bins over the range.
     bins = np.arange(lo, hi + 2) - 0.5 if hi - lo < max_bins else np.linspace(lo, hi + 1, max_bins + 1)
     fig, ax = plt.subplots(figsize=(7, 4))
     for split, report in reports.items():
-        if report.lengths:
-            ax.hist(report.lengths, bins=bins, alpha=0.55, label=f"{split} ({len(report.lengths)} clips)")
+        if report["lengths"]:
+            ax.hist(report["lengths"], bins=bins, alpha=0.55, label=f"{split} ({len(report['lengths'])} clips)")
     ax.set(xlabel="frames per clip", ylabel="clips", title="sequence lengths")
     ax.grid(alpha=0.3)
     ax.legend()

@@ -15,8 +15,6 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
-import torch
-
 from sonar_ft.errors import CheckpointError
 
 TMP_PREFIX = ".tmp-"
@@ -139,6 +137,8 @@ def _json_default(obj: Any) -> Any:
 
 def save_torch(path: str | Path, obj: Any) -> None:
     """Atomically ``torch.save`` ``obj``."""
+    import torch  # here, not at the top: notebook kernels import this module without torch
+
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)
 
@@ -154,6 +154,8 @@ def load_torch(path: str | Path, *, what: str = "file") -> Any:
         raise CheckpointError(f"{what} not found: {path}")
     if path.stat().st_size == 0:
         raise CheckpointError(f"{what} is empty (0 bytes): {path}; download or copy it again")
+    import torch
+
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=False)
     except Exception as exc:  # torch raises many types for bad files

@@ -26,7 +26,9 @@ from __future__ import annotations
 
 import argparse
 import functools
+import json
 import logging
+import subprocess
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -63,6 +65,7 @@ GPUS: dict[str, GpuSpec] = {
     "t4": GpuSpec("T4 (16 GB)", int(15.0 * GIB), bf16=False),
     "l4": GpuSpec("L4 (24 GB)", int(22.0 * GIB), bf16=True),
     "a100": GpuSpec("A100 (40 GB)", int(39.4 * GIB), bf16=True),
+    "a100-80": GpuSpec("A100 (80 GB)", int(79.1 * GIB), bf16=True),
     "h100": GpuSpec("H100 (80 GB)", int(79.1 * GIB), bf16=True),
 }
 
@@ -363,11 +366,40 @@ def format_estimate(estimate: dict[str, int], *, title: str, budget: int | None 
 
 
 def gpu_spec(gpu: str) -> GpuSpec:
-    """The :class:`GpuSpec` of a known GPU name (``t4``, ``l4``, ``a100``, ``h100``)."""
+    """The :class:`GpuSpec` of a known GPU name (``t4``, ``l4``, ``a100``, ``a100-80``, ``h100``) or ``auto``."""
     key = gpu.lower()
+    if key == "auto":
+        return detect_gpu()
     if key not in GPUS:
-        raise ConfigError(f"unknown --gpu {gpu!r}; choose one of {', '.join(GPUS)}")
+        raise ConfigError(f"unknown --gpu {gpu!r}; choose one of auto, {', '.join(GPUS)}")
     return GPUS[key]
+
+
+def detect_gpu(run: Callable[[list[str]], str] | None = None) -> GpuSpec:
+    """The GPU of this machine: from torch when it sees CUDA, else from ``nvidia-smi``.
+
+    Raises :class:`ConfigError` naming the fix when there is none (a CPU runtime).
+    """
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        return GpuSpec(props.name, int(props.total_memory), torch.cuda.is_bf16_supported())
+    run = run or _nvidia_smi
+    try:
+        out = run(["nvidia-smi", "--query-gpu=name,memory.total,compute_cap", "--format=csv,noheader,nounits"])
+    except (OSError, subprocess.CalledProcessError):
+        out = ""
+    line = out.strip().splitlines()[0] if out.strip() else ""
+    if not line:
+        raise ConfigError(
+            "--gpu auto found no GPU (torch sees no CUDA device and nvidia-smi reports none): on Colab choose "
+            f"Runtime > Change runtime type > T4 GPU or better, or plan for a GPU by name (--gpu {'|'.join(GPUS)})"
+        )
+    name, mib, cap = (part.strip() for part in line.split(","))
+    return GpuSpec(name, int(float(mib) * 1024**2), bf16=float(cap) >= 8.0)
+
+
+def _nvidia_smi(cmd: list[str]) -> str:
+    return subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=30).stdout
 
 
 def recommend(
@@ -425,6 +457,81 @@ def recommend(
 
 
 # ------------------------------------------------------------------------------------------------
+# Disk: what a run keeps where
+# ------------------------------------------------------------------------------------------------
+GB = 1000**3
+DRIVE_FREE_BYTES = 15 * GIB
+"""A free Google Drive: "15 GB", which Drive's quota API reports as 15 GiB."""
+
+
+@dataclass(frozen=True)
+class DiskPlan:
+    """Where ``best_encoder.pt`` and ``last.pt`` live, their sizes and the peak each disk must hold."""
+
+    strategy: str
+    """``drive`` (both in the run folder on Drive, atomic saves) or ``mirror-replace`` (last.pt on local
+    disk, ``--state_dir``, copied to Drive after each epoch; the old Drive copy is deleted first)."""
+    best_bytes: int
+    state_bytes: int
+    drive_peak: int
+    local_peak: int
+    drive_budget: int
+
+    @property
+    def fits(self) -> bool:
+        return self.drive_peak <= self.drive_budget
+
+    def format_table(self) -> str:
+        """What is kept where, the peaks, and what a disconnect can cost."""
+        b, st = self.best_bytes / GB, self.state_bytes / GB
+        where = {
+            "drive": f"run folder on Drive: best_encoder.pt {b:.1f} GB + last.pt {st:.1f} GB (each save writes a "
+                     "temporary copy next to the old file)",
+            "mirror-replace": f"Drive: best_encoder.pt {b:.1f} GB + a copy of last.pt {st:.1f} GB; local disk "
+                              f"(--state_dir): last.pt {st:.1f} GB; the old Drive copy is deleted before the new one "
+                              "is written (two copies do not fit)",
+        }[self.strategy]
+        cost = ("a disconnect loses the work since the last save of last.pt (an epoch, or --checkpoint_every_steps)"
+                if self.strategy != "mirror-replace" else
+                "a disconnect loses the work since the last copy to Drive (an epoch); one during the copy itself (a "
+                "minute or two) leaves no copy of last.pt: continue by fine-tuning from best_encoder.pt (the "
+                "optimiser state and the epochs after the best one are lost)")
+        verdict = "fits" if self.fits else "does NOT fit"
+        return "\n".join([
+            f"disk plan ({self.strategy}): {where}",
+            f"  Drive peak {self.drive_peak / GB:.1f} GB of {self.drive_budget / GB:.1f} GB: {verdict}; "
+            f"local disk peak {self.local_peak / GB:.1f} GB",
+            f"  {cost}",
+            "  (files deleted through Colab's Drive mount go to Drive's trash, which counts until emptied)",
+        ])
+
+
+def checkpoint_sizes(config: SignT5Config | None = None, *, optimizer: str = "adamw",
+                     freeze_encoder_layers: int = 0) -> tuple[int, int]:
+    """Bytes of ``best_encoder.pt`` (fp32 weights) and ``last.pt`` (weights + optimiser moments), from parameter counts."""
+    counts = _param_counts(config or SignT5Config(), freeze_encoder_layers)
+    best = counts.total * 4
+    moments = counts.trainable * (8 if optimizer == "adamw" else 2)
+    return best, best + moments
+
+
+def disk_plan(config: SignT5Config | None = None, *, optimizer: str = "adamw", freeze_encoder_layers: int = 0,
+              drive_budget: int = DRIVE_FREE_BYTES) -> DiskPlan:
+    """The simplest placement of a run's checkpoints whose peak on Drive fits ``drive_budget``.
+
+    An atomic save needs the old file and the new one at once; ``best_encoder.pt`` and ``last.pt``
+    are saved one after the other, so a peak is the larger of the two moments. If nothing fits, the
+    last (smallest) placement is returned with ``fits`` False.
+    """
+    b, s = checkpoint_sizes(config, optimizer=optimizer, freeze_encoder_layers=freeze_encoder_layers)
+    candidates = [
+        DiskPlan("drive", b, s, max(2 * b + s, b + 2 * s), 0, drive_budget),
+        DiskPlan("mirror-replace", b, s, max(2 * b + s, b + s), 2 * s, drive_budget),
+    ]
+    return next((p for p in candidates if p.fits), candidates[-1])
+
+
+# ------------------------------------------------------------------------------------------------
 # The recipe's start-up check
 # ------------------------------------------------------------------------------------------------
 def startup_check(
@@ -477,18 +584,42 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Estimate memory (weights, gradients, optimiser states, activations, frozen decoder, loss) of "
         "fine-tuning the official SONAR ASL encoder and recommend recipe flags that fit the GPU.",
     )
-    p.add_argument("--gpu", required=True, help=f"one of {', '.join(GPUS)}")
+    p.add_argument("--gpu", required=True, help=f"auto (this machine's GPU) or one of {', '.join(GPUS)}")
     p.add_argument("--batch_size", type=int, default=32, help="effective batch (reached with --grad_accum)")
     p.add_argument("--max_frames", type=int, default=DEFAULT_MAX_FRAMES, help="longest clip in frames (the recipe's --max_frames)")
     p.add_argument("--target_tokens", type=int, default=DEFAULT_TARGET_TOKENS, help="longest target sentence in tokens")
+    p.add_argument("--drive_gb", type=float, default=DRIVE_FREE_BYTES / GIB,
+                   help="free space (GiB) where the run folder is, e.g. Google Drive (default: a free Drive's 15)")
+    p.add_argument("--json", dest="json_path", help="also write the plan (flags, estimate, disk plan) to this JSON file")
     p.set_defaults(func=_plan_command)
 
 
+def plan_record(plan: Plan, disk: DiskPlan) -> dict[str, Any]:
+    """The plan as JSON-ready data (what the notebooks read): flags, settings, estimate and disk plan."""
+    return {
+        "gpu": plan.gpu.name, "gpu_memory_gib": round(plan.gpu.memory_bytes / GIB, 1), "bf16": plan.gpu.bf16,
+        "fits": plan.fits, "flags": plan.flags(), "settings": plan.settings, "effective_batch": plan.effective_batch,
+        "estimate_gib": {k: round(v / GIB, 2) for k, v in plan.estimate.items()}, "budget_gib": round(plan.budget / GIB, 2),
+        "table": plan.format_table(),
+        "disk": {"strategy": disk.strategy, "fits": disk.fits, "best_encoder_gb": round(disk.best_bytes / GB, 2),
+                 "last_gb": round(disk.state_bytes / GB, 2), "drive_peak_gb": round(disk.drive_peak / GB, 2),
+                 "local_peak_gb": round(disk.local_peak / GB, 2), "table": disk.format_table()},
+    }
+
+
 def _plan_command(args: argparse.Namespace) -> int:
-    plan = recommend(args.gpu, args.batch_size, max_frames=args.max_frames, target_tokens=args.target_tokens)
+    gpu = gpu_spec(args.gpu)
+    plan = recommend(gpu, args.batch_size, max_frames=args.max_frames, target_tokens=args.target_tokens)
+    s = plan.settings
+    disk = disk_plan(optimizer=s["optimizer"], freeze_encoder_layers=s["freeze_encoder_layers"],
+                     drive_budget=int(args.drive_gb * GIB))
     print(plan.format_table())
+    print(disk.format_table())
+    if args.json_path:
+        from sonar_ft import io
+
+        io.write_json(args.json_path, plan_record(plan, disk))
     if not plan.fits:
         print("no setting fits this GPU by the estimate; lower --max_frames or use a larger GPU")
         return 1
     return 0
-

@@ -47,9 +47,42 @@ def test_bare_checkpoint_is_wrapped_as_the_official_architecture(tmp_path):
     assert card.metadata["model_arch"] == "basic" and card.metadata["checkpoint"] == ckpt.as_uri()
 
 
-def test_unreachable_card_name_gives_an_offline_hint():
-    with pytest.raises(ConfigError, match="local asset card"):
-        assets.load_sonar_model("no_such_card_anywhere", family=assets.DECODER_FAMILY, device="cpu", dtype=None)
+def test_unknown_card_name_says_so_without_a_network_hint():
+    import torch
+
+    with pytest.raises(ConfigError, match="not a card name fairseq2 / sonar-space knows") as err:
+        assets.load_sonar_model("no_such_card_anywhere", family=assets.DECODER_FAMILY, device=torch.device("cpu"), dtype=None)
+    assert "network" not in str(err.value) and "ModelNotKnownError" in str(err.value)
+
+
+def _failing_load(monkeypatch, error):
+    import fairseq2.models
+
+    def load_model(*args, **kwargs):
+        try:
+            raise error
+        except Exception as exc:
+            raise RuntimeError("model could not be loaded") from exc
+
+    monkeypatch.setattr(fairseq2.models, "load_model", load_model)
+
+
+def test_a_broken_install_keeps_its_real_cause_and_no_network_hint(monkeypatch):
+    # Colab 3.12 runtimes: torch downgraded, torchvision left built for another torch.
+    _failing_load(monkeypatch, RuntimeError("operator torchvision::nms does not exist"))
+    with pytest.raises(ConfigError) as err:
+        assets.load_sonar_model("text_sonar_basic_decoder", family=assets.DECODER_FAMILY, device=None, dtype=None)
+    assert "operator torchvision::nms does not exist" in str(err.value) and "network" not in str(err.value)
+    assert isinstance(err.value.__cause__, RuntimeError)
+
+
+def test_a_network_failure_gets_the_offline_hint(monkeypatch):
+    import urllib.error
+
+    _failing_load(monkeypatch, urllib.error.URLError("[Errno -3] Temporary failure in name resolution"))
+    with pytest.raises(ConfigError, match="Without network access, pass a local asset card") as err:
+        assets.load_sonar_model("text_sonar_basic_decoder", family=assets.DECODER_FAMILY, device=None, dtype=None)
+    assert "name resolution" in str(err.value)
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)

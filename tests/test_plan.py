@@ -89,7 +89,7 @@ def test_bigger_gpus_need_fewer_compromises():
 
 
 def test_unknown_gpu_is_a_clear_error():
-    with pytest.raises(ConfigError, match="unknown --gpu 'v100'.*t4, l4, a100, h100"):
+    with pytest.raises(ConfigError, match="unknown --gpu .v100.*auto, t4, l4, a100, a100-80, h100"):
         recommend("v100", 32)
 
 
@@ -112,3 +112,81 @@ def test_a_plan_that_cannot_fit_says_so():
     assert not plan.fits and plan.estimate["total"] > plan.budget
     assert "does NOT fit" in plan.format_table()
     assert plan.budget < GPUS["t4"].memory_bytes <= 16 * GIB
+
+
+# ------------------------------------------------------------------------------------------------
+# --gpu auto, the Colab GPUs, the disk plan
+# ------------------------------------------------------------------------------------------------
+from sonar_ft.plan import GB, DRIVE_FREE_BYTES, checkpoint_sizes, detect_gpu, disk_plan  # noqa: E402
+
+ROOT_DIR = __import__("pathlib").Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("gpu", ["t4", "l4", "a100", "a100-80", "h100"])
+@pytest.mark.parametrize("effective_batch", [8, 32], ids=["quick_test", "full_run"])
+def test_quick_test_and_full_run_fit_every_colab_gpu(gpu, effective_batch):
+    plan = recommend(gpu, effective_batch)
+    assert plan.fits, plan.format_table()
+    assert plan.settings["freeze_encoder_layers"] == 0  # full fine-tuning everywhere
+
+
+def test_what_a_plan_recommends_is_installed_by_the_requirements():
+    from packaging.requirements import Requirement
+
+    optimizers = {recommend(g, b).settings["optimizer"] for g in GPUS for b in (8, 32)}
+    assert "adamw8bit" in optimizers  # the T4 needs it
+    lines = [l.split(" #")[0].strip() for l in (ROOT_DIR / "requirements.txt").read_text().splitlines()]
+    [bnb] = [Requirement(l) for l in lines if l.startswith("bitsandbytes")]
+    assert bnb.marker.evaluate({"sys_platform": "linux"}) and not bnb.marker.evaluate({"sys_platform": "darwin"})
+
+
+def test_gpu_auto_reads_nvidia_smi_when_torch_sees_none(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    t4 = detect_gpu(run=lambda cmd: "Tesla T4, 15360, 7.5\n")
+    assert t4.name == "Tesla T4" and t4.memory_bytes == 15 * GIB and not t4.bf16
+    assert detect_gpu(run=lambda cmd: "NVIDIA L4, 23034, 8.9\n").bf16
+    assert recommend(t4, 32).fits
+
+
+def test_gpu_auto_on_a_cpu_runtime_says_what_to_do(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
+    def no_smi(cmd):
+        raise FileNotFoundError("nvidia-smi")
+
+    with pytest.raises(ConfigError, match="found no GPU.*Change runtime type > T4 GPU.*--gpu t4"):
+        detect_gpu(run=no_smi)
+
+
+def test_official_checkpoint_sizes_from_the_parameter_counts():
+    best, last = checkpoint_sizes()
+    assert round(best / GB, 1) == 3.0 and round(last / GB, 1) == 9.0
+    assert round(checkpoint_sizes(optimizer="adamw8bit")[1] / GB, 1) == 4.5
+
+
+def test_a_full_size_run_fits_a_free_drive_at_its_peak():
+    adamw = disk_plan(optimizer="adamw")
+    assert adamw.strategy == "mirror-replace" and adamw.fits and adamw.drive_peak <= DRIVE_FREE_BYTES
+    assert disk_plan(optimizer="adamw", drive_budget=40 * GIB).strategy == "drive"  # two copies fit: keep it simple
+    eight = disk_plan(optimizer="adamw8bit")
+    assert eight.strategy == "drive" and eight.fits  # 3 + 2 x 4.5 GB
+    assert not disk_plan(drive_budget=10 * GIB).fits
+    assert "does NOT fit" in disk_plan(drive_budget=10 * GIB).format_table()
+
+
+def test_plan_command_prints_the_disk_plan_and_writes_json(tmp_path, capsys):
+    import json
+
+    assert cli.main(["plan", "--gpu", "h100", "--json", str(tmp_path / "plan.json")]) == 0
+    out = capsys.readouterr().out
+    assert "disk plan (mirror-replace)" in out and "Drive peak 15.0 GB" in out and "--state_dir" in out
+    record = json.loads((tmp_path / "plan.json").read_text())
+    assert record["flags"][:2] == ["--batch_size", "32"] and round(record["disk"]["last_gb"], 1) == 9.0 and record["fits"]
+
+
+def test_plan_command_gpu_auto_on_cpu_is_one_line(monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr("sonar_ft.plan._nvidia_smi", lambda cmd: "")
+    assert cli.main(["plan", "--gpu", "auto"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "found no GPU" in err[0]

@@ -1,0 +1,186 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 0 · All in one: from a fresh runtime to an exported encoder
+#
+# [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/sonar-ft/sonar-ft/blob/main/notebooks/00_all_in_one.ipynb)
+#
+# The whole workflow in one runtime: setup → verify the features → download the encoder →
+# 50-clip quick test → full fine-tuning → curves → predictions → test-set `--eval_only` →
+# export and download the tarball. Each step is also a notebook of its own (01–07) with more
+# explanations. Every heavy step runs in the SONAR stack's environment; re-running a cell after a
+# disconnect continues where it stopped (a finished run is not trained again).
+#
+# **Expect:** a GPU runtime (T4 or better) and hours for the full run. `DEMO = True` runs the same
+# cells on the offline demo on a CPU, from `/content` with no Drive, in a few minutes.
+
+# %% tags=["parameters"]
+# Parameters: edit them here (papermill overrides them, e.g. -p DEMO True).
+DEMO = False                       # True: the offline demo (no Drive, no GPU, no downloads but the stack), minutes
+REPO_URL = "https://github.com/sonar-ft/sonar-ft"  # cloned when no project folder is found (Colab DEMO: /content/sonar-ft)
+DRIVE_FOLDER = "MyDrive/sonar_ft"  # Colab: your project folder on Google Drive (repository + data)
+PROJECT_DIR = ""                   # empty: the Drive folder in Colab, else the repository holding this notebook
+ENV_DIR = ""                       # the SONAR stack's environment; empty: /content/sonar_env in Colab, else <project>/.venv
+DEMO_DIR = ""                      # DEMO mode only; empty: $DEMO_DIR, else demo_runs/ in the project folder
+FEATURES = "features/{split}"      # feature folder of each split, relative to the project folder
+MANIFESTS = "manifests/{split}.tsv"  # manifest of each split (.tsv, or How2Sign's re-aligned .csv)
+ENCODER_CHECKPOINT = "sonar_checkpoints/dm_70h_ub_sonar_encoder.pth"  # the pretrained encoder (notebook 02)
+RUNS_DIR = "runs"                  # where run folders go (DEMO mode: DEMO_DIR/notebook_runs)
+
+CHECKPOINT_URL = "https://dl.fbaipublicfiles.com/SONAR/asl/dm_70h_ub_sonar_encoder.pth"
+QUICK_BATCH_SIZE = 8               # quick test: effective batch, 50 clips, 5 epochs
+BATCH_SIZE = 32                    # full run: effective batch (the memory plan picks micro-batches)
+EPOCHS = 30
+LEARNING_RATE = 1e-4
+N_EXAMPLES = 10
+TARBALL = "sonar_encoder_finetuned.tar.gz"
+# DEMO mode: the demo's small encoder, a few epochs on the CPU
+DEMO_EPOCHS = 3
+DEMO_FLAGS = ["--batch_size", "16", "--learning_rate", "1e-3", "--beam_size", "2", "--distill_weight", "1.0"]
+
+# %% [markdown]
+# ## Setup (the same cell in every notebook)
+#
+# Brings the project onto the runtime (the Drive folder in Colab; else a clone of `REPO_URL`),
+# mounts Google Drive (Colab, not in DEMO mode), then creates — once per runtime, about
+# 5 minutes — or reuses the **SONAR stack's own environment** (`ENV_DIR`): Python 3.12 with
+# torch 2.9.1, fairseq2 0.8.1 and sonar-space, made with `uv`. Colab's Python (3.13) cannot run
+# fairseq2, so the stack never enters this notebook's kernel: every heavy step below runs as a
+# command of that environment's Python, and the notebook only reads and draws what it writes.
+# No runtime restart. It prints the versions and the GPU.
+#
+# *If it fails:* **"No sonar-ft project"** — fix `DRIVE_FOLDER` / `PROJECT_DIR`, or set `REPO_URL`.
+# **Mount errors** — *Runtime > Disconnect and delete runtime*, then run again. **uv / install
+# errors** — the last lines of the tool's output are shown; run the cell again (it resumes).
+
+# %%
+# Setup: the project, Google Drive, the SONAR stack's environment. Identical in every notebook.
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+IN_COLAB = "google.colab" in sys.modules
+if IN_COLAB and not DEMO:
+    from google.colab import drive
+
+    drive.mount("/content/drive")  # Colab asks for permission the first time
+    PROJECT_DIR = PROJECT_DIR or os.path.join("/content/drive", DRIVE_FOLDER)
+start = Path(PROJECT_DIR or os.getcwd()).resolve()
+ROOT = next((p for p in (start, *start.parents) if (p / "train_sonar_finetuning.py").is_file()), None)
+if ROOT is None and REPO_URL:
+    ROOT = start if PROJECT_DIR else start / "sonar-ft"
+    if not (ROOT / "train_sonar_finetuning.py").is_file():
+        print(f"no project at {start}: cloning {REPO_URL} into {ROOT}", flush=True)
+        subprocess.run(["git", "clone", "--quiet", "--depth", "1", REPO_URL, str(ROOT)], check=True)
+if ROOT is None:
+    raise SystemExit(f"No sonar-ft project at {start}: set PROJECT_DIR to your copy of the repository, or REPO_URL.")
+sys.path.insert(0, str(ROOT))
+
+from sonar_ft import colab
+
+P = colab.setup(ROOT, demo=DEMO, demo_dir=DEMO_DIR, env_dir=ENV_DIR, features=FEATURES, manifests=MANIFESTS,
+                encoder_checkpoint=ENCODER_CHECKPOINT, runs=RUNS_DIR)
+
+# %% [markdown]
+# ## 1 · Verify the features (`sonar-ft verify`)
+
+# %%
+import json
+
+problems = colab.missing_splits(P)
+if problems:
+    colab.stop("missing data:\n  " + "\n  ".join(problems) + "\nFix FEATURES / MANIFESTS above.")
+reports = {}
+for split in colab.SPLITS:
+    report_path = P.runs / "verify" / f"{split}.json"
+    colab.run_command(P.cli_command("verify", "--features", P.features(split), "--manifest", P.manifest(split),
+                                    "--feature_dim", P.feature_dim, "--json", report_path), check=False)
+    reports[split] = json.loads(report_path.read_text(encoding="utf-8"))
+colab.show_table(colab.verify_summary(reports))
+colab.show_figure(colab.length_histogram(reports), save_as=P.runs / "verify" / "lengths.png")
+if not all(r["ok"] for r in reports.values()):
+    colab.stop("some split cannot be trained on: see the tables above (notebook 01 explains each check)")
+
+# %% [markdown]
+# ## 2 · Download the SONAR ASL encoder (`sonar-ft download`, resumable)
+
+# %%
+if DEMO:
+    print(f"DEMO: using the demo's starting encoder {P.encoder_checkpoint}")
+else:
+    colab.run_command(P.cli_command("download", CHECKPOINT_URL, "--out", P.encoder_checkpoint))
+print(f"{P.encoder_checkpoint}: {colab.format_size(P.encoder_checkpoint.stat().st_size)}")
+
+# %% [markdown]
+# ## 3 · Memory settings for this GPU, and the quick test (50 clips, 5 epochs)
+#
+# `sonar-ft plan --gpu auto` prints the memory estimate, the flags and the disk plan.
+
+# %%
+QUICK_FLAGS = colab.show_plan(P, QUICK_BATCH_SIZE) or ["--batch_size", QUICK_BATCH_SIZE]
+if DEMO:
+    QUICK_FLAGS = DEMO_FLAGS
+quick_dir = P.run_dir("quick_test")
+colab.run_command(P.recipe_command(quick_dir, *QUICK_FLAGS, "--epochs", 2 if DEMO else 5, "--eval_every", 1,
+                                   "--max_samples", 50))
+
+# %% [markdown]
+# ## 4 · Full fine-tuning (resumable: after a disconnect, run the setup cell and this one again)
+
+# %%
+FULL_FLAGS = colab.show_plan(P, BATCH_SIZE) or ["--batch_size", BATCH_SIZE]
+if DEMO:
+    FULL_FLAGS = DEMO_FLAGS
+run_dir = P.run_dir("full")
+colab.run_command(P.recipe_command(run_dir, *FULL_FLAGS, "--epochs", DEMO_EPOCHS if DEMO else EPOCHS,
+                                   *([] if DEMO else ["--learning_rate", LEARNING_RATE]), "--eval_every", 1))
+
+# %% [markdown]
+# ## 5 · Curves and predictions
+
+# %%
+from sonar_ft.plots import best_epoch, latest_predictions, plot_history, read_history
+
+history = read_history(run_dir)
+colab.show_images(plot_history(run_dir, run_dir / "plots", title="full").values())
+best = best_epoch(history)
+print(f"best epoch {best['epoch']} of {len(history)}: val BLEU {best['val_bleu']:.2f}" if best else "no evaluation yet")
+predictions = latest_predictions(run_dir)
+if predictions is not None:
+    colab.show_table(predictions["samples"][:N_EXAMPLES], ["id", "reference", "prediction", "bleu_score"], digits=1)
+
+# %% [markdown]
+# ## 6 · Test-set evaluation (`--eval_only`)
+
+# %%
+results_path = run_dir / "test_results.json"
+if colab.is_up_to_date(results_path, run_dir / "best_encoder.pt"):
+    print(f"{results_path} is newer than the encoder: showing it")
+else:
+    colab.run_command(P.recipe_command(run_dir, "--eval_only", "--batch_size", 16, "--beam_size", 2 if DEMO else 5,
+                                       split="test", encoder=run_dir / "best_encoder.pt"))
+results = json.loads(results_path.read_text(encoding="utf-8"))
+colab.show_table([{k: results[k] for k in ("num_samples", "bleu", "chrf", "loss")}], digits=2)
+
+# %% [markdown]
+# ## 7 · Export the encoder and download the tarball
+
+# %%
+tarball = P.runs / TARBALL
+if not colab.is_up_to_date(tarball, run_dir / "best_encoder.pt", results_path):
+    colab.run_command(P.cli_command("export", "--run_dir", run_dir, "--out", tarball))
+colab.offer_download(tarball)

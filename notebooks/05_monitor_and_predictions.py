@@ -1,0 +1,129 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 5 · Monitor a run and read its predictions
+#
+# [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/sonar-ft/sonar-ft/blob/main/notebooks/05_monitor_and_predictions.ipynb)
+#
+# Plots train loss, validation loss and validation BLEU per epoch from the run folder's
+# `metrics_epoch*.json`, shows the best epoch so far, and a table of references next to the
+# model's translations (with sentence BLEU) from the latest `predictions_epoch*.json`.
+#
+# **Expect:** seconds, no GPU. It only reads files, so it also works **while training is still
+# running** — open it in a second Colab tab (Drive may show a finished epoch a minute or so late)
+# and re-run the cells to refresh. `DEMO = True` reads notebook 04's demo run (or makes a short one
+# if 04 has not run).
+
+# %% tags=["parameters"]
+# Parameters: edit them here (papermill overrides them, e.g. -p DEMO True).
+DEMO = False                       # True: the offline demo (no Drive, no GPU, no downloads but the stack), minutes
+REPO_URL = "https://github.com/sonar-ft/sonar-ft"  # cloned when no project folder is found (Colab DEMO: /content/sonar-ft)
+DRIVE_FOLDER = "MyDrive/sonar_ft"  # Colab: your project folder on Google Drive (repository + data)
+PROJECT_DIR = ""                   # empty: the Drive folder in Colab, else the repository holding this notebook
+ENV_DIR = ""                       # the SONAR stack's environment; empty: /content/sonar_env in Colab, else <project>/.venv
+DEMO_DIR = ""                      # DEMO mode only; empty: $DEMO_DIR, else demo_runs/ in the project folder
+FEATURES = "features/{split}"      # feature folder of each split, relative to the project folder
+MANIFESTS = "manifests/{split}.tsv"  # manifest of each split (.tsv, or How2Sign's re-aligned .csv)
+ENCODER_CHECKPOINT = "sonar_checkpoints/dm_70h_ub_sonar_encoder.pth"  # the pretrained encoder (notebook 02)
+RUNS_DIR = "runs"                  # where run folders go (DEMO mode: DEMO_DIR/notebook_runs)
+
+RUN_NAME = "full"                  # the run folder to look at (notebook 04's)
+N_EXAMPLES = 10                    # rows of the predictions table
+
+# %% [markdown]
+# ## Setup (the same cell in every notebook)
+#
+# Brings the project onto the runtime (the Drive folder in Colab; else a clone of `REPO_URL`),
+# mounts Google Drive (Colab, not in DEMO mode), then creates — once per runtime, about
+# 5 minutes — or reuses the **SONAR stack's own environment** (`ENV_DIR`): Python 3.12 with
+# torch 2.9.1, fairseq2 0.8.1 and sonar-space, made with `uv`. Colab's Python (3.13) cannot run
+# fairseq2, so the stack never enters this notebook's kernel: every heavy step below runs as a
+# command of that environment's Python, and the notebook only reads and draws what it writes.
+# No runtime restart. It prints the versions and the GPU.
+#
+# *If it fails:* **"No sonar-ft project"** — fix `DRIVE_FOLDER` / `PROJECT_DIR`, or set `REPO_URL`.
+# **Mount errors** — *Runtime > Disconnect and delete runtime*, then run again. **uv / install
+# errors** — the last lines of the tool's output are shown; run the cell again (it resumes).
+
+# %%
+# Setup: the project, Google Drive, the SONAR stack's environment. Identical in every notebook.
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+IN_COLAB = "google.colab" in sys.modules
+if IN_COLAB and not DEMO:
+    from google.colab import drive
+
+    drive.mount("/content/drive")  # Colab asks for permission the first time
+    PROJECT_DIR = PROJECT_DIR or os.path.join("/content/drive", DRIVE_FOLDER)
+start = Path(PROJECT_DIR or os.getcwd()).resolve()
+ROOT = next((p for p in (start, *start.parents) if (p / "train_sonar_finetuning.py").is_file()), None)
+if ROOT is None and REPO_URL:
+    ROOT = start if PROJECT_DIR else start / "sonar-ft"
+    if not (ROOT / "train_sonar_finetuning.py").is_file():
+        print(f"no project at {start}: cloning {REPO_URL} into {ROOT}", flush=True)
+        subprocess.run(["git", "clone", "--quiet", "--depth", "1", REPO_URL, str(ROOT)], check=True)
+if ROOT is None:
+    raise SystemExit(f"No sonar-ft project at {start}: set PROJECT_DIR to your copy of the repository, or REPO_URL.")
+sys.path.insert(0, str(ROOT))
+
+from sonar_ft import colab
+
+P = colab.setup(ROOT, demo=DEMO, demo_dir=DEMO_DIR, env_dir=ENV_DIR, features=FEATURES, manifests=MANIFESTS,
+                encoder_checkpoint=ENCODER_CHECKPOINT, runs=RUNS_DIR)
+
+# %% [markdown]
+# ## Curves
+#
+# *If it fails:* **no metrics yet** — the first epoch has not finished (or `RUN_NAME` is wrong):
+# wait and re-run.
+
+# %%
+from sonar_ft.plots import best_epoch, plot_history, read_history
+
+run_dir = P.find_run(P.run_dir(RUN_NAME), need="metrics_epoch*.json")
+history = read_history(run_dir)
+colab.show_images(plot_history(run_dir, run_dir / "plots", title=run_dir.name).values())
+colab.show_table(history, ["epoch", "train_loss", "val_loss", "val_bleu", "val_chrf", "lr", "seconds", "samples_per_second"])
+
+# %% [markdown]
+# ## Best epoch so far
+
+# %%
+best = best_epoch(history)
+if best is None:
+    print(f"{len(history)} epoch(s) done, none evaluated yet")
+else:
+    print(f"best epoch {best['epoch']} (of {len(history)} done): val BLEU {best['val_bleu']:.2f}, "
+          f"chrF {best['val_chrf']:.2f}, val loss {best['val_loss']:.4f}")
+
+# %% [markdown]
+# ## Latest predictions
+#
+# References and translations of the latest evaluated epoch, with each sentence's BLEU
+# (sacrebleu's smoothed sentence BLEU; the corpus BLEU above is not their average).
+
+# %%
+from sonar_ft.plots import latest_predictions
+
+predictions = latest_predictions(run_dir)
+if predictions is None:
+    print("no predictions_epoch*.json yet: they are written at each evaluation")
+else:
+    print(f"epoch {predictions['epoch']}: corpus BLEU {predictions['bleu']:.2f} on {len(predictions['samples'])} clips")
+    colab.show_table(predictions["samples"][:N_EXAMPLES], ["id", "reference", "prediction", "bleu_score"], digits=1)

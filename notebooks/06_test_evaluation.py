@@ -1,0 +1,121 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 6 · Evaluate on the test split
+#
+# [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/sonar-ft/sonar-ft/blob/main/notebooks/06_test_evaluation.ipynb)
+#
+# Scores the run's `best_encoder.pt` on the held-out **test** split with the recipe's `--eval_only`
+# mode: beam-search translations, corpus BLEU and chrF (sacrebleu, signature recorded) and the
+# token loss, written to `test_results.json` in the run folder — nothing else there is touched.
+#
+# **Expect:** a GPU runtime; about as long as one validation pass of notebook 04 over the test
+# clips (How2Sign has ~2.4k). Re-running the cell reuses
+# `test_results.json` if it is newer than the encoder (set `REEVALUATE = True` to score again).
+
+# %% tags=["parameters"]
+# Parameters: edit them here (papermill overrides them, e.g. -p DEMO True).
+DEMO = False                       # True: the offline demo (no Drive, no GPU, no downloads but the stack), minutes
+REPO_URL = "https://github.com/sonar-ft/sonar-ft"  # cloned when no project folder is found (Colab DEMO: /content/sonar-ft)
+DRIVE_FOLDER = "MyDrive/sonar_ft"  # Colab: your project folder on Google Drive (repository + data)
+PROJECT_DIR = ""                   # empty: the Drive folder in Colab, else the repository holding this notebook
+ENV_DIR = ""                       # the SONAR stack's environment; empty: /content/sonar_env in Colab, else <project>/.venv
+DEMO_DIR = ""                      # DEMO mode only; empty: $DEMO_DIR, else demo_runs/ in the project folder
+FEATURES = "features/{split}"      # feature folder of each split, relative to the project folder
+MANIFESTS = "manifests/{split}.tsv"  # manifest of each split (.tsv, or How2Sign's re-aligned .csv)
+ENCODER_CHECKPOINT = "sonar_checkpoints/dm_70h_ub_sonar_encoder.pth"  # the pretrained encoder (notebook 02)
+RUNS_DIR = "runs"                  # where run folders go (DEMO mode: DEMO_DIR/notebook_runs)
+
+RUN_NAME = "full"                  # the run whose best_encoder.pt is scored (notebook 04's)
+BATCH_SIZE = 16
+BEAM_SIZE = 5
+REEVALUATE = False
+N_EXAMPLES = 10
+
+# %% [markdown]
+# ## Setup (the same cell in every notebook)
+#
+# Brings the project onto the runtime (the Drive folder in Colab; else a clone of `REPO_URL`),
+# mounts Google Drive (Colab, not in DEMO mode), then creates — once per runtime, about
+# 5 minutes — or reuses the **SONAR stack's own environment** (`ENV_DIR`): Python 3.12 with
+# torch 2.9.1, fairseq2 0.8.1 and sonar-space, made with `uv`. Colab's Python (3.13) cannot run
+# fairseq2, so the stack never enters this notebook's kernel: every heavy step below runs as a
+# command of that environment's Python, and the notebook only reads and draws what it writes.
+# No runtime restart. It prints the versions and the GPU.
+#
+# *If it fails:* **"No sonar-ft project"** — fix `DRIVE_FOLDER` / `PROJECT_DIR`, or set `REPO_URL`.
+# **Mount errors** — *Runtime > Disconnect and delete runtime*, then run again. **uv / install
+# errors** — the last lines of the tool's output are shown; run the cell again (it resumes).
+
+# %%
+# Setup: the project, Google Drive, the SONAR stack's environment. Identical in every notebook.
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+IN_COLAB = "google.colab" in sys.modules
+if IN_COLAB and not DEMO:
+    from google.colab import drive
+
+    drive.mount("/content/drive")  # Colab asks for permission the first time
+    PROJECT_DIR = PROJECT_DIR or os.path.join("/content/drive", DRIVE_FOLDER)
+start = Path(PROJECT_DIR or os.getcwd()).resolve()
+ROOT = next((p for p in (start, *start.parents) if (p / "train_sonar_finetuning.py").is_file()), None)
+if ROOT is None and REPO_URL:
+    ROOT = start if PROJECT_DIR else start / "sonar-ft"
+    if not (ROOT / "train_sonar_finetuning.py").is_file():
+        print(f"no project at {start}: cloning {REPO_URL} into {ROOT}", flush=True)
+        subprocess.run(["git", "clone", "--quiet", "--depth", "1", REPO_URL, str(ROOT)], check=True)
+if ROOT is None:
+    raise SystemExit(f"No sonar-ft project at {start}: set PROJECT_DIR to your copy of the repository, or REPO_URL.")
+sys.path.insert(0, str(ROOT))
+
+from sonar_ft import colab
+
+P = colab.setup(ROOT, demo=DEMO, demo_dir=DEMO_DIR, env_dir=ENV_DIR, features=FEATURES, manifests=MANIFESTS,
+                encoder_checkpoint=ENCODER_CHECKPOINT, runs=RUNS_DIR)
+
+# %% [markdown]
+# ## Evaluate
+#
+# *If it fails:* **no best_encoder.pt** — train first (notebook 04) or fix `RUN_NAME`.
+# **Out of memory** — lower `BATCH_SIZE` (evaluation holds no gradients, so it rarely happens).
+
+# %%
+run_dir = P.find_run(P.run_dir(RUN_NAME))
+results_path = run_dir / "test_results.json"
+if not REEVALUATE and colab.is_up_to_date(results_path, run_dir / "best_encoder.pt"):
+    print(f"{results_path} is newer than the encoder: showing it (REEVALUATE = True scores again)")
+else:
+    colab.run_command(P.recipe_command(
+        run_dir, "--eval_only", "--batch_size", BATCH_SIZE, "--beam_size", BEAM_SIZE,
+        split="test", encoder=run_dir / "best_encoder.pt",
+    ))
+
+# %% [markdown]
+# ## `test_results.json`
+
+# %%
+import json
+
+results = json.loads(results_path.read_text(encoding="utf-8"))
+colab.show_table([{k: results[k] for k in ("num_samples", "bleu", "chrf", "loss", "beam_size", "tgt_lang")}], digits=2)
+print(results["bleu_signature"])
+colab.show_table(results["samples"][:N_EXAMPLES], ["id", "reference", "prediction", "bleu_score"], digits=1)
+
+# %% [markdown]
+# Next: `07_export_encoder.ipynb`.

@@ -1,0 +1,143 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 7 · Export the fine-tuned encoder and translate with it
+#
+# [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/sonar-ft/sonar-ft/blob/main/notebooks/07_export_encoder.ipynb)
+#
+# Packs the run's best encoder, its `config.json`, `tokenizer.json`, the metrics, the test results
+# and a model card into one tarball (`sonar_ft.export.export_run`), lists its contents, offers it
+# for download, then loads it back **from the tarball** and translates a few test clips into
+# several languages — the SONAR decoder speaks 200, the encoder was only trained towards English.
+#
+# **Expect:** packing a few GB takes a minute or two; translating a handful of clips is quick on a
+# GPU and fine on a CPU. `DEMO = True`: the demo's run and its two languages (English, French).
+
+# %% tags=["parameters"]
+# Parameters: edit them here (papermill overrides them, e.g. -p DEMO True).
+DEMO = False                       # True: the offline demo (no Drive, no GPU, no downloads but the stack), minutes
+REPO_URL = "https://github.com/sonar-ft/sonar-ft"  # cloned when no project folder is found (Colab DEMO: /content/sonar-ft)
+DRIVE_FOLDER = "MyDrive/sonar_ft"  # Colab: your project folder on Google Drive (repository + data)
+PROJECT_DIR = ""                   # empty: the Drive folder in Colab, else the repository holding this notebook
+ENV_DIR = ""                       # the SONAR stack's environment; empty: /content/sonar_env in Colab, else <project>/.venv
+DEMO_DIR = ""                      # DEMO mode only; empty: $DEMO_DIR, else demo_runs/ in the project folder
+FEATURES = "features/{split}"      # feature folder of each split, relative to the project folder
+MANIFESTS = "manifests/{split}.tsv"  # manifest of each split (.tsv, or How2Sign's re-aligned .csv)
+ENCODER_CHECKPOINT = "sonar_checkpoints/dm_70h_ub_sonar_encoder.pth"  # the pretrained encoder (notebook 02)
+RUNS_DIR = "runs"                  # where run folders go (DEMO mode: DEMO_DIR/notebook_runs)
+
+RUN_NAME = "full"                  # the run to export (notebook 04's)
+TARBALL = "sonar_encoder_finetuned.tar.gz"   # written into the runs folder
+TGT_LANGS = ["eng_Latn", "fra_Latn", "deu_Latn", "spa_Latn"]
+N_CLIPS = 3
+DEMO_TGT_LANGS = ["eng_Latn", "fra_Latn"]    # the demo decoder knows these two
+
+# %% [markdown]
+# ## Setup (the same cell in every notebook)
+#
+# Brings the project onto the runtime (the Drive folder in Colab; else a clone of `REPO_URL`),
+# mounts Google Drive (Colab, not in DEMO mode), then creates — once per runtime, about
+# 5 minutes — or reuses the **SONAR stack's own environment** (`ENV_DIR`): Python 3.12 with
+# torch 2.9.1, fairseq2 0.8.1 and sonar-space, made with `uv`. Colab's Python (3.13) cannot run
+# fairseq2, so the stack never enters this notebook's kernel: every heavy step below runs as a
+# command of that environment's Python, and the notebook only reads and draws what it writes.
+# No runtime restart. It prints the versions and the GPU.
+#
+# *If it fails:* **"No sonar-ft project"** — fix `DRIVE_FOLDER` / `PROJECT_DIR`, or set `REPO_URL`.
+# **Mount errors** — *Runtime > Disconnect and delete runtime*, then run again. **uv / install
+# errors** — the last lines of the tool's output are shown; run the cell again (it resumes).
+
+# %%
+# Setup: the project, Google Drive, the SONAR stack's environment. Identical in every notebook.
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+IN_COLAB = "google.colab" in sys.modules
+if IN_COLAB and not DEMO:
+    from google.colab import drive
+
+    drive.mount("/content/drive")  # Colab asks for permission the first time
+    PROJECT_DIR = PROJECT_DIR or os.path.join("/content/drive", DRIVE_FOLDER)
+start = Path(PROJECT_DIR or os.getcwd()).resolve()
+ROOT = next((p for p in (start, *start.parents) if (p / "train_sonar_finetuning.py").is_file()), None)
+if ROOT is None and REPO_URL:
+    ROOT = start if PROJECT_DIR else start / "sonar-ft"
+    if not (ROOT / "train_sonar_finetuning.py").is_file():
+        print(f"no project at {start}: cloning {REPO_URL} into {ROOT}", flush=True)
+        subprocess.run(["git", "clone", "--quiet", "--depth", "1", REPO_URL, str(ROOT)], check=True)
+if ROOT is None:
+    raise SystemExit(f"No sonar-ft project at {start}: set PROJECT_DIR to your copy of the repository, or REPO_URL.")
+sys.path.insert(0, str(ROOT))
+
+from sonar_ft import colab
+
+P = colab.setup(ROOT, demo=DEMO, demo_dir=DEMO_DIR, env_dir=ENV_DIR, features=FEATURES, manifests=MANIFESTS,
+                encoder_checkpoint=ENCODER_CHECKPOINT, runs=RUNS_DIR)
+
+# %% [markdown]
+# ## Build the tarball
+#
+# Re-running reuses the tarball when it is newer than the encoder and the test results.
+# *If it fails:* **no best_encoder.pt / config.json** — the run has not finished an evaluation yet.
+
+# %%
+import tarfile
+
+run_dir = P.find_run(P.run_dir(RUN_NAME))
+tarball = P.runs / TARBALL
+test_results = run_dir / "test_results.json"
+if colab.is_up_to_date(tarball, run_dir / "best_encoder.pt", test_results):
+    print(f"{tarball} is up to date")
+else:
+    colab.run_command(P.cli_command("export", "--run_dir", run_dir, "--out", tarball))
+with tarfile.open(tarball) as tar:
+    colab.show_table([{"member": m.name, "size": colab.format_size(m.size)} for m in tar.getmembers()])
+print(f"{tarball}: {colab.format_size(tarball.stat().st_size)}")
+
+# %% [markdown]
+# ## Download it
+#
+# In Colab the browser downloads the file (allow pop-ups / multiple downloads if asked); elsewhere
+# its path is printed. It also stays in the runs folder on Drive.
+
+# %%
+colab.offer_download(tarball)
+
+# %% [markdown]
+# ## Translate test clips from the tarball
+#
+# `sonar-ft translate` checks the tarball's members before extracting anything, loads the
+# encoder and the decoder recorded with it, and decodes each clip into every language.
+
+# %%
+import json
+
+import pandas as pd
+
+langs = DEMO_TGT_LANGS if DEMO else TGT_LANGS
+manifest = pd.read_csv(P.manifest("test"), sep="\t", dtype=str, keep_default_na=False)
+references = dict(zip(manifest["id"], manifest["text"]))
+clip_ids = list(references)[:N_CLIPS]
+out = P.runs / "translations.json"
+colab.run_command(P.cli_command("translate", "--encoder", tarball, "--features", P.features("test"), "--tgt_langs",
+                                ",".join(langs), "--ids", ",".join(clip_ids), "--device", P.device, "--out", out))
+rows = json.loads(out.read_text(encoding="utf-8"))
+colab.show_table([{"id": r["id"], "reference": references[r["id"]], **{lang: r[lang] for lang in langs}} for r in rows])
+
+# %% [markdown]
+# Next: `08_hyperparameter_tuning.ipynb` to search for better settings.
