@@ -42,7 +42,7 @@ from sonar_ft.data.bad_samples import BadSample, find_bad_samples, format_bad_sa
 from sonar_ft.decoder import FrozenTextDecoder
 from sonar_ft.encoder import load_encoder, save_encoder
 from sonar_ft.errors import ConfigError, DataError, OutputDirError, TrainingError
-from sonar_ft.evaluate import EvalResult, autocast_context, evaluate
+from sonar_ft.evaluate import EvalResult, autocast_context, empty_epoch_fields, evaluate, results_record
 
 log = logging.getLogger(__name__)
 
@@ -81,8 +81,10 @@ class TrainConfig:
     """Frozen SONAR text decoder: asset card name, card ``.yaml`` or checkpoint file."""
     tokenizer: str | None = None
     """Tokenizer: card name, card ``.yaml`` or SentencePiece model (default: the decoder's)."""
-    text_encoder: str = "text_sonar_basic_encoder"
-    """SONAR text encoder used as distillation teacher (only loaded when ``distill_weight > 0``)."""
+    text_encoder: str | None = None
+    """SONAR text encoder: the distillation teacher when ``distill_weight > 0`` (default ``text_sonar_basic_encoder``)
+    and, when given (or loaded for distillation), the source of the semantic scores (cosine, R@1, R@5) of every
+    evaluation. Nothing is loaded or downloaded when it is not given and distillation is off."""
     tgt_lang: str = "eng_Latn"
     """FLORES-200 code of the target language."""
     freeze_decoder: bool = True
@@ -220,6 +222,15 @@ class EpochMetrics:
     seconds: float
     samples_per_second: float
     is_best: bool = False
+    # The other scores of the evaluation (sonar_ft.scores.METRICS; None without evaluation / text encoder).
+    val_bleu1: float | None = None
+    val_bleu2: float | None = None
+    val_bleu3: float | None = None
+    val_bleu4: float | None = None
+    val_rougeL: float | None = None
+    val_cosine: float | None = None
+    val_r1: float | None = None
+    val_r5: float | None = None
 
 
 @dataclass
@@ -418,6 +429,9 @@ def tokenizer_record(cfg: TrainConfig, decoder: FrozenTextDecoder) -> dict[str, 
     return {
         "decoder": cfg.decoder,
         "tokenizer": cfg.tokenizer or cfg.decoder,
+        # Local files as absolute paths: `sonar-ft export` packs them even when run from another folder.
+        "decoder_file": str(Path(cfg.decoder).resolve()) if Path(cfg.decoder).is_file() else None,
+        "tokenizer_file": str(Path(cfg.tokenizer).resolve()) if cfg.tokenizer and Path(cfg.tokenizer).is_file() else None,
         "tokenizer_family": "nllb",
         "tgt_lang": cfg.tgt_lang,
         "target_mode": "target",
@@ -666,7 +680,12 @@ def _train(
     if cfg.distill_weight > 0:
         from sonar_ft.text_encoder import FrozenTextEncoder
 
-        teacher = FrozenTextEncoder.load(cfg.text_encoder, cfg.tokenizer, device=device)
+        teacher = FrozenTextEncoder.load(cfg.text_encoder or "text_sonar_basic_encoder", cfg.tokenizer, device=device)
+    scorer = teacher  # semantic scores: only with a text encoder that is given (or loaded for distillation anyway)
+    if scorer is None and cfg.text_encoder:
+        from sonar_ft.text_encoder import FrozenTextEncoder
+
+        scorer = FrozenTextEncoder.load(cfg.text_encoder, cfg.tokenizer, device=device)
 
     params = [p for p in encoder.parameters() if p.requires_grad]
     groups = perf.parameter_groups(encoder, cfg.weight_decay)  # no decay on norms, biases, the shared embedding
@@ -794,16 +813,14 @@ def _train(
                 result = evaluate(
                     encoder, decoder, val_batches, lang=cfg.tgt_lang, device=device, precision=precision,
                     beam_size=cfg.beam_size, max_gen_len=cfg.max_gen_len, loss_chunk_size=cfg.loss_chunk_size,
-                    desc=f"validating epoch {epoch}", gather=ddp.eval_gatherer(val_set),
+                    desc=f"validating epoch {epoch}", gather=ddp.eval_gatherer(val_set), text_encoder=scorer,
                 )
             except torch.cuda.OutOfMemoryError:
                 raise out_of_memory_error(cfg) from None
         metrics = EpochMetrics(
             epoch=epoch,
             train_loss=loss_sum / max(token_sum, 1),
-            val_loss=result.loss if result else None,
-            val_bleu=result.bleu if result else None,
-            val_chrf=result.chrf if result else None,
+            **(result.epoch_fields() if result else empty_epoch_fields()),
             lr=optimizer.param_groups[0]["lr"],
             seconds=time.perf_counter() - started,
             samples_per_second=seen / max(train_seconds, 1e-9),
@@ -822,8 +839,7 @@ def _train(
             else:
                 evals_without_improvement += 1
             if cfg.write_predictions:
-                io.write_json(out / f"predictions_epoch{epoch}.json", {"epoch": epoch, "bleu": result.bleu, "chrf": result.chrf,
-                                                                         "bleu_signature": result.bleu_signature, "samples": result.samples})
+                io.write_json(out / f"predictions_epoch{epoch}.json", result.predictions_record(epoch))
         history.append(metrics)
         if ddp.is_main:
             io.write_json(out / f"metrics_epoch{epoch}.json", asdict(metrics))
@@ -928,16 +944,13 @@ def evaluate_checkpoint(cfg: TrainConfig) -> dict[str, Any]:
     decoder.check_lang(cfg.tgt_lang)
     if arch.output_dim != decoder.embedding_dim:
         raise ConfigError(f"encoder outputs {arch.output_dim}-d embeddings but decoder {cfg.decoder} reads {decoder.embedding_dim}-d ones")
+    scorer = None
+    if cfg.text_encoder:  # semantic scores only with a text encoder that is given: never a silent download
+        from sonar_ft.text_encoder import FrozenTextEncoder
+
+        scorer = FrozenTextEncoder.load(cfg.text_encoder, cfg.tokenizer, device=device)
     result = evaluate(encoder, decoder, batches, lang=cfg.tgt_lang, device=device, precision=precision,
-                      beam_size=cfg.beam_size, max_gen_len=cfg.max_gen_len, loss_chunk_size=cfg.loss_chunk_size)
-    record = {
-        **result.summary(),
-        "encoder_checkpoint": str(cfg.encoder_checkpoint),
-        "features": str(cfg.val_features),
-        "manifest": str(cfg.val_manifest),
-        "tgt_lang": cfg.tgt_lang,
-        "beam_size": cfg.beam_size,
-        "samples": result.samples,
-    }
+                      beam_size=cfg.beam_size, max_gen_len=cfg.max_gen_len, loss_chunk_size=cfg.loss_chunk_size, text_encoder=scorer)
+    record = results_record(result, asdict(cfg))  # scores + SHA-256 of the encoder and data: export checks them
     io.write_json(out / TEST_RESULTS, record)
     return record
