@@ -440,9 +440,10 @@ def decoder_for(files: dict[str, Path], decoder: str | None, tokenizer: str | No
         return "text_sonar_basic_decoder", tokenizer
     record = json.loads(files["tokenizer.json"].read_text(encoding="utf-8"))
     packed = record.get("packed") or {}
-    if packed.get("decoder"):
-        packed_tokenizer = str(files[packed["tokenizer"]]) if packed.get("tokenizer") else None
-        return str(files[packed["decoder"]]), tokenizer or packed_tokenizer
+    packed_tokenizer = str(files[packed["tokenizer"]]) if packed.get("tokenizer") in files else None
+    tokenizer = tokenizer or packed_tokenizer
+    if packed.get("decoder") in files:
+        return str(files[packed["decoder"]]), tokenizer
     recorded = str(record.get("decoder") or "text_sonar_basic_decoder")
     recorded_tokenizer = None if record.get("tokenizer") in (None, record.get("decoder")) else record.get("tokenizer")
     if _looks_local(recorded) and _recorded_file(record, "decoder") is None:
