@@ -153,6 +153,8 @@ def model_card(
         limit = f", at most {data['max_samples']} clips (`--max_samples`)" if data.get("max_samples") else ""
         lines.append(f"- test: {_score_line(test)} on {test.get('num_samples')} clips of `{test.get('manifest')}`{limit}, "
                      f"beam {test.get('beam_size')}")
+        if test.get("encoder_sha256"):
+            lines.append(f"- the test scores are of this very encoder: SHA-256 `{test['encoder_sha256']}` of `{ENCODER_FILE}`")
         lines.append(f"- `{test.get('bleu_signature', '')}`")
         lines.append(f"- ROUGE-L: `{test.get('rouge_signature', '')}`")
     if not best and not test:
