@@ -373,6 +373,23 @@ def show_table(rows: Sequence[Mapping[str, Any]] | Any, columns: Sequence[str] |
         print(frame.to_string(index=False))
 
 
+# Score columns of the notebooks' tables, in the order papers print them (sonar_ft.scores names).
+SCORE_COLUMNS = ("bleu1", "bleu2", "bleu3", "bleu4", "rougeL", "chrf", "cosine", "r1", "r5", "loss")
+SAMPLE_SCORE_COLUMNS = ("bleu_score", "rougeL", "chrf", "cosine", "rank")
+
+
+def score_columns(rows: Sequence[Mapping[str, Any]], prefix: str = "", *, first: Sequence[str] = (), last: Sequence[str] = ()) -> list[str]:
+    """``first`` + the score columns that ``rows`` really hold (a value other than None) + ``last``.
+
+    ``prefix`` is ``"val_"`` for ``metrics_epoch*.json`` history, ``""`` for ``test_results.json``;
+    semantic scores (cosine, R@1, R@5) appear only for runs given a ``--text_encoder``. With
+    ``prefix="sample"`` the per-sentence columns of predictions are used instead.
+    """
+    names = SAMPLE_SCORE_COLUMNS if prefix == "sample" else tuple(f"{prefix}{n}" for n in SCORE_COLUMNS)
+    present = [n for n in names if any(r.get(n) is not None for r in rows)]
+    return [*first, *[n for n in present if n not in first and n not in last], *last]
+
+
 def show_images(paths: Iterable[str | Path]) -> None:
     """Show PNG files (as image outputs in notebooks; their paths elsewhere)."""
     for path in paths:

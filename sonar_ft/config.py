@@ -73,8 +73,10 @@ class TrainConfig:
     """Frozen SONAR text decoder: asset card name, card ``.yaml`` or checkpoint file."""
     tokenizer: str | None = None
     """Tokenizer: card name, card ``.yaml`` or SentencePiece model (default: the decoder's)."""
-    text_encoder: str = "text_sonar_basic_encoder"
-    """SONAR text encoder used as distillation teacher (only loaded when ``distill_weight > 0``)."""
+    text_encoder: str | None = None
+    """SONAR text encoder: the distillation teacher when ``distill_weight > 0`` (default ``text_sonar_basic_encoder``)
+    and, when given (or loaded for distillation), the source of the semantic scores (cosine, R@1, R@5) of every
+    evaluation. Nothing is loaded or downloaded when it is not given and distillation is off."""
     tgt_lang: str = "eng_Latn"
     """FLORES-200 code of the target language."""
     freeze_decoder: bool = True

@@ -72,6 +72,23 @@ def chunked_cross_entropy(
     return total
 
 
+LISTED_LANGS = 12  # languages named in an unknown-language error (the rest are counted)
+
+
+def unknown_language_message(lang: str, langs: Sequence[str], source: str = "") -> str:
+    """``lang`` is not one of ``langs``: say so, suggest close codes, and list codes the tokenizer really has."""
+    close = [x for x in langs if x.split("_")[0] == lang.split("_")[0]][:5]
+    hint = f" (did you mean {', '.join(close)}?)" if close else ""
+    common = [x for x in ("eng_Latn", "fra_Latn", "deu_Latn", "spa_Latn", "cmn_Hans", "arb_Arab") if x in langs]
+    shown = list(dict.fromkeys([*common, *sorted(langs)]))[:LISTED_LANGS]
+    more = f" and {len(langs) - len(shown)} more" if len(langs) > len(shown) else ""
+    of = f" of {source}" if source else ""
+    return (
+        f"unknown target language {lang!r}{hint}: the tokenizer{of} supports {len(langs)} language(s): "
+        f"{', '.join(shown)}{more}. Use one of these FLORES-200 codes."
+    )
+
+
 class FrozenTextDecoder(nn.Module):
     """A frozen SONAR text decoder with its tokenizer."""
 
@@ -143,11 +160,7 @@ class FrozenTextDecoder(nn.Module):
     def check_lang(self, lang: str) -> None:
         """Raise :class:`ConfigError` naming the flag when ``lang`` is not a language of the tokenizer."""
         if lang not in self.langs:
-            close = [x for x in self.langs if x.split("_")[0] == lang.split("_")[0]][:5]
-            hint = f" (did you mean {', '.join(close)}?)" if close else ""
-            raise ConfigError(
-                f"unknown target language {lang!r}{hint}. Use a FLORES-200 code such as eng_Latn, fra_Latn, deu_Latn."
-            )
+            raise ConfigError(unknown_language_message(lang, self.langs, self.source))
 
     # -- tokenisation ----------------------------------------------------------------------------
     def _encoder(self, lang: str) -> Any:

@@ -19,8 +19,9 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from sonar_ft.data import FeatureStore, load_feature_file, read_manifest
-from sonar_ft.encoder import SignT5SonarEncoder, load_encoder
+from sonar_ft.encoder import SignT5SonarEncoder
 from sonar_ft.errors import ConfigError, DataError
+from sonar_ft.export import load_any_encoder
 from sonar_ft.io import atomic_path, write_text
 
 log = logging.getLogger(__name__)
@@ -79,8 +80,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "encoder. Writes OUT (float32, one row per clip) and OUT's name with .ids.txt instead of "
         ".npy (the clip ids, one per line, same order).",
     )
-    p.add_argument("--encoder-checkpoint", "--encoder_checkpoint", dest="encoder_checkpoint", type=Path,
-                   required=True, help="encoder checkpoint (official SONAR ASL file or one saved by sonar-ft)")
+    p.add_argument("--encoder-checkpoint", "--encoder_checkpoint", "--encoder", dest="encoder_checkpoint", type=Path,
+                   required=True, help="encoder checkpoint (official SONAR ASL file or one saved by sonar-ft) or a "
+                   "`sonar-ft export` tarball")
     p.add_argument("--features", type=Path, required=True,
                    help="feature folder (flat or ssvp_slt nested) or a single .npy / .pt file")
     p.add_argument("--manifest", type=Path, default=None,
@@ -135,7 +137,7 @@ def _embed(args: argparse.Namespace) -> int:
         raise ConfigError(f"--batch_size must be at least 1, got {args.batch_size}")
     device = _resolve_device(args.device)
     ids, load = _clips(args)
-    model, config = load_encoder(args.encoder_checkpoint, device=device)
+    model, config = load_any_encoder(args.encoder_checkpoint, device=device)
 
     embeddings = np.empty((len(ids), config.output_dim), dtype=np.float32)
     chunk = args.batch_size * CLIPS_PER_BATCH_LOADED

@@ -1,64 +1,156 @@
-"""Evaluation: validation loss, beam-search predictions, corpus BLEU / chrF and sentence BLEU.
+"""Evaluation: validation loss, beam-search predictions and their scores (sonar_ft.scores).
 
-Scores come from sacrebleu with its default settings (13a tokenisation, mixed case); the signature
-string is recorded with every score so numbers from different runs are comparable.
+Text scores (BLEU-1..4, chrF, ROUGE-L) at every evaluation; SONAR-native semantic scores (cosine to
+the reference's text embedding, sign-to-text retrieval R@1 / R@5) when a text encoder is passed.
+Signatures are recorded with every score so numbers from different runs are comparable.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from sonar_ft.decoder import FrozenTextDecoder
+from sonar_ft.scores import METRICS, SEMANTIC_METRICS, corpus_scores, semantic_scores, sentence_scores
 
 log = logging.getLogger(__name__)
+
+TEXT_EMBED_BATCH = 64  # reference sentences per text-encoder forward pass
 
 
 @dataclass
 class EvalResult:
-    """Scores and per-sample predictions of one evaluation pass."""
+    """Scores and per-sample predictions of one evaluation pass.
+
+    ``scores`` holds :data:`sonar_ft.scores.TEXT_METRICS` always and ``SEMANTIC_METRICS`` when a text
+    encoder was given; ``signatures`` says how each family was computed.
+    """
 
     loss: float | None
-    bleu: float
-    chrf: float
-    bleu_signature: str
-    chrf_signature: str
+    scores: dict[str, float]
+    signatures: dict[str, str]
     num_samples: int
     samples: list[dict[str, Any]] = field(default_factory=list)
+    semantic: dict[str, Any] | None = None
+    """Text encoder and number of retrieval candidates behind the semantic scores (None: not computed)."""
+
+    @property
+    def bleu(self) -> float:
+        return self.scores["bleu"]
+
+    @property
+    def chrf(self) -> float:
+        return self.scores["chrf"]
+
+    @property
+    def bleu_signature(self) -> str:
+        return self.signatures["bleu"]
+
+    @property
+    def chrf_signature(self) -> str:
+        return self.signatures["chrf"]
+
+    def metric(self, name: str) -> float | None:
+        """The value of one of :data:`sonar_ft.scores.METRICS` (None when not computed: loss off, no text encoder)."""
+        if name not in METRICS:
+            raise ValueError(f"unknown metric {name!r}; one of {', '.join(METRICS)}")
+        return self.loss if name == "loss" else self.scores.get(name)
 
     def summary(self) -> dict[str, Any]:
-        """Everything but the per-sample list."""
-        return {
-            "loss": self.loss,
-            "bleu": self.bleu,
-            "chrf": self.chrf,
-            "bleu_signature": self.bleu_signature,
-            "chrf_signature": self.chrf_signature,
-            "num_samples": self.num_samples,
-        }
+        """Everything but the per-sample list: every metric (None when not computed) and the signatures."""
+        out: dict[str, Any] = {name: self.metric(name) for name in METRICS}
+        out.update(
+            bleu_signature=self.signatures["bleu"],
+            chrf_signature=self.signatures["chrf"],
+            rouge_signature=self.signatures["rougeL"],
+            semantic=self.semantic,
+            num_samples=self.num_samples,
+        )
+        return out
+
+    def epoch_fields(self) -> dict[str, float | None]:
+        """The ``val_*`` values of a ``metrics_epoch{N}.json`` line: ``val_loss``, ``val_bleu``, ... ``val_r5``."""
+        return {f"val_{name}": self.metric(name) for name in METRICS}
+
+    def predictions_record(self, epoch: int) -> dict[str, Any]:
+        """What ``predictions_epoch{N}.json`` holds: the epoch, every score, signatures and per-sentence rows."""
+        return {"epoch": epoch, **self.summary(), "samples": self.samples}
+
+
+def empty_epoch_fields() -> dict[str, None]:
+    """The ``val_*`` values of an epoch without evaluation."""
+    return {f"val_{name}": None for name in METRICS}
 
 
 def score_corpus(hypotheses: list[str], references: list[str]) -> tuple[float, float, str, str]:
-    """Corpus BLEU and chrF (sacrebleu defaults) and their signatures."""
-    from sacrebleu.metrics import BLEU, CHRF
-
-    bleu, chrf = BLEU(), CHRF()
-    b = bleu.corpus_score(hypotheses, [references])
-    c = chrf.corpus_score(hypotheses, [references])
-    return float(b.score), float(c.score), str(bleu.get_signature()), str(chrf.get_signature())
+    """Corpus BLEU-4 and chrF (sacrebleu defaults) and their signatures (see :func:`sonar_ft.scores.corpus_scores`)."""
+    scores, signatures = corpus_scores(hypotheses, references)
+    return scores["bleu"], scores["chrf"], signatures["bleu"], signatures["chrf"]
 
 
 def sentence_bleu(hypothesis: str, reference: str) -> float:
     """Sentence-level BLEU with effective-order smoothing (sacrebleu's recommended setting)."""
-    from sacrebleu.metrics import BLEU
+    return sentence_scores([hypothesis], [reference])[0]["bleu_score"]
 
-    return float(BLEU(effective_order=True).sentence_score(hypothesis, [reference]).score)
+
+def embed_references(text_encoder: Any, references: Sequence[str], lang: str, batch_size: int = TEXT_EMBED_BATCH) -> torch.Tensor:
+    """SONAR text embeddings ``(N, E)`` (float32, CPU) of ``references``, in batches."""
+    parts = [text_encoder.embed(list(references[i : i + batch_size]), lang).float().cpu() for i in range(0, len(references), batch_size)]
+    return torch.cat(parts) if parts else torch.empty(0, 0)
+
+
+def file_sha256(path: str | Path) -> str:
+    """SHA-256 of a whole file (read in 1 MiB blocks)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+def ids_sha256(ids: Iterable[str]) -> str:
+    """SHA-256 of the sorted clip ids, one per line: which clips a score is over, in 64 characters."""
+    return hashlib.sha256("".join(f"{i}\n" for i in sorted(ids)).encode("utf-8")).hexdigest()
+
+
+def results_record(result: EvalResult, settings: Mapping[str, Any]) -> dict[str, Any]:
+    """``test_results.json`` of an ``--eval_only`` run: scores, what was evaluated (SHA-256) and the data used.
+
+    ``settings`` are the run's settings (``dataclasses.asdict(TrainConfig)``). ``encoder_sha256`` lets
+    ``sonar-ft export`` refuse scores that belong to another encoder than the one it packs.
+    """
+    encoder = settings.get("encoder_checkpoint")
+    manifest = settings.get("val_manifest")
+    data = {
+        "features": str(settings.get("val_features")),
+        "manifest": str(manifest),
+        "manifest_sha256": file_sha256(manifest) if manifest and Path(manifest).is_file() else None,
+        "max_samples": settings.get("max_samples"),
+        "max_frames": settings.get("max_frames"),
+        "num_samples": result.num_samples,
+        "clip_ids_sha256": ids_sha256(s["id"] for s in result.samples),
+    }
+    return {
+        **result.summary(),
+        "encoder_checkpoint": str(encoder),
+        "encoder_sha256": file_sha256(encoder) if encoder and Path(encoder).is_file() else None,
+        "features": data["features"],
+        "manifest": data["manifest"],
+        "data": data,
+        "decoder": settings.get("decoder"),
+        "tgt_lang": settings.get("tgt_lang"),
+        "beam_size": settings.get("beam_size"),
+        "max_gen_len": settings.get("max_gen_len"),
+        "samples": result.samples,
+    }
 
 
 def autocast_context(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
@@ -83,17 +175,23 @@ def evaluate(
     loss_chunk_size: int = 1024,
     desc: str = "evaluating",
     gather: Callable[..., tuple[list[str], list[str], list[str], float, int]] | None = None,
+    text_encoder: Any | None = None,
+    gather_embeddings: Callable[[list[str], torch.Tensor], tuple[list[str], torch.Tensor]] | None = None,
 ) -> EvalResult:
     """Encode every batch, score the teacher-forced loss, beam-search the texts and score them.
 
     ``batches`` yields :class:`sonar_ft.data.Batch` objects (``ids``, ``features``, ``mask``, ``texts``).
     ``gather(ids, refs, hyps, loss_sum, token_sum)`` combines the parts of all data-parallel ranks.
+    ``text_encoder`` (a :class:`sonar_ft.text_encoder.FrozenTextEncoder`) adds the semantic scores;
+    under data parallelism they also need ``gather_embeddings(ids, emb) -> (ids, emb)`` (all ranks'
+    sign embeddings, any order) and are left out, with a warning, without it.
     """
     was_training = encoder.training
     encoder.eval()
     ids: list[str] = []
     refs: list[str] = []
     hyps: list[str] = []
+    embs: list[torch.Tensor] = []
     loss_sum, token_sum = 0.0, 0
     try:
         for batch in tqdm(batches, desc=desc, leave=False):
@@ -101,6 +199,8 @@ def evaluate(
             with autocast_context(device, precision):
                 emb = encoder(batch.features, batch.mask)
             emb = emb.float()
+            if text_encoder is not None:
+                embs.append(emb.detach().cpu())  # (B, E)
             if compute_loss:
                 out = decoder.loss(emb, batch.texts, lang, chunk_size=loss_chunk_size)
                 loss_sum += float(out.loss) * out.num_tokens
@@ -110,21 +210,39 @@ def evaluate(
             ids.extend(batch.ids)
     finally:
         encoder.train(was_training)
+    local_ids = list(ids)
     if gather is not None:
         # Data-parallel: each rank decoded its shard; every rank scores the union, so all of them
         # take the same decisions (best checkpoint, plateau, early stopping) from the same numbers.
         ids, refs, hyps, loss_sum, token_sum = gather(ids, refs, hyps, loss_sum, token_sum)
-    bleu, chrf, bleu_sig, chrf_sig = score_corpus(hyps, refs)
+    scores, signatures = corpus_scores(hyps, refs)
     samples = [
-        {"id": i, "reference": r, "prediction": h, "bleu_score": sentence_bleu(h, r)}
-        for i, r, h in zip(ids, refs, hyps)
+        {"id": i, "reference": r, "prediction": h, **per}
+        for i, r, h, per in zip(ids, refs, hyps, sentence_scores(hyps, refs))
     ]
+    semantic = None
+    if text_encoder is not None:
+        sign = torch.cat(embs) if embs else torch.empty(0, 0)
+        if gather is not None:
+            if gather_embeddings is None:
+                log.warning("semantic scores left out: data-parallel evaluation was given no gather_embeddings")
+                sign = None
+            else:
+                local_ids, sign = gather_embeddings(local_ids, sign)
+        if sign is not None:
+            row = {clip: k for k, clip in enumerate(local_ids)}
+            sign = sign[[row[i] for i in ids]] if len(ids) else sign  # the order of ids / refs
+            text = embed_references(text_encoder, refs, lang)
+            values, per_clip = semantic_scores(sign, text, refs)
+            scores.update({k: values[k] for k in SEMANTIC_METRICS})
+            semantic = {"text_encoder": str(getattr(text_encoder, "source", "")), "retrieval_candidates": values["retrieval_candidates"]}
+            for sample, extra in zip(samples, per_clip):
+                sample.update(extra)
     return EvalResult(
         loss=(loss_sum / token_sum) if compute_loss and token_sum else None,
-        bleu=bleu,
-        chrf=chrf,
-        bleu_signature=bleu_sig,
-        chrf_signature=chrf_sig,
+        scores=scores,
+        signatures=signatures,
         num_samples=len(samples),
         samples=samples,
+        semantic=semantic,
     )

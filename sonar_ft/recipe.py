@@ -36,7 +36,7 @@ from sonar_ft.decoder import FrozenTextDecoder
 from sonar_ft.device import resolve_device, resolve_precision
 from sonar_ft.encoder import load_encoder, save_encoder
 from sonar_ft.errors import ConfigError, DataError, OutputDirError
-from sonar_ft.evaluate import EvalResult, autocast_context, evaluate
+from sonar_ft.evaluate import EvalResult, autocast_context, empty_epoch_fields, evaluate
 from sonar_ft.run_log import Progress, StepRecorder, progress_mode
 from sonar_ft.train_state import EpochMetrics, TrainState, seed_everything, set_rng_state
 
@@ -146,7 +146,9 @@ class FineTuneRecipe:
         if cfg.distill_weight > 0:
             from sonar_ft.text_encoder import FrozenTextEncoder
 
-            self.teacher = FrozenTextEncoder.load(cfg.text_encoder, cfg.tokenizer, device=self.device)
+            self.teacher = FrozenTextEncoder.load(cfg.text_encoder or "text_sonar_basic_encoder", cfg.tokenizer, device=self.device)
+        # Semantic scores only with a text encoder that is given (or loaded for distillation anyway): never a silent download.
+        self.scorer = self.teacher if self.teacher is not None else components.load_scorer(cfg, self.device)
         self.model = self.ddp.wrap(self.encoder)  # DDP under torchrun; `encoder` stays the module saved and evaluated
 
     def build_encoder(self) -> tuple[torch.nn.Module, Any]:
@@ -223,8 +225,7 @@ class FineTuneRecipe:
                 result = self.validate(epoch) if epoch % cfg.eval_every == 0 or epoch == cfg.epochs else None
                 metrics = EpochMetrics(
                     epoch=epoch, train_loss=sums.loss_sum / max(sums.token_sum, 1),
-                    val_loss=result.loss if result else None, val_bleu=result.bleu if result else None,
-                    val_chrf=result.chrf if result else None, lr=self.optimizer.param_groups[0]["lr"],
+                    **(result.epoch_fields() if result else empty_epoch_fields()), lr=self.optimizer.param_groups[0]["lr"],
                     seconds=time.perf_counter() - started + self._resumed_seconds, samples_per_second=sums.seen / max(train_seconds, 1e-9),
                 )
                 self.end_epoch(metrics, result)
@@ -397,7 +398,7 @@ class FineTuneRecipe:
             return evaluate(
                 self.encoder, self.decoder, self.val_batches, lang=cfg.tgt_lang, device=self.device, precision=self.precision,
                 beam_size=cfg.beam_size, max_gen_len=cfg.max_gen_len, loss_chunk_size=cfg.loss_chunk_size,
-                desc=f"validating epoch {epoch}", gather=self.ddp.eval_gatherer(self.val_set),
+                desc=f"validating epoch {epoch}", gather=self.ddp.eval_gatherer(self.val_set), text_encoder=self.scorer,
             )
         except torch.cuda.OutOfMemoryError:
             raise components.out_of_memory_error(cfg) from None
@@ -435,9 +436,7 @@ class FineTuneRecipe:
             else:
                 st.evals_without_improvement += 1
             if cfg.write_predictions:
-                io.write_json(self.out / f"predictions_epoch{metrics.epoch}.json", {
-                    "epoch": metrics.epoch, "bleu": result.bleu, "chrf": result.chrf,
-                    "bleu_signature": result.bleu_signature, "samples": result.samples})
+                io.write_json(self.out / f"predictions_epoch{metrics.epoch}.json", result.predictions_record(metrics.epoch))
         st.history.append(metrics)
         st.epoch = metrics.epoch
         if self.ddp.is_main:

@@ -42,7 +42,7 @@ from sonar_ft.decoder import FrozenTextDecoder
 from sonar_ft.device import hardware_record, resolve_device, resolve_precision
 from sonar_ft.encoder import load_encoder
 from sonar_ft.errors import ConfigError, DataError, OutputDirError, TrainingError
-from sonar_ft.evaluate import evaluate
+from sonar_ft.evaluate import evaluate, results_record
 from sonar_ft.run_log import STEPS_FILE, TENSORBOARD_DIR, attach_train_log
 from sonar_ft.train_state import EpochMetrics, seed_everything
 
@@ -288,11 +288,23 @@ def write_run_records(
     io.write_json(out / TOKENIZER_FILE, tokenizer_record(cfg, decoder))
 
 
+def load_scorer(cfg: TrainConfig, device: torch.device) -> Any:
+    """The SONAR text encoder for the semantic scores, only when ``--text_encoder`` is given (never a silent download)."""
+    if not cfg.text_encoder:
+        return None
+    from sonar_ft.text_encoder import FrozenTextEncoder
+
+    return FrozenTextEncoder.load(cfg.text_encoder, cfg.tokenizer, device=device)
+
+
 def tokenizer_record(cfg: TrainConfig, decoder: FrozenTextDecoder) -> dict[str, Any]:
     vocab = decoder.tokenizer.vocab_info
     return {
         "decoder": cfg.decoder,
         "tokenizer": cfg.tokenizer or cfg.decoder,
+        # Local files as absolute paths: `sonar-ft export` packs them even when run from another folder.
+        "decoder_file": str(Path(cfg.decoder).resolve()) if Path(cfg.decoder).is_file() else None,
+        "tokenizer_file": str(Path(cfg.tokenizer).resolve()) if cfg.tokenizer and Path(cfg.tokenizer).is_file() else None,
         "tokenizer_family": "nllb",
         "tgt_lang": cfg.tgt_lang,
         "target_mode": "target",
@@ -556,15 +568,8 @@ def evaluate_checkpoint(cfg: TrainConfig) -> dict[str, Any]:
     if arch.output_dim != decoder.embedding_dim:
         raise ConfigError(f"encoder outputs {arch.output_dim}-d embeddings but decoder {cfg.decoder} reads {decoder.embedding_dim}-d ones")
     result = evaluate(encoder, decoder, batches, lang=cfg.tgt_lang, device=device, precision=precision,
-                      beam_size=cfg.beam_size, max_gen_len=cfg.max_gen_len, loss_chunk_size=cfg.loss_chunk_size)
-    record = {
-        **result.summary(),
-        "encoder_checkpoint": str(cfg.encoder_checkpoint),
-        "features": str(cfg.val_features),
-        "manifest": str(cfg.val_manifest),
-        "tgt_lang": cfg.tgt_lang,
-        "beam_size": cfg.beam_size,
-        "samples": result.samples,
-    }
+                      beam_size=cfg.beam_size, max_gen_len=cfg.max_gen_len, loss_chunk_size=cfg.loss_chunk_size,
+                      text_encoder=load_scorer(cfg, device))
+    record = results_record(result, asdict(cfg))  # scores + SHA-256 of the encoder and data: export checks them
     io.write_json(out / TEST_RESULTS, record)
     return record

@@ -27,6 +27,15 @@ class EpochMetrics:
     seconds: float
     samples_per_second: float
     is_best: bool = False
+    # The other scores of the evaluation (sonar_ft.scores.METRICS; None without evaluation / text encoder).
+    val_bleu1: float | None = None
+    val_bleu2: float | None = None
+    val_bleu3: float | None = None
+    val_bleu4: float | None = None
+    val_rougeL: float | None = None
+    val_cosine: float | None = None
+    val_r1: float | None = None
+    val_r5: float | None = None
 
 
 def empty_best() -> dict[str, Any]:

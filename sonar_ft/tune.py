@@ -66,6 +66,8 @@ SPACE_ATTR = "sonar_ft:search_space"
 SETTINGS_ATTR = "sonar_ft:trial_settings"
 
 # Trial user attributes.
+TRIAL_SETTINGS = "settings"
+"""Every recipe setting a trial ran with (``dataclasses.asdict(TrainConfig)``)."""
 FAIL_REASON = "fail_reason"
 FAIL_KIND = "fail_kind"
 """``trial`` (the settings failed: counts towards ``n_trials``), ``aborted`` (a study-wide problem),
@@ -795,14 +797,15 @@ def trial_config(settings: TuneSettings, params: Mapping[str, Any], number: int)
     )
 
 
-def final_config(settings: TuneSettings, params: Mapping[str, Any]) -> TrainConfig:
+def final_config(settings: TuneSettings, params: Mapping[str, Any], *, ran: TrainConfig | None = None) -> TrainConfig:
     """The complete config of a full training run with ``params`` (what ``best_config.yaml`` holds).
 
+    Built on ``ran`` (the settings the best trial ran with) when given, else on the study's fixed settings.
     All training clips (``subset_fraction`` / ``max_samples`` were tuning shortcuts), ``final_epochs``
     if set, checkpoints and predictions on, output in ``STUDY_DIR/best_run``.
     """
     values = {k: v for k, v in params.items() if k in TRAIN_FIELDS}
-    cfg = make_config(values, base=settings.train, source="best trial")
+    cfg = make_config(values, base=ran or settings.train, source="best trial")
     return dataclasses.replace(
         cfg,
         output_dir=str(settings.study_dir / BEST_RUN_DIR),
@@ -876,12 +879,15 @@ def make_objective(settings: TuneSettings, worker: str) -> Callable[[optuna.Tria
             if value is None or not math.isfinite(value):
                 raise TrialFailed(f"validation {settings.optimize} is {value} at epoch {metrics.epoch} (training diverged)")
             trial.report(value, metrics.epoch)
-            if trial.should_prune():
+            # A trial at its final epoch has spent its whole budget: it completes, whatever the pruner says.
+            if metrics.epoch < cfg.epochs and trial.should_prune():
                 trial.set_user_attr("pruned_at_epoch", metrics.epoch)
                 raise optuna.TrialPruned(f"pruned at epoch {metrics.epoch}: val {settings.optimize} {value:.4g}")
 
         try:
             cfg = trial_config(settings, params, trial.number)
+            # What this trial ran with: the study's records describe it from this, never from a later command's flags.
+            trial.set_user_attr(TRIAL_SETTINGS, dataclasses.asdict(cfg))
             cfg.validate()
             result = train(cfg, on_evaluation=on_evaluation, reuse_data=datasets)
         except optuna.TrialPruned:
@@ -891,7 +897,8 @@ def make_objective(settings: TuneSettings, worker: str) -> Callable[[optuna.Tria
             _fail(trial, "aborted", failure_reason(exc))
             raise
         except KeyboardInterrupt:
-            _fail(trial, "interrupted", "interrupted (Ctrl-C); the trial runs again when the command is re-run")
+            _fail(trial, "interrupted", "interrupted (Ctrl-C); its parameters are queued and run again when the command is re-run")
+            requeue(trial)
             raise
         except Exception as exc:
             # NaN / Inf, out of memory, a setting the recipe refuses, or anything else these settings ran into:
@@ -912,6 +919,14 @@ def make_objective(settings: TuneSettings, worker: str) -> Callable[[optuna.Tria
         return float(result.best_score)
 
     return objective
+
+
+def requeue(trial: optuna.Trial) -> None:
+    """Queue ``trial``'s parameters as a new trial, as Optuna does for a dead worker's (``retry_of`` in trials.csv)."""
+    trial.study.add_trial(optuna.trial.create_trial(
+        state=TrialState.WAITING, params=dict(trial.params), distributions=dict(trial.distributions),
+        system_attrs={"failed_trial": trial.number},
+    ))
 
 
 def _fail(trial: optuna.Trial, kind: str, reason: str) -> None:
@@ -1104,12 +1119,13 @@ def write_study_outputs(study: optuna.Study, settings: TuneSettings) -> dict[str
         study, trials, best,
         storage=shown, metric=settings.optimize, n_trials=settings.n_trials, epochs=settings.train.epochs,
         space=space_record(settings.space), sampler=settings.sampler, pruner=settings.pruner,
-        fixed=dataclasses.asdict(settings.train),
+        fixed=dataclasses.asdict(settings.train), compared=_COMPARABILITY,
     )
     written["summary"] = out / SUMMARY_FILE
     io.write_json(written["summary"], summary)
     if best is not None:
-        cfg = final_config(settings, best.params)
+        ran = trial_ran_with(best, settings)
+        cfg = final_config(settings, best.params, ran=ran)
         record = {
             "study_name": settings.study_name,
             "storage": shown,
@@ -1118,13 +1134,13 @@ def write_study_outputs(study: optuna.Study, settings: TuneSettings) -> dict[str
             "value": best.value,
             "trial": best.number,
             "params": dict(best.params),
-            "trial_settings": {k: getattr(settings.train, k) for k in _COMPARABILITY},
+            "trial_settings": {k: getattr(ran, k) for k in _COMPARABILITY},  # as the best trial ran, not this command's flags
             "best_epoch": best.user_attrs.get("best_epoch"),
         }
         written["best_hyperparameters"] = out / BEST_PARAMS_FILE
         io.write_json(written["best_hyperparameters"], record)
         written["best_config"] = out / BEST_CONFIG_FILE
-        io.write_text(written["best_config"], best_config_text(cfg, settings, best, shown))
+        io.write_text(written["best_config"], best_config_text(cfg, settings, best, shown, ran=ran))
     else:
         log.info("no trial has completed yet: %s and %s are written once one does", BEST_PARAMS_FILE, BEST_CONFIG_FILE)
     if settings.plots:
@@ -1134,9 +1150,18 @@ def write_study_outputs(study: optuna.Study, settings: TuneSettings) -> dict[str
     return written
 
 
-def best_config_text(cfg: TrainConfig, settings: TuneSettings, best: FrozenTrial, storage: str) -> str:
-    """``best_config.yaml``: a comment naming the trial and its score, then every recipe setting."""
-    t = settings.train
+def trial_ran_with(trial: FrozenTrial, settings: TuneSettings) -> TrainConfig:
+    """The recipe settings ``trial`` ran with (recorded on it); for trials of older versions, today's fixed settings."""
+    recorded = trial.user_attrs.get(TRIAL_SETTINGS)
+    if isinstance(recorded, Mapping):
+        return TrainConfig(**{k: v for k, v in recorded.items() if k in TRAIN_FIELDS})
+    log.info("trial %d does not record its settings (an older sonar-ft): describing it with this command's", trial.number)
+    return trial_config(settings, trial.params, trial.number)
+
+
+def best_config_text(cfg: TrainConfig, settings: TuneSettings, best: FrozenTrial, storage: str, *, ran: TrainConfig | None = None) -> str:
+    """``best_config.yaml``: a comment naming the trial, its score and what it ran with, then every recipe setting."""
+    t = ran or settings.train
     data = f"{t.subset_fraction:.0%} of the training clips" if t.subset_fraction else "the training clips"
     if t.max_samples:
         data += f" (at most {t.max_samples} per split)"

@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 PLOT_NAMES = ("optimization_history", "param_importances", "parallel_coordinate", "intermediate_values")
 CSV_COLUMNS = (
     "number", "state", "value", "epochs_run", "best_epoch", "pruned_at_epoch", "duration_s",
-    "datetime_start", "datetime_complete", "worker", "fail_reason", "retry_of",
+    "datetime_start", "datetime_complete", "worker", "fail_reason", "retry_of", "epochs",
 )
 
 
@@ -55,6 +55,7 @@ def trial_rows(trials: list[FrozenTrial], param_names: list[str]) -> list[dict[s
             "worker": t.user_attrs.get("worker", ""),
             "fail_reason": _fail_reason(t),
             "retry_of": t.system_attrs.get("failed_trial", ""),
+            "epochs": _ran_with(t).get("epochs", ""),  # the trial's own budget (it may differ between commands)
         }
         for name in param_names + extra:
             row[f"param_{name}"] = t.params.get(name, "")
@@ -81,11 +82,18 @@ def _order(column: str, param_names: list[str]) -> tuple[int, str]:
     return (param_names.index(name), name) if name in param_names else (len(param_names), name)
 
 
+def _ran_with(t: FrozenTrial) -> Mapping[str, Any]:
+    """The recipe settings a trial recorded (``sonar_ft.tune.TRIAL_SETTINGS``); empty for older trials."""
+    recorded = t.user_attrs.get("settings")
+    return recorded if isinstance(recorded, Mapping) else {}
+
+
 def trial_epochs(trials: list[FrozenTrial], epochs: int) -> dict[str, Any]:
-    """Epochs the finished trials trained vs. what they would have without pruning (``epochs`` each)."""
+    """Epochs the finished trials trained vs. what they would have without pruning (each its own ``epochs``;
+    ``epochs`` for trials that did not record theirs)."""
     finished = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
     run = sum(int(t.user_attrs.get("epochs_run") or max(t.intermediate_values, default=0)) for t in finished)
-    budget = len(finished) * epochs
+    budget = sum(int(_ran_with(t).get("epochs") or epochs) for t in finished)
     return {"run": run, "without_pruning": budget, "saved_fraction": (1 - run / budget) if budget else 0.0}
 
 
@@ -102,8 +110,14 @@ def study_summary(
     sampler: Mapping[str, Any],
     pruner: Mapping[str, Any],
     fixed: Mapping[str, Any],
+    compared: tuple[str, ...] = (),
 ) -> dict[str, Any]:
-    """The study in one JSON object: counts, best trial, trial-epochs spent, settings, versions."""
+    """The study in one JSON object: counts, best trial, trial-epochs spent, settings, versions.
+
+    ``fixed`` are the settings of the command writing the file; ``compared`` names settings whose values
+    the trials recorded are listed (``trial_settings``: value -> trial numbers), so a study whose trials
+    ran with different settings says so.
+    """
     counts = {state.name.lower(): 0 for state in TrialState}
     for t in trials:
         counts[t.state.name.lower()] += 1
@@ -125,7 +139,9 @@ def study_summary(
         "best": None if best is None else {
             "trial": best.number, "value": best.value, "params": best.params,
             "best_epoch": best.user_attrs.get("best_epoch"),
+            "settings": {k: _ran_with(best).get(k) for k in compared} if _ran_with(best) else None,
         },
+        "trial_settings": _settings_by_value(trials, compared),
         "trial_epochs": trial_epochs(trials, epochs),
         "workers": sorted({t.user_attrs["worker"] for t in trials if "worker" in t.user_attrs}),
         "first_trial_started": min(starts).isoformat(timespec="seconds") if starts else None,
@@ -137,6 +153,18 @@ def study_summary(
         "written_at": datetime.now().isoformat(timespec="seconds"),
         "versions": versions,
     }
+
+
+def _settings_by_value(trials: list[FrozenTrial], names: tuple[str, ...]) -> dict[str, dict[str, list[int]]]:
+    """For each setting in ``names``: JSON value -> numbers of the trials that ran with it (recorded trials only)."""
+    out: dict[str, dict[str, list[int]]] = {}
+    for name in names:
+        values: dict[str, list[int]] = {}
+        for t in trials:
+            if _ran_with(t):
+                values.setdefault(json.dumps(_ran_with(t).get(name)), []).append(t.number)
+        out[name] = values
+    return out
 
 
 def write_plots(study: optuna.Study, out_dir: Path, *, metric: str = "value") -> dict[str, list[Path]]:

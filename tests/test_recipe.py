@@ -43,7 +43,7 @@ def test_predictions_schema(quick_run):
     p = json.loads((quick_run / "predictions_epoch2.json").read_text())
     assert p["epoch"] == 2 and isinstance(p["bleu"], float)
     assert len(p["samples"]) == 16  # the tiny val split
-    assert set(p["samples"][0]) == {"id", "reference", "prediction", "bleu_score"}
+    assert set(p["samples"][0]) == {"id", "reference", "prediction", "bleu_score", "chrf", "rougeL"}
 
 
 def test_config_records_settings_architecture_versions_and_data(quick_run):
@@ -131,7 +131,9 @@ def test_export_translate_round_trip(quick_run, tiny_demo, tmp_path):
     tarball = tmp_path / "enc.tar.gz"
     assert cli(["export", "--run_dir", str(quick_run), "--out", str(tarball)]) == 0
     with tarfile.open(tarball) as tar:
-        assert set(tar.getnames()) == {"best_encoder.pt", "config.json", "tokenizer.json", "README.md", "metrics.json"}
+        # + the demo's local decoder card and its files (small), so the tarball translates from anywhere.
+        assert set(tar.getnames()) == {"best_encoder.pt", "config.json", "tokenizer.json", "README.md", "metrics.json",
+                                       "decoder.yaml", "decoder.pt", "tokenizer.model"}
         card = tar.extractfile("README.md").read().decode()
     assert "Fine-tuned SONAR ASL encoder" in card and "BLEU" in card
     # Predictions of the best epoch were made with beam 2; translating from the tarball must agree.

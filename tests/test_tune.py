@@ -457,15 +457,18 @@ def test_interrupted_sqlite_study_resumes_where_it_stopped(tiny_demo, tmp_path):
         worker = subprocess.run(_tune_command(path), cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=240)
     assert worker.returncode == 130, (tmp_path / "worker.log").read_text()[-2000:]
     study = optuna.load_study(study_name="tiny", storage=storage)
-    interrupted = study.get_trials()[-1]
+    interrupted, queued = study.get_trials()[1:]
     assert interrupted.number == 1 and sorted(interrupted.intermediate_values) == [1]
     assert len(finished(study)) == 1 and not counts_towards_budget(interrupted)
+    # Its parameters wait to run again, as a dead worker's would.
+    assert queued.state == optuna.trial.TrialState.WAITING and queued.params == interrupted.params
 
     assert cli(["tune", "--config", str(path), "--no_progress"]) == 0  # the same command again
     trials = study.get_trials()
     done = finished(study)
     assert len(done) == 3
     assert len({json.dumps(t.params, sort_keys=True) for t in done}) == 3  # nothing re-run twice
+    assert done[1].number == 2 and done[1].params == interrupted.params  # the interrupted parameters did run
     assert [t.number for t in trials] == list(range(len(trials)))
 
     assert cli(["tune", "--config", str(path), "--no_progress"]) == 0  # complete: nothing more to run
