@@ -537,3 +537,58 @@ def test_translate_names_each_clip_it_cannot_embed(tmp_path):
     msg = str(err.value)
     assert "3 clip(s)" in msg and "empty: has zero frames" in msg and "narrow: has 5 features" in msg
     assert "nan: contains NaN" in msg and "ok" not in msg.split("(")[1].split(":")[0]
+
+
+# ------------------------------------------------------------------------------------------------
+# Decoder: a text encoder given as decoder; references longer than the decoder reads
+# ------------------------------------------------------------------------------------------------
+class _FakeDecoderModel(torch.nn.Module):
+    max_target_seq_len = 8
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.final_proj = torch.nn.Linear(4, 10)
+
+    def decode(self, *args):  # pragma: no cover - never called here
+        raise AssertionError
+
+
+class _FakeTokenizer:
+    vocab_info = type("V", (), {"size": 10, "pad_idx": 0})()
+
+    def create_decoder(self, **kwargs):
+        return None
+
+    def create_encoder(self, **kwargs):
+        return lambda text: torch.arange(len(text.split()) + 3)  # </s> lang words... </s>
+
+
+def test_a_text_encoder_given_as_decoder_is_named():
+    from sonar_ft.decoder import FrozenTextDecoder
+
+    encoder_like = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    with pytest.raises(ConfigError, match=r"--decoder 'text_encoder.yaml' is not a SONAR text decoder \(it loads as a Sequential"):
+        FrozenTextDecoder(encoder_like, _FakeTokenizer(), langs=["eng_Latn"], source="text_encoder.yaml")
+
+
+def test_a_reference_longer_than_the_decoder_reads_is_named_with_its_row(tmp_path):
+    from sonar_ft.data import FeatureStore
+    from sonar_ft.data.bad_samples import find_bad_samples
+    from sonar_ft.decoder import FrozenTextDecoder
+
+    decoder = FrozenTextDecoder(_FakeDecoderModel(), _FakeTokenizer(), langs=["eng_Latn"], source="dec")
+    long_text = "one two three four five six"  # 9 tokens > 8
+    assert decoder.text_problem("short one", "eng_Latn") is None
+    assert "reference has 9 tokens, more than the 8" in decoder.text_problem(long_text, "eng_Latn")
+    with pytest.raises(DataError, match=r"the reference 'one two three four five six' has 9 tokens, more than the 8"):
+        decoder.tokenize(["ok", long_text], "eng_Latn")
+    assert decoder.tokenize([long_text], "eng_Latn", max_len=8)[0].shape == (1, 8)  # truncation asked for: no error
+
+    feats = tmp_path / "f"
+    feats.mkdir()
+    for name in ("a", "b"):
+        np.save(feats / f"{name}.npy", np.ones((3, 4), np.float32))
+    rows = [ManifestRow("a", "fine", None, line=2), ManifestRow("b", long_text, None, line=3)]
+    bad = find_bad_samples(FeatureStore.open(feats), rows, progress=False,
+                           text_check=lambda t: decoder.text_problem(t, "eng_Latn"))
+    assert [(b.id, "manifest line 3" in b.reason, "9 tokens" in b.reason) for b in bad] == [("b", True, True)]
