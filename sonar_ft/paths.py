@@ -81,3 +81,61 @@ def check_not_folder(out: str | Path, *, flag: str = "--out", example: str = "")
     if Path(out).is_dir():
         hint = f", e.g. {Path(out) / example}" if example else ""
         raise ConfigError(f"{flag} {out} is a folder; give the path of the file to write{hint}")
+
+
+# Files and patterns a training run writes (or deletes with --overwrite) directly in its --output_dir.
+RUN_WRITES = RUN_RECORDS + ("README.md",)
+RUN_WRITE_PATTERNS = ("metrics_epoch*.json", "predictions_epoch*.json")
+# TrainConfig fields naming files or folders a run reads.
+RECIPE_INPUT_FIELDS = ("train_features", "train_manifest", "val_features", "val_manifest", "encoder_checkpoint",
+                       "decoder", "tokenizer", "text_encoder")
+
+
+def recipe_inputs(cfg: object) -> dict[str, str]:
+    """``{"--train_features": path, ...}`` for the input fields of a recipe config that name existing paths.
+
+    Model settings (``decoder``, ``tokenizer``, ``text_encoder``) may be asset-card names instead of files:
+    they count only when such a path exists.
+    """
+    found = {}
+    for name in RECIPE_INPUT_FIELDS:
+        value = getattr(cfg, name, None)
+        if value and (name.endswith(("_features", "_manifest", "_checkpoint")) or Path(str(value)).exists()):
+            found[f"--{name}"] = str(value)
+    return found
+
+
+def check_output_dir(
+    output_dir: str | Path,
+    inputs: Mapping[str, str | Path | None],
+    *,
+    flag: str = "--output_dir",
+) -> None:
+    """Refuse a run folder that is an input, lies inside an input folder, or would overwrite an input file.
+
+    Inputs elsewhere inside the run folder (``RUN/data/features``) are fine; an input that is one of
+    the files a run writes or deletes there (``RUN/best_encoder.pt`` given as --encoder_checkpoint, with
+    --overwrite or a new run) is not. Feature folders matter most: a run folder inside one would put
+    ``last.pt`` / ``best_encoder.pt`` among the clips.
+    """
+    import fnmatch
+
+    target = resolved(output_dir)
+    for in_flag, value in inputs.items():
+        if value is None:
+            continue
+        source = resolved(value)
+        if target == source:
+            raise ConfigError(f"{flag} {output_dir} is the same path as {in_flag} {value}. Choose another {flag}.")
+        if _inside(target, source):
+            raise ConfigError(
+                f"{flag} {output_dir} is inside {in_flag} {value}: the run's files would mix with its inputs. "
+                f"Choose an {flag} outside it."
+            )
+        if source.parent == target and (
+            source.name in RUN_WRITES or any(fnmatch.fnmatch(source.name, p) for p in RUN_WRITE_PATTERNS)
+        ):
+            raise ConfigError(
+                f"{in_flag} {value} is a file this run writes in {flag} {output_dir}: it would be replaced. Copy it "
+                f"elsewhere first (e.g. cp {value} {target.parent / ('input_' + source.name)}) or choose another {flag}."
+            )

@@ -592,3 +592,25 @@ def test_a_reference_longer_than_the_decoder_reads_is_named_with_its_row(tmp_pat
     bad = find_bad_samples(FeatureStore.open(feats), rows, progress=False,
                            text_check=lambda t: decoder.text_problem(t, "eng_Latn"))
     assert [(b.id, "manifest line 3" in b.reason, "9 tokens" in b.reason) for b in bad] == [("b", True, True)]
+
+
+def test_run_folder_checks_for_the_recipe(tmp_path):
+    from types import SimpleNamespace
+
+    from sonar_ft.paths import check_output_dir, recipe_inputs
+
+    feats = tmp_path / "features"
+    feats.mkdir()
+    cfg = SimpleNamespace(train_features=str(feats), train_manifest=str(tmp_path / "t.tsv"), val_features=None,
+                          val_manifest=None, encoder_checkpoint=str(tmp_path / "run" / "best_encoder.pt"),
+                          decoder="text_sonar_basic_decoder", tokenizer=None, text_encoder="text_sonar_basic_encoder")
+    inputs = recipe_inputs(cfg)
+    assert set(inputs) == {"--train_features", "--train_manifest", "--encoder_checkpoint"}
+    with pytest.raises(ConfigError, match="--encoder_checkpoint .*best_encoder.pt is a file this run writes"):
+        check_output_dir(tmp_path / "run", inputs)
+    with pytest.raises(ConfigError, match="--output_dir .* is inside --train_features"):
+        check_output_dir(feats / "run", {"--train_features": str(feats)})
+    with pytest.raises(ConfigError, match="same path as --train_features"):
+        check_output_dir(feats, {"--train_features": str(feats)})
+    check_output_dir(tmp_path / "run2", inputs)
+    check_output_dir(tmp_path, {"--train_features": str(feats)})  # inputs in a subfolder of the run folder are fine
