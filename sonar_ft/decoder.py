@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from sonar_ft import assets
-from sonar_ft.errors import ConfigError
+from sonar_ft.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +93,12 @@ class FrozenTextDecoder(nn.Module):
     """A frozen SONAR text decoder with its tokenizer."""
 
     def __init__(self, model: nn.Module, tokenizer: Any, *, langs: Sequence[str], source: str = "") -> None:
+        if not (hasattr(model, "final_proj") and hasattr(model, "decode")):
+            # e.g. the card of SONAR's text *encoder* given as --decoder: it loads, but cannot decode.
+            raise ConfigError(
+                f"--decoder {source!r} is not a SONAR text decoder (it loads as a {type(model).__name__}, which has no "
+                "decoder; a text encoder's card?). Pass text_sonar_basic_decoder or a decoder's card / checkpoint"
+            )
         super().__init__()
         self.model = model
         self.tokenizer = tokenizer
@@ -169,10 +175,33 @@ class FrozenTextDecoder(nn.Module):
             self._encoders[lang] = self.tokenizer.create_encoder(task="translation", lang=lang, mode="target")
         return self._encoders[lang]
 
+    @property
+    def max_target_len(self) -> int:
+        """The longest target sequence (special tokens included) the decoder's positions cover."""
+        return int(getattr(self.model, "max_target_seq_len", 10**9))
+
+    def text_problem(self, text: str, lang: str) -> str | None:
+        """Why ``text`` cannot be a target for this decoder (too many tokens), or None when it can."""
+        n = len(self._encoder(lang)(text))
+        if n > self.max_target_len:
+            return (f"reference has {n} tokens, more than the {self.max_target_len} decoder {self.source!r} can read; "
+                    "shorten or split it in the manifest")
+        return None
+
     def tokenize(self, texts: Sequence[str], lang: str, *, max_len: int | None = None) -> tuple[Tensor, Tensor]:
         """Target sequences ``</s> __lang__ tokens </s>`` padded with the pad index: (B, S) and lengths (B,)."""
         enc = self._encoder(lang)
         seqs = [enc(t) for t in texts]
+        if max_len is None:
+            too_long = [(t, len(s)) for t, s in zip(texts, seqs) if len(s) > self.max_target_len]
+            if too_long:
+                text, n = too_long[0]
+                shown = text if len(text) <= 60 else text[:57] + "..."
+                raise DataError(
+                    f"the reference {shown!r} has {n} tokens, more than the {self.max_target_len} decoder "
+                    f"{self.source!r} can read ({len(too_long)} such text(s) in this batch); shorten or split it in the "
+                    "manifest, or leave that clip out"
+                )
         if max_len is not None:  # keep the final </s> so the model still learns to stop
             seqs = [s if len(s) <= max_len else torch.cat([s[: max_len - 1], s[-1:]]) for s in seqs]
         lens = torch.tensor([len(s) for s in seqs])

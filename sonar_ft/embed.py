@@ -23,6 +23,8 @@ from sonar_ft.encoder import SignT5SonarEncoder
 from sonar_ft.errors import ConfigError, DataError
 from sonar_ft.export import load_any_encoder
 from sonar_ft.io import atomic_path, write_text
+from sonar_ft.lock import output_lock
+from sonar_ft.paths import check_not_folder, check_output_not_input
 
 log = logging.getLogger(__name__)
 
@@ -135,6 +137,15 @@ def _embed(args: argparse.Namespace) -> int:
         raise ConfigError(f"--out {out} must end in .npy (the clip ids go beside it as .ids.txt)")
     if args.batch_size < 1:
         raise ConfigError(f"--batch_size must be at least 1, got {args.batch_size}")
+    check_not_folder(out, example="embeddings.npy")
+    inputs = {"--features": args.features, "--encoder_checkpoint": args.encoder_checkpoint, "--manifest": args.manifest}
+    check_output_not_input(out, inputs)
+    check_output_not_input(ids_path(out), inputs, flag="--out (its .ids.txt)")
+    with output_lock(out, folder=False, command="sonar-ft embed"):
+        return _embed_locked(args, out)
+
+
+def _embed_locked(args: argparse.Namespace, out: Path) -> int:
     device = _resolve_device(args.device)
     ids, load = _clips(args)
     model, config = load_any_encoder(args.encoder_checkpoint, device=device)
@@ -147,6 +158,13 @@ def _embed(args: argparse.Namespace) -> int:
             clips = [_checked(clip_id, load(clip_id), config.feature_dim, args.features) for clip_id in chunk_ids]
             embeddings[start : start + len(clips)] = embed_features(model, clips, args.batch_size).numpy()
             progress.update(len(clips))
+    bad = [clip_id for clip_id, row in zip(ids, np.isfinite(embeddings).all(axis=1)) if not row]
+    if bad:
+        listed = ", ".join(bad[:MAX_LISTED]) + (" ..." if len(bad) > MAX_LISTED else "")
+        raise DataError(
+            f"the encoder {args.encoder_checkpoint} gave NaN/Inf embeddings for {len(bad)} clip(s) ({listed}); nothing "
+            f"was written to {out}. The checkpoint's weights may be broken (re-export it) or the clips hold extreme values"
+        )
 
     with atomic_path(out) as tmp, open(tmp, "wb") as f:
         np.save(f, embeddings)  # a file object: np.save would append ".npy" to the temp name
@@ -163,4 +181,9 @@ def _checked(clip_id: str, clip: Tensor, feature_dim: int, source: Path) -> Tens
         )
     if clip.shape[0] == 0:
         raise DataError(f"clip {clip_id!r} in {source} has no frames; drop it from the manifest")
+    if not torch.isfinite(clip).all():
+        raise DataError(
+            f"clip {clip_id!r} in {source} contains NaN or Inf values; nothing was written. Re-extract its features, "
+            "or pass --manifest listing the clips to embed without it (`sonar-ft verify` lists every bad clip)"
+        )
     return clip

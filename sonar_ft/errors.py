@@ -27,6 +27,10 @@ class OutputDirError(SonarFtError):
     """The output folder cannot be used as asked (another run's files, not writable...)."""
 
 
+class DiskFullError(OutputDirError, OSError):
+    """A file could not be written because its disk is full (also an OSError, for callers that catch those)."""
+
+
 class TrainingError(SonarFtError):
     """Training cannot go on (diverged to NaN/Inf, out of GPU memory); the message says what fits."""
 

@@ -45,6 +45,10 @@ LICENCE = (
     "terms). This fine-tuned encoder is a derivative of those weights: use it under the same terms. The frozen "
     "SONAR text decoder keeps the licence of facebookresearch/SONAR."
 )
+# A real export has at most len(ALLOWED_MEMBERS) members: counted while reading headers, so a small
+# tarball with 200,000 members is refused after a few headers instead of extracted for minutes.
+MAX_MEMBERS = 16
+MAX_TOTAL_BYTES = 32 * 1024**3
 
 
 # ------------------------------------------------------------------------------------------------
@@ -323,13 +327,11 @@ def build_export(run_dir: str | Path, out: str | Path, *, test_results: str | Pa
             f"--run_dir {run_dir} has no {', '.join(missing)}: export needs a finished training run "
             "(train with train_sonar_finetuning.py first)"
         )
-    if test_results is not None and not Path(test_results).is_file():
-        raise ConfigError(f"--test_results {test_results} does not exist; give the test_results.json of an --eval_only run, "
-                          "or leave the flag out to use the run folder's")
+    check_export_paths(run_dir, out, needed, test_results)
     from sonar_ft.evaluate import file_sha256
 
-    config = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
-    tokenizer = json.loads((run_dir / "tokenizer.json").read_text(encoding="utf-8"))
+    config = _read_record(run_dir / "config.json")
+    tokenizer = _read_record(run_dir / "tokenizer.json")
     history = _latest_metrics(run_dir)
     notes: list[str] = []
     test_path = Path(test_results) if test_results else run_dir / "test_results.json"
@@ -360,12 +362,37 @@ def build_export(run_dir: str | Path, out: str | Path, *, test_results: str | Pa
     return ExportReport(out, list(members), notes)
 
 
+def check_export_paths(run_dir: Path, out: Path, needed: list[Path], test_results: str | Path | None) -> None:
+    """Refuse an --out that is a folder or would replace one of the run's files, and a missing --test_results."""
+    from sonar_ft.paths import check_not_folder, check_not_run_record, check_output_not_input
+
+    check_not_folder(out, example="sonar_encoder_finetuned.tar.gz")
+    check_not_run_record(out)
+    check_output_not_input(out, [("--run_dir's", p) for p in needed] + [("--test_results", test_results)])
+    if test_results and not Path(test_results).is_file():
+        raise ConfigError(f"--test_results {test_results} not found; give the test_results.json written by --eval_only, or leave it out")
+
+
+def _read_record(path: Path) -> dict[str, Any]:
+    """A JSON record of a run (config.json...), with an error naming it when it is unreadable."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ConfigError(
+            f"cannot read {path}: {exc}. The run's records are damaged; re-run training into this folder (or "
+            "evaluate again for test_results.json) before exporting"
+        ) from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} does not hold a JSON object; the run's records are damaged")
+    return data
+
+
 # ------------------------------------------------------------------------------------------------
 # Safe loading
 # ------------------------------------------------------------------------------------------------
 def check_members(tar: tarfile.TarFile, source: Path) -> list[tarfile.TarInfo]:
     """Refuse absolute paths, ``..``, links, devices, unexpected names and oversized members."""
-    members = tar.getmembers()
+    members = read_members(tar, source)
     for m in members:
         name = m.name
         if name.startswith("/") or ".." in Path(name).parts or "/" in name.strip("./"):
@@ -380,6 +407,30 @@ def check_members(tar: tarfile.TarFile, source: Path) -> list[tarfile.TarInfo]:
     missing = [n for n in REQUIRED_MEMBERS if n not in names]
     if missing:
         raise CheckpointError(f"{source}: not a complete sonar-ft export (missing {', '.join(missing)})")
+    return members
+
+
+def read_members(tar: tarfile.TarFile, source: Path) -> list[tarfile.TarInfo]:
+    """The members of ``tar``, read header by header: more than :data:`MAX_MEMBERS`, a name twice, or a total
+    size above :data:`MAX_TOTAL_BYTES` is refused before any more headers are read or anything is extracted."""
+    members: list[tarfile.TarInfo] = []
+    seen: set[str] = set()
+    total = 0
+    for m in tar:
+        members.append(m)
+        if len(members) > MAX_MEMBERS:
+            raise CheckpointError(
+                f"{source}: more than {MAX_MEMBERS} members; a sonar-ft export holds at most {len(ALLOWED_MEMBERS)} "
+                "files. Refusing it before extracting anything: it is not a sonar-ft export (export it again)"
+            )
+        if m.name in seen:
+            raise CheckpointError(f"{source}: member {m.name!r} appears twice; not a sonar-ft export (export it again)")
+        seen.add(m.name)
+        total += max(m.size, 0)
+        if total > MAX_TOTAL_BYTES:
+            raise CheckpointError(
+                f"{source}: its members add up to more than {MAX_TOTAL_BYTES:,} bytes; refusing to extract it"
+            )
     return members
 
 
@@ -505,6 +556,7 @@ def translate(
         if unknown:
             raise DataError(f"no feature file for {', '.join(unknown[:5])} in {features}")
         clips = [store.load(i) for i in clip_ids]
+    _check_clips(clip_ids, clips, model.config.feature_dim, features)
     emb = embed_features(model, clips, batch_size=batch_size, device=dev)
     rows: list[dict[str, Any]] = [{"id": i} for i in clip_ids]
     for lang in tgt_langs:
@@ -515,11 +567,37 @@ def translate(
     return rows
 
 
+def _check_clips(clip_ids: list[str], clips: list[Any], feature_dim: int, source: Path) -> None:
+    """Refuse clips the encoder cannot embed, naming each (zero frames, wrong dimension, NaN / Inf)."""
+    import torch
+
+    problems = []
+    for clip_id, clip in zip(clip_ids, clips):
+        if clip.shape[0] == 0:
+            problems.append(f"{clip_id}: has zero frames")
+        elif clip.shape[1] != feature_dim:
+            problems.append(f"{clip_id}: has {clip.shape[1]} features per frame but the encoder expects {feature_dim}")
+        elif not torch.isfinite(clip).all():
+            problems.append(f"{clip_id}: contains NaN or Inf values")
+    if problems:
+        listed = "; ".join(problems[:10]) + (f"; ... and {len(problems) - 10} more" if len(problems) > 10 else "")
+        raise DataError(
+            f"{len(problems)} clip(s) in {source} cannot be translated ({listed}). Re-extract them, or pass --ids "
+            "with the clips to translate (`sonar-ft verify` lists every bad clip)"
+        )
+
+
 # ------------------------------------------------------------------------------------------------
 # Commands
 # ------------------------------------------------------------------------------------------------
 def _cmd_export(args: argparse.Namespace) -> int:
-    report = build_export(args.run_dir, args.out, test_results=args.test_results)
+    from sonar_ft.lock import output_lock
+
+    out = Path(args.out)
+    if out.is_dir():  # before the lock, which would put its file inside the folder
+        raise ConfigError(f"--out {out} is a folder; give the tarball to write, e.g. {out / 'sonar_encoder_finetuned.tar.gz'}")
+    with output_lock(out, folder=False, command="sonar-ft export"):
+        report = build_export(args.run_dir, out, test_results=args.test_results)
     out = report.path
     print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB): {', '.join(report.members)}")
     for note in report.notes:
@@ -532,11 +610,21 @@ def _cmd_translate(args: argparse.Namespace) -> int:
     if not langs:
         raise ConfigError("--tgt_langs needs at least one language code, e.g. eng_Latn,fra_Latn")
     ids = [x for x in args.ids.split(",") if x] if args.ids else None
+    for flag, value in (("--batch_size", args.batch_size), ("--limit", args.limit), ("--beam_size", args.beam_size),
+                        ("--max_gen_len", args.max_gen_len)):
+        if value is not None and value < 1:
+            hint = "; leave --limit out to print every clip" if flag == "--limit" else ""
+            raise ConfigError(f"{flag} must be at least 1 (got {value}){hint}")
+    if args.out:
+        from sonar_ft.paths import check_not_folder, check_output_not_input
+
+        check_not_folder(args.out, example="translations.json")
+        check_output_not_input(args.out, {"--encoder": args.encoder, "--features": args.features})
     rows = translate(
         args.encoder, args.features, langs, decoder=args.decoder, tokenizer=args.tokenizer, ids=ids,
         beam_size=args.beam_size, max_gen_len=args.max_gen_len, batch_size=args.batch_size, device=args.device,
     )
-    if args.limit:
+    if args.limit is not None:
         rows = rows[: args.limit]
     for row in rows:
         print(row["id"])

@@ -9,15 +9,24 @@ which only rebuilds tensors and plain containers: a pickle that would run code i
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import shutil
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Any, Iterator
 
-from sonar_ft.errors import CheckpointError
+from sonar_ft.errors import CheckpointError, DiskFullError
 
 TMP_PREFIX = ".tmp-"
+# Largest tensor data a .pt file handed to us may expand to (a feature clip is megabytes; the biggest
+# SONAR encoder ~3 GB): larger declared sizes are refused before anything is allocated.
+MAX_TENSOR_BYTES = 32 * 1024**3
+_DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+# torch.save reports a failed write as a RuntimeError from C++ (errno lost): recognised by its text.
+_TORCH_WRITE_FAILED = ("file write failed", "PytorchStreamWriter failed writing")
 
 
 @contextlib.contextmanager
@@ -31,14 +40,45 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     # mkstemp creates the file 0600; give the result the permissions a plain open() would.
     os.chmod(tmp_path, 0o666 & ~_UMASK)
     try:
-        yield tmp_path
-        with open(tmp_path, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp_path, path)
+        try:
+            yield tmp_path
+            with open(tmp_path, "rb+") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp_path, path)
+        except (OSError, RuntimeError) as exc:
+            if not _is_disk_full(exc):
+                raise
+            with contextlib.suppress(OSError):
+                tmp_path.unlink()  # frees what the failed write took, so the free space shown is real
+            raise disk_full_error(path, exc) from exc
         _fsync_dir(path.parent)
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def _is_disk_full(exc: BaseException) -> bool:
+    if isinstance(exc, DiskFullError):
+        return False  # already explained by an inner atomic_path
+    if isinstance(exc, OSError):
+        return exc.errno in _DISK_FULL_ERRNOS
+    return isinstance(exc, RuntimeError) and any(s in str(exc) for s in _TORCH_WRITE_FAILED)
+
+
+def disk_full_error(path: Path, exc: BaseException) -> DiskFullError:
+    """The error for a write of ``path`` that failed for lack of space: names the folder and its free space."""
+    folder = path.parent
+    try:
+        free = f"{shutil.disk_usage(folder).free / 1e6:,.1f} MB free"
+    except OSError:
+        free = "free space unknown"
+    cause = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).strip().splitlines()[-1]
+    error = DiskFullError(
+        f"cannot write {path.name} in {folder}: the disk is full ({free}; {cause}). The previous {path.name}, "
+        "if there was one, is intact. Free some space (or choose an output folder on another disk) and run again."
+    )
+    error.errno = errno.ENOSPC
+    return error
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -143,21 +183,28 @@ def save_torch(path: str | Path, obj: Any) -> None:
         torch.save(obj, tmp)
 
 
-def load_torch(path: str | Path, *, what: str = "file") -> Any:
+def load_torch(path: str | Path, *, what: str = "file", fix: str | None = None) -> Any:
     """Load a ``.pt`` / ``.pth`` file without running any code from it.
 
     Raises :class:`CheckpointError` naming the file when it is missing, truncated, not a torch
-    file, or holds objects other than tensors and plain containers.
+    file (an HTML page saved under a .pth name is recognised as such), holds objects other than
+    tensors and plain containers, or declares tensors larger than :data:`MAX_TENSOR_BYTES` or
+    larger than the data it stores (a stride-0 tensor expanding to terabytes when copied). These
+    sizes are checked before any tensor is materialised. ``fix`` replaces the default advice
+    ("download or copy it again") for files we wrote ourselves.
     """
     path = Path(path)
+    if fix is None:
+        fix = _LAST_STATE_FIX if path.name == "last.pt" else "download or copy it again"
     if not path.is_file():
         raise CheckpointError(f"{what} not found: {path}")
     if path.stat().st_size == 0:
-        raise CheckpointError(f"{what} is empty (0 bytes): {path}; download or copy it again")
+        raise CheckpointError(f"{what} is empty (0 bytes): {path}; {fix}")
+    _check_torch_container(path, what, fix)
     import torch
 
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=False)
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=False)
     except Exception as exc:  # torch raises many types for bad files
         msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         if "weights_only" in str(exc) or "Unsupported global" in str(exc) or "GLOBAL" in str(exc):
@@ -165,7 +212,103 @@ def load_torch(path: str | Path, *, what: str = "file") -> Any:
                 f"{what} {path} contains Python objects that would have to be executed to load it; "
                 "refusing to load it. Re-save it with only tensors (e.g. torch.save(model.state_dict()))."
             ) from None
+        if "out of bounds for storage" in str(exc):
+            raise CheckpointError(
+                f"{what} {path} declares a tensor larger than the data it stores ({msg}); it is corrupt or crafted; {fix}"
+            ) from None
         raise CheckpointError(
-            f"cannot read {what} {path}: {msg}. The file may be truncated or not a torch file; "
-            "download or copy it again."
+            f"cannot read {what} {path}: {msg}. The file may be truncated or not a torch file; {fix}."
         ) from None
+    check_tensor_sizes(obj, path, what=what)
+    return obj
+
+
+_LAST_STATE_FIX = (
+    "it is the training state of this run folder: re-run with --overwrite to start the run again, or start a new "
+    "run from its best encoder with --encoder_checkpoint RUN/best_encoder.pt"
+)
+_ZIP_MAGIC = b"PK\x03\x04"
+_PICKLE_PROTO = b"\x80"  # torch's legacy (pre-1.6) format starts with a pickle protocol marker
+
+
+def _check_torch_container(path: Path, what: str, fix: str) -> None:
+    """Refuse what is not a torch file, and zip records larger than :data:`MAX_TENSOR_BYTES`, before torch reads it."""
+    with open(path, "rb") as f:
+        head = f.read(2048)
+    if head.startswith(_ZIP_MAGIC):
+        try:
+            with zipfile.ZipFile(path) as archive:
+                declared = sum(info.file_size for info in archive.infolist())
+        except (zipfile.BadZipFile, OSError) as exc:
+            raise CheckpointError(
+                f"cannot read {what} {path}: {exc}. The file may be truncated or not a torch file; {fix}."
+            ) from None
+        if declared > MAX_TENSOR_BYTES:
+            raise CheckpointError(
+                f"{what} {path} declares {declared:,} bytes of data ({path.stat().st_size:,} bytes on disk), more than "
+                f"the {MAX_TENSOR_BYTES:,} bytes any sonar-ft file needs; refusing to unpack it"
+            )
+        return
+    if head.startswith(_PICKLE_PROTO):
+        # torch's legacy format opens with its magic number as a pickled long (opcode 0x8a), after an
+        # optional frame header; any other pickle is not a torch file.
+        if b"\x8a" in head[2:16]:
+            return
+        raise CheckpointError(
+            f"{what} {path} is not a PyTorch checkpoint (it is a plain Python pickle, which could run code when "
+            f"loaded; refusing it); {fix}"
+        )
+    text = head.lstrip(b"\xef\xbb\xbf \t\r\n").lower()
+    if text.startswith((b"<!doctype html", b"<html", b"<head", b"<?xml")) or b"<html" in text:
+        looks = "an HTML page — e.g. a Google Drive virus-scan or sign-in page saved instead of the file"
+    elif _is_text(head):
+        looks = "a text file"
+    else:
+        looks = "random bytes"
+    raise CheckpointError(f"{what} {path} is not a PyTorch checkpoint (it looks like {looks}); {fix}")
+
+
+def _is_text(head: bytes) -> bool:
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return all(b >= 0x20 or b in b"\t\r\n" for b in head)
+
+
+def check_tensor_sizes(obj: Any, path: str | Path, *, what: str = "file", limit: int = MAX_TENSOR_BYTES) -> None:
+    """Refuse tensors in ``obj`` that would expand beyond their stored data or beyond ``limit`` bytes when copied.
+
+    A tensor saved with stride 0 (``torch.zeros(1).expand(10**12)``) stores one number but becomes
+    terabytes on ``.contiguous()`` / ``.to(dtype)``. Checked from sizes alone: nothing is allocated.
+    """
+    for name, tensor in _tensors(obj, ""):
+        dense = tensor.numel() * tensor.element_size()
+        stored = tensor.untyped_storage().nbytes()
+        where = f"{what} {path}" + (f" ({name})" if name else "")
+        if dense > limit:
+            raise CheckpointError(
+                f"{where} declares a tensor of shape {tuple(tensor.shape)} ({dense:,} bytes), more than the "
+                f"{limit:,} bytes any sonar-ft file needs; refusing to load it"
+            )
+        if dense > stored and tensor.numel() > 1:
+            raise CheckpointError(
+                f"{where} holds a tensor of shape {tuple(tensor.shape)} with strides {tuple(tensor.stride())} that "
+                f"stores {stored:,} bytes but expands to {dense:,} (a stride-0 / overlapping view); it is corrupt or "
+                "crafted. Re-save it with tensor.contiguous()"
+            )
+
+
+def _tensors(obj: Any, prefix: str, depth: int = 0) -> Iterator[tuple[str, "torch.Tensor"]]:
+    import torch
+
+    if depth > 64:
+        return
+    if isinstance(obj, torch.Tensor):
+        yield prefix, obj
+    elif isinstance(obj, dict):
+        for key, value in obj.items():
+            yield from _tensors(value, f"{prefix}.{key}" if prefix else str(key), depth + 1)
+    elif isinstance(obj, (list, tuple)):
+        for i, value in enumerate(obj):
+            yield from _tensors(value, f"{prefix}[{i}]", depth + 1)

@@ -210,6 +210,7 @@ def _parse_spec(name: str, spec: Any, source: str) -> ParamSpec:
         return ParamSpec(name, kind, choices=tuple(choices), when=when)
 
     number = int if kind == "int" else float
+    spec = {k: (_yaml_number(v) if k in ("low", "high", "step") else v) for k, v in spec.items()}
     bounds = {}
     for key in ("low", "high"):
         value = spec.get(key)
@@ -237,6 +238,22 @@ def _parse_spec(name: str, spec: Any, source: str) -> ParamSpec:
         if abs(ratio - round(ratio)) > 1e-9:
             raise ConfigError(f"{where}: high - low ({high - low}) is not a multiple of step ({step}); adjust high")
     return ParamSpec(name, kind, low=low, high=high, log=log_scale, step=step, when=when)
+
+
+def _yaml_number(value: Any) -> Any:
+    """``"1e-5"`` -> ``1e-05``: PyYAML follows YAML 1.1, which reads a number without a dot (``1e-5``) as a string.
+
+    The recipe's ``--config`` accepts such numbers, so the tuning space does too; other strings stay strings
+    (and are refused with the usual message).
+    """
+    if isinstance(value, str):
+        try:
+            number = float(value.strip())
+        except ValueError:
+            return value
+        if math.isfinite(number):
+            return int(number) if number.is_integer() and "." not in value and "e" not in value.lower() else number
+    return value
 
 
 def _parse_when(raw: Any, where: str) -> tuple[tuple[str, str, Any], ...]:
@@ -338,6 +355,8 @@ class TuneSettings:
     study_name: str = "sonar-ft"
     storage: str | None = None
     """SQLAlchemy URL, journal file (``journal:PATH`` or ``*.log``), or None for ``STUDY_DIR/study.db``."""
+    storage_timeout: float = 30.0
+    """Seconds to wait for a database server to connect / answer one statement before giving up with an error."""
     n_trials: int = 20
     """Trials the *study* should hold (finished, pruned or failed by their settings); a re-run tops it up."""
     timeout: float | None = None
@@ -514,6 +533,8 @@ def _validate_settings(s: TuneSettings, source: str) -> None:
             f"{source}: grace_period ({s.grace_period}s) must be longer than heartbeat_interval ({s.heartbeat_interval}s), "
             "or live trials would be declared dead"
         )
+    if not s.storage_timeout > 0:
+        raise ConfigError(f"{source}: storage_timeout must be positive seconds (got {s.storage_timeout})")
     if s.final_epochs is not None and s.final_epochs < 1:
         raise ConfigError(f"{source}: final_epochs must be at least 1 (got {s.final_epochs})")
     resolve_storage(s.storage, s.study_dir)
@@ -570,10 +591,9 @@ def make_storage(settings: TuneSettings) -> optuna.storages.BaseStorage:
         except OSError as exc:
             raise ConfigError(f"--storage {shown}: cannot open the journal file: {exc.strerror or exc}") from None
 
-    engine_kwargs: dict[str, Any] = {"pool_pre_ping": True}
+    location = with_installed_driver(location)
+    engine_kwargs = engine_options(location, settings.storage_timeout)
     if location.startswith("sqlite"):
-        # Several local workers share one SQLite file: wait for the write lock instead of failing at once.
-        engine_kwargs = {"connect_args": {"timeout": 60}}
         db_path = location.removeprefix("sqlite:///")
         if db_path and db_path != ":memory:":
             Path(db_path).parent.mkdir(parents=True, exist_ok=True)
@@ -593,6 +613,13 @@ def make_storage(settings: TuneSettings) -> optuna.storages.BaseStorage:
             raise ConfigError(f"--storage {shown}: its database driver is not installed ({exc}); e.g. pip install psycopg2-binary") from None
         except Exception as exc:  # sqlalchemy raises many kinds for unreachable / malformed databases
             error = exc
+            if _is_timeout(exc):
+                # Retrying would multiply the wait; a server that does not answer will not answer the next time.
+                raise ConfigError(
+                    f"--storage {shown}: the database server did not answer within storage_timeout "
+                    f"({settings.storage_timeout:g}s): {_first_line(exc)}. Check that the host and port are a running "
+                    "database server (not a proxy or another service), or raise storage_timeout"
+                ) from exc
             # Workers started together on a fresh database race to create Optuna's tables: the loser retries.
             time.sleep(0.5 + random.random())
     first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
@@ -600,6 +627,49 @@ def make_storage(settings: TuneSettings) -> optuna.storages.BaseStorage:
         f"--storage {shown}: cannot open the database: {first}. Check the URL, that the server runs and that "
         "the database exists (PostgreSQL: createdb NAME)"
     )
+
+
+def with_installed_driver(url: str) -> str:
+    """``postgresql://`` with the PostgreSQL driver that is installed (SQLAlchemy 2.1 means psycopg 3 by it).
+
+    psycopg2 is what ``pip install psycopg2-binary`` (the usual advice) gives; when only it is there, the
+    bare scheme is pointed at it instead of failing with "driver not installed".
+    """
+    import importlib.util
+
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme not in ("postgresql", "postgres"):
+        return url
+    if importlib.util.find_spec("psycopg") is None and importlib.util.find_spec("psycopg2") is not None:
+        return f"postgresql+psycopg2://{rest}"
+    return f"postgresql://{rest}" if scheme == "postgres" else url
+
+
+def engine_options(url: str, timeout: float) -> dict[str, Any]:
+    """SQLAlchemy ``engine_kwargs`` that bound every wait on the database to about ``timeout`` seconds."""
+    seconds = max(1, math.ceil(timeout))
+    backend = url.partition("://")[0].partition("+")[0]
+    if backend == "sqlite":
+        # Several local workers share one SQLite file: wait for the write lock instead of failing at once.
+        return {"connect_args": {"timeout": max(timeout, 60)}}
+    options: dict[str, Any] = {"pool_pre_ping": True, "pool_timeout": seconds}
+    if backend in ("postgresql", "postgres"):
+        # libpq's connect_timeout bounds the whole connection start-up (at least 2 s); statement_timeout bounds
+        # each statement on the server. A server that accepts and never answers is then an error, not a hang.
+        options["connect_args"] = {"connect_timeout": max(2, seconds), "options": f"-c statement_timeout={seconds * 1000}"}
+    elif backend in ("mysql", "mariadb"):
+        options["connect_args"] = {"connect_timeout": seconds, "read_timeout": seconds, "write_timeout": seconds}
+    return options
+
+
+def _is_timeout(exc: BaseException) -> bool:
+    text = str(exc).lower()
+    return "timeout" in text or "timed out" in text or "statement_timeout" in text
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 class TrialSeededSampler(BaseSampler):

@@ -78,6 +78,7 @@ def find_bad_samples(
     progress: bool = True,
     frames: dict[str, int] | None = None,
     keep: Callable[[str, torch.Tensor], None] | None = None,
+    text_check: Callable[[str], str | None] | None = None,
 ) -> list[BadSample]:
     """Every row of ``rows`` that training would fail on, in manifest order.
 
@@ -89,6 +90,9 @@ def find_bad_samples(
     with the id and float32 ``(T, D)`` features of every clip that reads cleanly (one of them may
     still be reported for its feature dimension or an empty text) — from the reading threads, so it
     must be thread-safe (storing into a dict is); an error it raises stops the scan.
+
+    ``text_check`` (e.g. ``lambda t: decoder.text_problem(t, lang)``) returns why a text cannot be a
+    target (too many tokens for the decoder), or None; such rows are reported with their manifest line.
     """
     checks: dict[int, _Check] = {}
     to_read = [(i, store.path(r.id)) for i, r in enumerate(rows)]
@@ -116,6 +120,8 @@ def find_bad_samples(
             reason = f"has feature dimension {check.dim}; {others} {want}"
         elif not row.text.strip():
             reason = f"empty text (manifest line {row.line})"
+        elif text_check is not None and (problem := text_check(row.text)) is not None:
+            reason = f"{problem} (manifest line {row.line})"
         else:
             continue
         bad.append(BadSample(id=row.id, file="" if path is None else str(path), reason=reason, split=split))

@@ -8,6 +8,8 @@ from pathlib import Path
 from sonar_ft.data.manifest import how2sign_to_tsv
 from sonar_ft.data.verify import verify_dataset
 from sonar_ft.io import write_json
+from sonar_ft.lock import output_lock
+from sonar_ft.paths import check_not_folder, check_output_not_input
 
 MAX_LISTED = 10
 
@@ -45,6 +47,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _verify(args: argparse.Namespace) -> int:
+    if args.json is not None:
+        check_not_folder(args.json, flag="--json", example="verify.json")
+        check_output_not_input(args.json, {"--features": args.features, "--manifest": args.manifest}, flag="--json")
     report = verify_dataset(args.features, args.manifest, args.feature_dim, epoch=args.epoch, workers=args.workers)
     print(report.format_table())
     if args.json is not None:
@@ -54,7 +59,10 @@ def _verify(args: argparse.Namespace) -> int:
 
 
 def _how2sign(args: argparse.Namespace) -> int:
-    report = how2sign_to_tsv(args.csv, args.features, args.out, epoch=args.epoch)
+    check_not_folder(args.out, example="train.tsv")
+    check_output_not_input(args.out, {"the CSV argument": args.csv, "--features": args.features})
+    with output_lock(args.out, folder=False, command="sonar-ft manifest how2sign"):
+        report = how2sign_to_tsv(args.csv, args.features, args.out, epoch=args.epoch)
     print(f"rows read:        {report['rows']}")
     print(f"rows written:     {report['written']} -> {report['out']}")
     for key, label in (("missing", "missing features"), ("unreadable", "unreadable files")):

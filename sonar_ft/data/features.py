@@ -32,6 +32,9 @@ log = logging.getLogger(__name__)
 FEATURE_SUFFIXES: tuple[str, ...] = (".npy", ".pt")
 MAX_LISTED = 10
 _NPY_MAGIC = b"\x93NUMPY"
+# Largest clip accepted, as float32: hours of 768-d frames at 25 fps. A header or a .pt declaring more
+# (a forged or corrupt file) is refused before anything is allocated.
+MAX_FEATURE_BYTES = 4 * 1024**3
 # NumPy parses a .npy header with ast.literal_eval, and CPython 3.11's AST constructor is not
 # thread-safe ("SystemError: AST constructor recursion depth mismatch"). Feature files are read from
 # several threads (verify, the bad-sample scan), so headers are parsed one at a time; data reads
@@ -202,12 +205,15 @@ def _read_npy(path: Path, mmap: bool) -> np.ndarray:
                     shape, fortran_order, dtype = np.lib.format.read_array_header_1_0(f)
                 elif version == (2, 0):
                     shape, fortran_order, dtype = np.lib.format.read_array_header_2_0(f)
-                else:  # format 3.0 (unicode field names): rare, let NumPy read it whole
-                    return _checked(path, np.load(path, allow_pickle=False, mmap_mode="r" if mmap else None))
+                else:  # format 3.0 (unicode field names): rare; mapped first, so nothing is allocated unchecked
+                    mapped = np.load(path, allow_pickle=False, mmap_mode="r")
+                    _check_declared_size(path, mapped.shape, mapped.nbytes, mapped.nbytes)
+                    return _checked(path, mapped if mmap else np.array(mapped))
             if dtype.hasobject:
                 raise _bad_file(path, "holds Python objects, not numbers; refusing to unpickle it")
             order = "F" if fortran_order else "C"
             count = math.prod(shape)
+            _check_declared_size(path, shape, count * dtype.itemsize, path.stat().st_size - f.tell())
             if mmap and count > 0:
                 arr = np.memmap(path, dtype=dtype, mode="r", offset=f.tell(), shape=shape, order=order)
             else:
@@ -221,6 +227,22 @@ def _read_npy(path: Path, mmap: bool) -> np.ndarray:
         except (ValueError, OSError, EOFError) as exc:
             raise _bad_file(path, f"cannot be read ({exc}); it may be truncated") from None
     return _checked(path, arr)
+
+
+def _check_declared_size(path: Path, shape: tuple[int, ...], declared: int, available: int) -> None:
+    """Refuse a header declaring more data than the file holds or than a clip can be, before allocating."""
+    if declared > available:
+        raise _bad_file(
+            path,
+            f"cannot be read: its header declares an array of shape {tuple(shape)} ({declared:,} bytes) but the file "
+            f"holds only {max(available, 0):,} bytes of data; it is truncated or its header is corrupt",
+        )
+    if math.prod(shape) * 4 > MAX_FEATURE_BYTES:
+        raise _bad_file(
+            path,
+            f"declares an array of shape {tuple(shape)}, more than the {MAX_FEATURE_BYTES:,} bytes (as float32) "
+            "one clip's features can need",
+        )
 
 
 def _checked(path: Path, arr: np.ndarray) -> np.ndarray:
@@ -251,6 +273,12 @@ def _read_pt(path: Path) -> torch.Tensor:
     if obj.is_complex() or obj.dtype == torch.bool:
         raise _bad_file(path, f"has dtype {obj.dtype}; expected integer or floating-point numbers")
     _check_shape(path, tuple(obj.shape))
+    if obj.numel() * 4 > MAX_FEATURE_BYTES:
+        raise _bad_file(
+            path,
+            f"holds a tensor of shape {tuple(obj.shape)}, more than the {MAX_FEATURE_BYTES:,} bytes (as float32) "
+            "one clip's features can need",
+        )
     return obj
 
 

@@ -1,12 +1,17 @@
 """Manifests: which clips exist, how many feature frames each has, and its target text.
 
-Formats read by :func:`read_manifest` (all tab-separated, quoted the way the ``csv`` module
-quotes: a field holding a tab, newline or ``"`` is wrapped in ``"..."`` with inner quotes doubled):
+Formats read by :func:`read_manifest` (all tab-separated):
 
 - ours: header ``id  length  text`` in any column order, ``length`` optional;
 - ssvp_slt's headerless ``name  length  label``, or a headerless ``id  text``;
 - How2Sign's "English translation (manually re-aligned)" CSV, which is tab-separated despite
   its name; detected by its header: id = ``SENTENCE_NAME``, text = ``SENTENCE``.
+
+Our TSVs (and ssvp_slt's) are read byte for byte: one clip per line, fields split at tabs, and
+nothing else. A double quote is text (``"Hello," she said.`` stays exactly that), so a text can hold
+neither a tab nor a line break; :func:`write_manifest` refuses such a text instead of quoting it.
+Only How2Sign's CSV is read with CSV quoting (a field in ``"..."`` with inner quotes doubled), as
+it was written that way.
 """
 
 from __future__ import annotations
@@ -39,7 +44,7 @@ MAX_LISTED = 20
 
 _FORMAT_HINT = (
     "expected tab-separated columns id, length (optional), text, one clip per line; "
-    'quote a text holding tabs or quotes as "..." with inner quotes doubled'
+    "texts are read exactly as written (quotes are part of the text) and cannot hold tabs or line breaks"
 )
 
 
@@ -84,8 +89,17 @@ def _decode(path: Path) -> str:
     )
 
 
+def _is_how2sign(text: str) -> bool:
+    first = next((line for line in text.splitlines() if line.strip()), "")
+    names = [f.strip().strip('"').lower() for f in first.split("\t")]
+    return HOW2SIGN_ID in names or HOW2SIGN_TEXT in names
+
+
 def _records(path: Path, text: str) -> Iterator[_Record]:
-    """Yield non-blank CSV records with the physical lines they span."""
+    """Yield non-blank records with the physical lines they span (CSV quoting only for How2Sign)."""
+    if not _is_how2sign(text):
+        yield from _tsv_records(text)
+        return
     # newline="" keeps line endings for csv and splits only on \n, \r\n, \r (not U+2028 etc.).
     reader = csv.reader(io.StringIO(text, newline=""), delimiter="\t", quotechar='"')
     last = 0
@@ -97,12 +111,22 @@ def _records(path: Path, text: str) -> Iterator[_Record]:
         except csv.Error as exc:
             raise DataError(
                 f"manifest {path} line {last + 1}: {exc} (a double quote that is never closed?); "
-                + _FORMAT_HINT
+                'How2Sign CSV texts holding tabs or quotes are written as "..." with inner quotes doubled'
             ) from None
         first, last = last + 1, reader.line_num
         if all(not f.strip() for f in fields):
             continue
         yield _Record(first, last, fields)
+
+
+def _tsv_records(text: str) -> Iterator[_Record]:
+    """Our TSV: one record per line, split at tabs, every other character kept as written."""
+    # Only \n, \r\n and \r end a line (str.splitlines would also split at U+2028, \x0c...).
+    lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        yield _Record(number, number, line.split("\t"))
 
 
 def _find(names: list[str], wanted: Iterable[str]) -> int | None:
@@ -163,11 +187,18 @@ def read_manifest(path: str | Path, *, allow_duplicates: bool = False) -> list[M
     if not body:
         raise DataError(f"manifest {path} has a header but no rows")
 
+    how2sign = _is_how2sign_layout(records, has_header)
     rows: list[ManifestRow] = []
     problems: list[str] = []
     for rec in body:
         if len(rec.fields) != width:
-            hint = " (a double quote opened here is never closed?)" if rec.first != rec.last else ""
+            if rec.first != rec.last:
+                hint = " (a double quote opened here is never closed?)"
+            elif len(rec.fields) > width and not how2sign:
+                hint = (" (a tab inside the text? a TSV manifest's text cannot hold tabs: replace them with spaces;"
+                        " quotes are kept as text, so quoting does not help)")
+            else:
+                hint = ""
             problems.append(f"{_where(rec)}: expected {width} fields, found {len(rec.fields)}{hint}")
             continue
         # A quote left open swallows the following rows into one text; their tabs give it away.
@@ -186,7 +217,9 @@ def read_manifest(path: str | Path, *, allow_duplicates: bool = False) -> list[M
                     problems.append(f"{_where(rec)}: length {raw!r} is not a whole number of frames")
                     continue
                 length = int(raw)
-        rows.append(ManifestRow(id=clip_id, text=rec.fields[i_text].strip(), length=length, line=rec.first))
+        # How2Sign's texts carry stray spaces; ours are kept exactly as written.
+        text = rec.fields[i_text].strip() if how2sign else rec.fields[i_text]
+        rows.append(ManifestRow(id=clip_id, text=text, length=length, line=rec.first))
 
     if not allow_duplicates:
         problems.extend(
@@ -200,6 +233,10 @@ def read_manifest(path: str | Path, *, allow_duplicates: bool = False) -> list[M
     return rows
 
 
+def _is_how2sign_layout(records: list[_Record], has_header: bool) -> bool:
+    return has_header and any(f.strip().lower() in (HOW2SIGN_ID, HOW2SIGN_TEXT) for f in records[0].fields)
+
+
 def duplicate_ids(rows: Iterable[ManifestRow]) -> dict[str, list[int]]:
     """Map each id that occurs more than once to the lines it occurs on."""
     lines: dict[str, list[int]] = collections.defaultdict(list)
@@ -208,14 +245,28 @@ def duplicate_ids(rows: Iterable[ManifestRow]) -> dict[str, list[int]]:
     return {clip_id: where for clip_id, where in lines.items() if len(where) > 1}
 
 
-def write_manifest(path: str | Path, rows: Iterable[ManifestRow]) -> None:
-    """Atomically write ``rows`` as our TSV with header ``id  length  text``."""
-    buf = io.StringIO()
-    writer = csv.writer(buf, delimiter="\t", quotechar='"', lineterminator="\n")
-    writer.writerow(HEADER)
+def write_manifest(path: str | Path, rows: Iterable[ManifestRow], *, source: str | Path | None = None) -> None:
+    """Atomically write ``rows`` as our TSV with header ``id  length  text``, texts exactly as given.
+
+    Nothing is quoted (quotes are text). A text or id holding a tab or line break cannot be written
+    so that it reads back the same: DataError names the row (and its line in ``source``, if given).
+    """
+    lines = ["\t".join(HEADER)]
+    bad: list[str] = []
     for row in rows:
-        writer.writerow([row.id, "" if row.length is None else row.length, row.text])
-    write_text(path, buf.getvalue())
+        fields = [row.id, "" if row.length is None else str(row.length), row.text]
+        if any(c in f for f in fields for c in "\t\n\r"):
+            where = f"line {row.line} of {source}" if source and row.line else f"id {row.id!r}"
+            bad.append(f"{where}: {row.text!r}")
+            continue
+        lines.append("\t".join(fields))
+    if bad:
+        listed = "; ".join(bad[:MAX_LISTED]) + (f"; ... and {len(bad) - MAX_LISTED} more" if len(bad) > MAX_LISTED else "")
+        raise DataError(
+            f"cannot write manifest {path}: {len(bad)} text(s) or id(s) hold a tab or line break, which a TSV manifest "
+            f"cannot hold ({listed}); replace them with spaces in the source"
+        )
+    write_text(path, "\n".join(lines) + "\n")
 
 
 def how2sign_to_tsv(
@@ -232,6 +283,9 @@ def how2sign_to_tsv(
     Returns ``{"csv", "features", "out", "rows", "written", "missing": [ids],
     "unreadable": {id: message}}``.
     """
+    from sonar_ft.paths import check_output_not_input
+
+    check_output_not_input(out_path, {"the CSV": csv_path, "--features": features_dir})
     rows = read_manifest(csv_path)
     store = FeatureStore.open(features_dir, epoch=epoch)
     kept: list[ManifestRow] = []
@@ -250,7 +304,7 @@ def how2sign_to_tsv(
             f"none of the {len(rows)} clips in {csv_path} has a readable feature file in {features_dir} "
             f"(e.g. no {rows[0].id}.npy / .pt); check that --features points at the right folder"
         )
-    write_manifest(out_path, kept)
+    write_manifest(out_path, kept, source=csv_path)
     log.info("wrote %d of %d rows to %s", len(kept), len(rows), out_path)
     return {
         "csv": str(csv_path),
