@@ -576,7 +576,8 @@ class Bench:
         from benchmarks.bench_encoder_vs_hf import HFSignT5
 
         ours = self.model
-        theirs = HFSignT5(self.sizes.encoder).to(self.device).train()
+        with torch.device(self.device):  # random init of ~800M parameters on the GPU, not the host
+            theirs = HFSignT5(self.sizes.encoder).train()
         theirs.load_from(ours)
         feats, mask = _bench_batch(self.sizes, self.device)
         times = _timed({"ours": lambda: _fwd_bwd(ours, feats, mask, True), "hf": lambda: _fwd_bwd(theirs, feats, mask, True)},
