@@ -276,7 +276,11 @@ def build_decoder(root: Path, sizes: Sizes, tokenizer: Path, vocab_size: int, de
     from sonar.models.sonar_text import SonarTextDecoderFactory
 
     config = decoder_config(sizes, vocab_size)
-    with torch.device(device):  # random init on the GPU when there is one: seconds instead of a minute
+    try:
+        with torch.device(device):  # random init on the GPU when there is one: seconds instead of minutes
+            model = SonarTextDecoderFactory(config).create_model()
+    except Exception as exc:  # a factory that cannot build under a device context: build on the host
+        log.warning("building the decoder on %s failed (%s); building it on the CPU", device, _first_line(exc))
         model = SonarTextDecoderFactory(config).create_model()
     state = {k: v.detach().to("cpu") for k, v in model.state_dict().items()}
     spec = plan.DecoderSpec(params=sum(p.numel() for p in model.parameters()), model_dim=config.model_dim,
@@ -766,6 +770,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     sizes = SMOKE if args.smoke else OFFICIAL
     device = torch.device(args.device or ("cpu" if args.smoke or not torch.cuda.is_available() else "cuda"))
+    if device.type == "cuda" and device.index is None:  # set_per_process_memory_fraction needs an index
+        device = torch.device("cuda", torch.cuda.current_device())
     if device.type == "cpu" and not args.smoke:
         print("gpu_check: no CUDA GPU here. Run it on a GPU, or use --smoke for the CPU self-test.", file=sys.stderr)
         return 2
