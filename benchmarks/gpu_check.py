@@ -27,7 +27,6 @@ import copy
 import dataclasses
 import gc
 import inspect
-import json
 import logging
 import math
 import os

@@ -37,6 +37,7 @@ def _parts(report: dict) -> list[dict]:
     return [report["build"], *report["profiles"], *report["ratios"]]
 
 
+@pytest.mark.slow
 def test_every_part_reports_ok_or_a_reason(smoke) -> None:
     report, _, _ = smoke
     for rec in _parts(report):
@@ -46,6 +47,7 @@ def test_every_part_reports_ok_or_a_reason(smoke) -> None:
     assert not [r["name"] for r in _parts(report) if r["status"] == "failed"]
 
 
+@pytest.mark.slow
 def test_stand_ins_have_the_official_layout_and_nllb_vocabulary(smoke) -> None:
     build = smoke[0]["build"]
     assert build["status"] == "ok"
@@ -56,6 +58,7 @@ def test_stand_ins_have_the_official_layout_and_nllb_vocabulary(smoke) -> None:
     assert build["decoder"]["vocab"] == tok["vocab"]
 
 
+@pytest.mark.slow
 def test_every_planned_gpu_profile_ran_the_recipe(smoke) -> None:
     from sonar_ft.plan import GPUS
 
@@ -73,6 +76,7 @@ def test_every_planned_gpu_profile_ran_the_recipe(smoke) -> None:
     assert len(lora) == len(GPUS)  # run, or skipped with the reason, when the recipe has no --lora_rank
 
 
+@pytest.mark.slow
 def test_ratios_measured_or_skipped_with_reason(smoke) -> None:
     ratios = {r["name"]: r for r in smoke[0]["ratios"]}
     assert set(ratios) == {"ours vs HF T5", "bf16 vs fp32", "fused AdamW vs 8-bit AdamW", "compile on vs off"}
@@ -81,6 +85,7 @@ def test_ratios_measured_or_skipped_with_reason(smoke) -> None:
         assert rec["status"] != "ok" or rec["ratio"] > 0
 
 
+@pytest.mark.slow
 def test_smoke_fits_its_budget(smoke) -> None:
     report = smoke[0]
     assert report["smoke"] is True and report["seconds"] < report["budget_s"]
