@@ -12,7 +12,7 @@ APT_PACKAGES := libsndfile1 python3-venv postgresql
 KERNEL_VENV ?= .kernel-venv
 KERNEL_STAMP := $(KERNEL_VENV)/.installed-stamp
 
-.PHONY: demo test setup system-deps bench tune-demo clean kernel-venv
+.PHONY: demo test setup system-deps bench gpu-check tune-demo clean kernel-venv
 
 system-deps:
 	@missing=""; \
@@ -50,6 +50,11 @@ test: setup kernel-venv
 # Benchmarks (not tests): each ratio printed next to its goal; figures in benchmarks/out/*.json, docs/benchmarks.md.
 bench: setup
 	DEMO_DIR=$(DEMO_DIR) $(PY) benchmarks/run_all.py
+
+# The GPU check (docs/benchmarks.md, "GPU check"): official-size stand-ins on each planned GPU profile, ~8 min on one GPU.
+# Figures in benchmarks/out/gpu_check.{json,md}. `python benchmarks/gpu_check.py --smoke` is its CPU self-test.
+gpu-check: setup
+	$(PY) benchmarks/gpu_check.py $(GPU_CHECK_FLAGS)
 
 # The demo Optuna study (configs/tuning/demo.yaml) on the demo assets under $(DEMO_DIR); study folder $(DEMO_DIR)/tuning.
 TUNE_DEMO_PATHS = --encoder_checkpoint $(DEMO_DIR)/assets/sonar_encoder_demo.pth --decoder $(DEMO_DIR)/assets/text_decoder.yaml \

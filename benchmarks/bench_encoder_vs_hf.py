@@ -58,7 +58,7 @@ class HFSignT5(nn.Module):
     def forward(self, features: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         embeds = self.feature_proj(features) * self.feature_proj_scale
         encoded = self.encoder(inputs_embeds=embeds, attention_mask=mask.long(), use_cache=False)[0]
-        start = torch.zeros(features.shape[0], 1, dtype=torch.long)
+        start = torch.zeros(features.shape[0], 1, dtype=torch.long, device=features.device)
         out = self.decoder(input_ids=start, encoder_hidden_states=encoded, encoder_attention_mask=mask.long(), use_cache=False)[0]
         return self.projection_out(out[:, 0])
 
