@@ -328,8 +328,8 @@ def coerce(name: str, value: Any, annotation: Any, source: str) -> Any:
     for kind in options:
         allowed = _literal_values(kind)
         if allowed:
-            if value in allowed:
-                return value
+            if value in allowed or isinstance(value, str):
+                return value  # a string outside the allowed values is refused by validate(), naming --flag
             continue
         if kind is bool:
             if isinstance(value, bool):

@@ -532,7 +532,7 @@ def train(
             recipe.setup()
             result = recipe.train()
             if result.best_epoch is not None:
-                log.info("finished: best epoch %d (val BLEU %.2f, val loss %.4f)%s", result.best_epoch, result.best_val_bleu,
+                log.info("run finished; the best evaluation was epoch %d (val BLEU %.2f, val loss %.4f)%s", result.best_epoch, result.best_val_bleu,
                          result.best_val_loss, " (stopped early)" if result.stopped_early else "")
     except BaseException:
         ddp.shutdown(finished=False)
