@@ -42,7 +42,7 @@ from sonar_ft.data.bad_samples import BadSample, find_bad_samples, format_bad_sa
 from sonar_ft.decoder import FrozenTextDecoder
 from sonar_ft.encoder import load_encoder, save_encoder
 from sonar_ft.errors import ConfigError, DataError, OutputDirError, TrainingError
-from sonar_ft.evaluate import EvalResult, autocast_context, empty_epoch_fields, evaluate, results_record
+from sonar_ft.evaluate import EvalResult, autocast_context, embedding_gatherer, empty_epoch_fields, evaluate, results_record
 
 log = logging.getLogger(__name__)
 
@@ -814,6 +814,7 @@ def _train(
                     encoder, decoder, val_batches, lang=cfg.tgt_lang, device=device, precision=precision,
                     beam_size=cfg.beam_size, max_gen_len=cfg.max_gen_len, loss_chunk_size=cfg.loss_chunk_size,
                     desc=f"validating epoch {epoch}", gather=ddp.eval_gatherer(val_set), text_encoder=scorer,
+                    gather_embeddings=embedding_gatherer(ddp.gather) if ddp.active else None,
                 )
             except torch.cuda.OutOfMemoryError:
                 raise out_of_memory_error(cfg) from None
