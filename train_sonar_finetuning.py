@@ -58,7 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_argument("--encoder_checkpoint", help="SONAR ASL encoder checkpoint to start from (or evaluate)")
     models.add_argument("--decoder", help="frozen SONAR text decoder: asset card name, card .yaml or checkpoint (default text_sonar_basic_decoder)")
     models.add_argument("--tokenizer", help="tokenizer: card name, card .yaml or SentencePiece .model (default: the decoder's)")
-    models.add_argument("--text_encoder", help="SONAR text encoder for --distill_weight (default text_sonar_basic_encoder)")
+    models.add_argument("--text_encoder", help="SONAR text encoder: distillation teacher for --distill_weight (default "
+                        "text_sonar_basic_encoder) and, when given, semantic scores (cosine, R@1, R@5) at every evaluation")
     models.add_argument("--tgt_lang", help="FLORES-200 target language (default eng_Latn)")
     models.add_argument("--freeze_decoder", action="store_true", help="accepted for compatibility: the decoder is always frozen")
     models.add_argument("--dropout", type=float, help="encoder dropout (default: the checkpoint architecture's 0.1)")
