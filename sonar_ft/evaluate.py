@@ -107,6 +107,16 @@ def embed_references(text_encoder: Any, references: Sequence[str], lang: str, ba
     return torch.cat(parts) if parts else torch.empty(0, 0)
 
 
+def embedding_gatherer(gather_objects: Callable[[Any], list[Any]]) -> Callable[[list[str], torch.Tensor], tuple[list[str], torch.Tensor]]:
+    """The ``gather_embeddings`` argument of :func:`evaluate` from an all-gather of Python objects (one per rank)."""
+
+    def gather(ids: list[str], emb: torch.Tensor) -> tuple[list[str], torch.Tensor]:
+        parts = gather_objects((list(ids), emb.cpu()))
+        return [i for part in parts for i in part[0]], torch.cat([part[1] for part in parts])
+
+    return gather
+
+
 def file_sha256(path: str | Path) -> str:
     """SHA-256 of a whole file (read in 1 MiB blocks)."""
     h = hashlib.sha256()

@@ -36,7 +36,7 @@ from sonar_ft.decoder import FrozenTextDecoder
 from sonar_ft.device import resolve_device, resolve_precision
 from sonar_ft.encoder import load_encoder, save_encoder
 from sonar_ft.errors import ConfigError, DataError, OutputDirError
-from sonar_ft.evaluate import EvalResult, autocast_context, empty_epoch_fields, evaluate
+from sonar_ft.evaluate import EvalResult, autocast_context, embedding_gatherer, empty_epoch_fields, evaluate
 from sonar_ft.run_log import Progress, StepRecorder, progress_mode
 from sonar_ft.train_state import EpochMetrics, TrainState, seed_everything, set_rng_state
 
@@ -399,6 +399,7 @@ class FineTuneRecipe:
                 self.encoder, self.decoder, self.val_batches, lang=cfg.tgt_lang, device=self.device, precision=self.precision,
                 beam_size=cfg.beam_size, max_gen_len=cfg.max_gen_len, loss_chunk_size=cfg.loss_chunk_size,
                 desc=f"validating epoch {epoch}", gather=self.ddp.eval_gatherer(self.val_set), text_encoder=self.scorer,
+                gather_embeddings=embedding_gatherer(self.ddp.gather) if self.ddp.active else None,
             )
         except torch.cuda.OutOfMemoryError:
             raise components.out_of_memory_error(cfg) from None
