@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from sonar_ft.scores import chance_r_at
 from sonar_ft.train import TrainConfig, evaluate_checkpoint, train
 
@@ -21,6 +23,7 @@ def _settings(demo, **changes) -> TrainConfig:
     return TrainConfig(**{**base, **changes})
 
 
+@pytest.mark.slow  # 8 epochs on the tiny demo
 def test_retrieval_is_near_chance_before_and_far_above_it_after_fine_tuning(tiny_demo, tmp_path):
     before = evaluate_checkpoint(_settings(tiny_demo, eval_only=True, output_dir=str(tmp_path / "before")))
     candidates = before["semantic"]["retrieval_candidates"]
