@@ -20,7 +20,6 @@ from __future__ import annotations
 import codecs
 import io as _io
 import json
-import logging
 import os
 import shlex
 import signal

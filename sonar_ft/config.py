@@ -27,15 +27,10 @@ from pathlib import Path
 from typing import Any, Literal, Mapping
 
 from sonar_ft.errors import ConfigError
+from sonar_ft.scores import METRICS
+from sonar_ft.scores import higher_is_better as maximize  # the one place that says which way a metric improves
 
-Metric = Literal["bleu", "loss", "chrf", "bleu1", "bleu2", "bleu3", "bleu4", "rougeL", "cosine", "r1", "r5"]
-MINIMIZED_METRICS = frozenset({"loss"})
-"""The one place that says which way a validation metric improves: these go down, every other goes up."""
-
-
-def maximize(metric: str) -> bool:
-    """True when a higher ``metric`` is better (every metric but the loss)."""
-    return metric not in MINIMIZED_METRICS
+Metric = Literal[METRICS]  # type: ignore[valid-type]  # bleu, bleu1..4, chrf, rougeL, cosine, r1, r5, loss
 
 
 REPORTERS = ("jsonl", "tensorboard")

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from sonar_ft import io
 from sonar_ft.decoder import FrozenTextDecoder
 from sonar_ft.scores import METRICS, SEMANTIC_METRICS, corpus_scores, semantic_scores, sentence_scores
 
@@ -117,15 +118,6 @@ def embedding_gatherer(gather_objects: Callable[[Any], list[Any]]) -> Callable[[
     return gather
 
 
-def file_sha256(path: str | Path) -> str:
-    """SHA-256 of a whole file (read in 1 MiB blocks)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
-
-
 def ids_sha256(ids: Iterable[str]) -> str:
     """SHA-256 of the sorted clip ids, one per line: which clips a score is over, in 64 characters."""
     return hashlib.sha256("".join(f"{i}\n" for i in sorted(ids)).encode("utf-8")).hexdigest()
@@ -142,7 +134,7 @@ def results_record(result: EvalResult, settings: Mapping[str, Any]) -> dict[str,
     data = {
         "features": str(settings.get("val_features")),
         "manifest": str(manifest),
-        "manifest_sha256": file_sha256(manifest) if manifest and Path(manifest).is_file() else None,
+        "manifest_sha256": io.file_sha256(manifest, limit=None) if manifest and Path(manifest).is_file() else None,
         "max_samples": settings.get("max_samples"),
         "max_frames": settings.get("max_frames"),
         "num_samples": result.num_samples,
@@ -151,7 +143,7 @@ def results_record(result: EvalResult, settings: Mapping[str, Any]) -> dict[str,
     return {
         **result.summary(),
         "encoder_checkpoint": str(encoder),
-        "encoder_sha256": file_sha256(encoder) if encoder and Path(encoder).is_file() else None,
+        "encoder_sha256": io.checkpoint_sha256(encoder) if encoder and Path(encoder).is_file() else None,
         "features": data["features"],
         "manifest": data["manifest"],
         "data": data,

@@ -328,8 +328,6 @@ def build_export(run_dir: str | Path, out: str | Path, *, test_results: str | Pa
             "(train with train_sonar_finetuning.py first)"
         )
     check_export_paths(run_dir, out, needed, test_results)
-    from sonar_ft.evaluate import file_sha256
-
     config = _read_record(run_dir / "config.json")
     tokenizer = _read_record(run_dir / "tokenizer.json")
     history = _latest_metrics(run_dir)
@@ -337,7 +335,7 @@ def build_export(run_dir: str | Path, out: str | Path, *, test_results: str | Pa
     test_path = Path(test_results) if test_results else run_dir / "test_results.json"
     test = None
     if test_path.is_file():
-        test, note = _check_test_results(test_path, file_sha256(run_dir / ENCODER_FILE), explicit=test_results is not None)
+        test, note = _check_test_results(test_path, io.file_sha256(run_dir / ENCODER_FILE, limit=None), explicit=test_results is not None)
         notes += [note] if note else []
     with tempfile.TemporaryDirectory() as tmp:
         staged = Path(tmp)

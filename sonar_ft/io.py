@@ -9,6 +9,9 @@ which only rebuilds tensors and plain containers: a pickle that would run code i
 from __future__ import annotations
 
 import contextlib
+import functools
+import hashlib
+import math
 import errno
 import json
 import os
@@ -16,9 +19,12 @@ import shutil
 import tempfile
 import zipfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 from sonar_ft.errors import CheckpointError, DiskFullError
+
+if TYPE_CHECKING:  # torch is imported where it is used: notebook kernels import this module without it
+    import torch
 
 TMP_PREFIX = ".tmp-"
 # Largest tensor data a .pt file handed to us may expand to (a feature clip is megabytes; the biggest
@@ -299,7 +305,7 @@ def check_tensor_sizes(obj: Any, path: str | Path, *, what: str = "file", limit:
             )
 
 
-def _tensors(obj: Any, prefix: str, depth: int = 0) -> Iterator[tuple[str, "torch.Tensor"]]:
+def _tensors(obj: Any, prefix: str, depth: int = 0) -> Iterator[tuple[str, torch.Tensor]]:
     import torch
 
     if depth > 64:
@@ -312,3 +318,31 @@ def _tensors(obj: Any, prefix: str, depth: int = 0) -> Iterator[tuple[str, "torc
     elif isinstance(obj, (list, tuple)):
         for i, value in enumerate(obj):
             yield from _tensors(value, f"{prefix}[{i}]", depth + 1)
+
+
+def file_sha256(path: str | Path, limit: int | None = 1 << 26) -> str:
+    """SHA-256 of a file; with ``limit`` (manifests: 64 MiB) over at most that many first bytes."""
+    h = hashlib.sha256()
+    left = limit if limit is not None else math.inf
+    with open(path, "rb") as f:
+        while left > 0:
+            chunk = f.read(int(min(1 << 24, left)))
+            if not chunk:
+                break
+            h.update(chunk)
+            left -= len(chunk)
+    return h.hexdigest()
+
+
+@functools.lru_cache(maxsize=16)
+def _cached_sha256(path: str, size: int, mtime_ns: int) -> str:
+    return file_sha256(path, limit=None)
+
+
+def checkpoint_sha256(path: str | Path) -> str | None:
+    """SHA-256 of a whole checkpoint (remembered per size and modification time: tuning trials share it)."""
+    try:
+        stat = Path(path).stat()
+    except OSError:
+        return None
+    return _cached_sha256(str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)

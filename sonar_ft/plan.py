@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import logging
 import subprocess
 from dataclasses import dataclass

@@ -11,11 +11,8 @@ device resolvers (:mod:`sonar_ft.device`) are importable from here as before.
 
 from __future__ import annotations
 
-import functools
-import hashlib
 import json
 import logging
-import math
 import platform
 import shutil
 import subprocess
@@ -96,7 +93,7 @@ def check_inputs(cfg: TrainConfig) -> None:
     if not (train_m.is_file() and val_m.is_file()):
         return  # reading the split says what is missing
     same = train_m.resolve() == val_m.resolve() or (
-        train_m.stat().st_size == val_m.stat().st_size and file_sha256(train_m, limit=None) == file_sha256(val_m, limit=None))
+        train_m.stat().st_size == val_m.stat().st_size and io.file_sha256(train_m, limit=None) == io.file_sha256(val_m, limit=None))
     if same and str(Path(cfg.train_features).resolve()) == str(Path(cfg.val_features).resolve()):
         raise ConfigError(
             f"--val_manifest {val_m} is the training manifest {train_m} (same clips): validation scores would measure "
@@ -211,34 +208,6 @@ def _read_json(path: Path) -> dict[str, Any]:
         raise OutputDirError(f"cannot read {path}: {exc}. Delete it or pass --overwrite.") from None
 
 
-def file_sha256(path: str | Path, limit: int | None = 1 << 26) -> str:
-    """SHA-256 of a file; with ``limit`` (manifests: 64 MiB) over at most that many first bytes."""
-    h = hashlib.sha256()
-    left = limit if limit is not None else math.inf
-    with open(path, "rb") as f:
-        while left > 0:
-            chunk = f.read(int(min(1 << 24, left)))
-            if not chunk:
-                break
-            h.update(chunk)
-            left -= len(chunk)
-    return h.hexdigest()
-
-
-@functools.lru_cache(maxsize=16)
-def _cached_sha256(path: str, size: int, mtime_ns: int) -> str:
-    return file_sha256(path, limit=None)
-
-
-def checkpoint_sha256(path: str | Path) -> str | None:
-    """SHA-256 of a whole checkpoint (remembered per size and modification time: tuning trials share it)."""
-    try:
-        stat = Path(path).stat()
-    except OSError:
-        return None
-    return _cached_sha256(str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
-
-
 def git_record() -> dict[str, Any] | None:
     """The commit of the sonar-ft checkout this runs from and whether its tracked files were modified; None outside a checkout."""
     root = Path(__file__).resolve().parent.parent
@@ -272,13 +241,13 @@ def write_run_records(
     for split in ("train", "val"):
         manifest = getattr(cfg, f"{split}_manifest")
         if manifest and Path(manifest).is_file():
-            data[f"{split}_manifest_sha256"] = file_sha256(manifest)
+            data[f"{split}_manifest_sha256"] = io.file_sha256(manifest)
     record = {
         "settings": asdict(cfg),
         "resolved": {"device": str(device), "precision": precision, "world_size": world_size,
                      "global_batch": cfg.batch_size * cfg.grad_accum * world_size},
         "encoder_architecture": arch,
-        "encoder_checkpoint_sha256": checkpoint_sha256(cfg.encoder_checkpoint) if cfg.encoder_checkpoint else None,
+        "encoder_checkpoint_sha256": io.checkpoint_sha256(cfg.encoder_checkpoint) if cfg.encoder_checkpoint else None,
         "versions": package_versions(),
         "hardware": hardware_record(device),
         "git": git_record(),
