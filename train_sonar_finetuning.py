@@ -106,6 +106,14 @@ def build_parser() -> argparse.ArgumentParser:
     mem.add_argument("--cache_features", action="store_true", help="keep clips in memory after their first read (later epochs skip the disk)")
     mem.add_argument("--cache_dtype", choices=["fp32", "fp16"], help="dtype of the feature cache (default fp32)")
     mem.add_argument("--compile", action="store_true", help="torch.compile the encoder (default off)")
+
+    lora = p.add_argument_group("LoRA (parameter-efficient fine-tuning, sonar_ft.lora)")
+    lora.add_argument("--lora_rank", type=int, help="rank of the low-rank adapters; 0 = full fine-tuning (default 0)")
+    lora.add_argument("--lora_alpha", type=float, help="adapter scale numerator: update = B A x alpha / rank (default 32)")
+    lora.add_argument("--lora_dropout", type=float, help="dropout on the adapters' input (default 0)")
+    lora.add_argument("--lora_targets", help="comma-separated Linear names that get adapters (default q,k,v,o,wi_0,wi_1,wi,wo)")
+    lora.add_argument("--lora_trainable", help="comma-separated small modules trained in full (default "
+                      "feature_projection,final_layer_norm,projection_out; '' for none)")
     return p
 
 
