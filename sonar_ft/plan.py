@@ -549,7 +549,8 @@ def disk_estimate(config: SignT5Config | None = None, *, rank: int = 0) -> dict[
         trainable = _param_counts(config, 0).trainable
         return {"last_pt": state_dict_bytes + trainable * 8, "best_encoder": state_dict_bytes, "adapter": 0}
     counts = lora_counts(config, rank)
-    return {"last_pt": counts.trainable * 12, "best_encoder": state_dict_bytes, "adapter": counts.adapters * 4}
+    # The adapter folder also holds the fully trained small modules (peft's modules_to_save).
+    return {"last_pt": counts.trainable * 12, "best_encoder": state_dict_bytes, "adapter": counts.trainable * 4}
 
 
 def recommend_lora(
