@@ -261,3 +261,24 @@ def test_tuning_study_searches_lora_rank(pretrained_demo, tmp_path):
         assert ("lora_alpha" in t.params) == (t.params["lora_rank"] > 0)
         settings = json.loads((tmp_path / "study" / "trials" / f"trial_{t.number:04d}" / "config.json").read_text())["settings"]
         assert settings["lora_rank"] == t.params["lora_rank"]
+
+
+@pytest.mark.slow
+def test_lora_under_torchrun_matches_one_process(pretrained_demo, tmp_path):
+    import os
+    import subprocess
+
+    common = [*LORA_FLAGS, "--lora_dropout", "0", "--epochs", "1", "--max_samples", "32", "--grad_accum", "2",
+              "--learning_rate", "1e-3", "--dropout", "0", "--max_gen_len", "16"]
+    single, multi = tmp_path / "single", tmp_path / "ddp"
+    _run(pretrained_demo, single, "--batch_size", "8", *common, log=tmp_path / "single.log")
+    env = dict(os.environ, OMP_NUM_THREADS="1", TQDM_DISABLE="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(RECIPE),
+           *recipe_args(pretrained_demo, multi, "--batch_size", "4", *common)]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    a, b = (json.loads((d / "metrics_epoch1.json").read_text()) for d in (single, multi))
+    assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-3)
+    assert b["val_loss"] == pytest.approx(a["val_loss"], rel=1e-3)
+    assert (multi / "adapter" / "adapter_model.safetensors").is_file()
+    load_encoder(multi / "best_encoder.pt")  # merged, official layout
