@@ -220,6 +220,14 @@ def test_planner_on_a_t4_picks_plain_adamw_and_a_larger_micro_batch_with_lora():
     )
 
 
+def test_plan_command_prints_the_lora_plan_and_file_sizes(capsys):
+    from sonar_ft import cli
+
+    assert cli.main(["plan", "--gpu", "t4", "--lora_rank", "16"]) == 0
+    out = capsys.readouterr().out
+    assert "--lora_rank 16" in out and "--optimizer adamw " in out and "adapter/" in out and "fits" in out
+
+
 def test_lora_counts_match_peft():
     from sonar_ft import lora
     from sonar_ft.plan import lora_counts
