@@ -348,6 +348,8 @@ def prepare_output_dir(cfg: TrainConfig) -> tuple[Path, bool]:
                 p.unlink()
             for name in (LAST_STATE, BEST_ENCODER):
                 (out / name).unlink(missing_ok=True)
+            for name in ("adapter_model.safetensors", "adapter_config.json"):  # a LoRA run's adapter folder
+                (out / lora.ADAPTER_DIR / name).unlink(missing_ok=True)
         return out, False
     last = out / LAST_STATE
     if cfg.resume:
