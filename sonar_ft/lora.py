@@ -51,7 +51,8 @@ _SAVED_COPY = f".modules_to_save.{ADAPTER_NAME}."  # ... a fully trained module'
 _ORIGINAL = ".original_module."  # ... and its frozen original here
 
 
-def _names(text: str) -> list[str]:
+def parse_names(text: str) -> list[str]:
+    """The names of a comma-separated flag value (``--lora_targets`` / ``--lora_trainable``)."""
     return [n.strip() for n in text.split(",") if n.strip()]
 
 
@@ -65,7 +66,7 @@ def validate_settings(cfg: Any) -> None:
         raise ConfigError(f"--lora_alpha must be positive (got {cfg.lora_alpha}); 2 x --lora_rank is usual")
     if not 0 <= cfg.lora_dropout < 1:
         raise ConfigError(f"--lora_dropout must be in [0, 1) (got {cfg.lora_dropout})")
-    if not _names(cfg.lora_targets):
+    if not parse_names(cfg.lora_targets):
         raise ConfigError(f"--lora_targets is empty; use e.g. {DEFAULT_TARGETS}")
     if cfg.freeze_encoder_layers:
         raise ConfigError("--freeze_encoder_layers has no use with --lora_rank > 0 (the base weights are frozen anyway); drop one")
@@ -81,7 +82,7 @@ def apply_lora(encoder: nn.Module, cfg: Any) -> tuple[nn.Module, list[nn.Paramet
     """
     from peft import LoraConfig, get_peft_model
 
-    targets = _names(cfg.lora_targets)
+    targets = parse_names(cfg.lora_targets)
     linear_names = {name.rsplit(".", 1)[-1] for name, m in encoder.named_modules() if isinstance(m, nn.Linear)}
     # The FFN input is ``wi`` (ReLU T5) or ``wi_0`` / ``wi_1`` (gated T5-v1.1): the default names both.
     unknown = [t for t in targets if t not in linear_names | {"wi", "wi_0", "wi_1"}]
@@ -90,7 +91,7 @@ def apply_lora(encoder: nn.Module, cfg: Any) -> tuple[nn.Module, list[nn.Paramet
             f"--lora_targets names {', '.join(unknown)}, which are not Linear layers of this encoder; "
             f"choose from {', '.join(sorted(linear_names))}"
         )
-    keep = _names(cfg.lora_trainable)
+    keep = parse_names(cfg.lora_trainable)
     modules = dict(encoder.named_modules())
     suffixes = {name.rsplit(".", 1)[-1] for name in modules if name}
     missing = [k for k in keep if k not in suffixes]

@@ -451,8 +451,8 @@ def lora_counts(config: SignT5Config, rank: int, targets: str | None = None, tra
     """
     from sonar_ft import lora
 
-    target_names = set(lora._names(targets if targets is not None else lora.DEFAULT_TARGETS))
-    full_names = set(lora._names(trainable if trainable is not None else lora.DEFAULT_TRAINABLE))
+    target_names = set(lora.parse_names(targets if targets is not None else lora.DEFAULT_TARGETS))
+    full_names = set(lora.parse_names(trainable if trainable is not None else lora.DEFAULT_TRAINABLE))
     with torch.device("meta"):
         model = SignT5SonarEncoder(config)
     adapters, linears, full = 0, 0, set()
