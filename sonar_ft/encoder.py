@@ -720,8 +720,13 @@ def _short(exc: Exception, limit: int = 600) -> str:
     return text if len(text) <= limit else text[:limit] + " ..."
 
 
-def save_encoder(model: SignT5SonarEncoder, path: str | Path, extra: Mapping[str, Any] | None = None) -> None:
+def save_encoder(
+    model: SignT5SonarEncoder, path: str | Path, extra: Mapping[str, Any] | None = None,
+    state_dict: Mapping[str, Tensor] | None = None,
+) -> None:
     """Atomically write ``{"student": state_dict, "config": asdict(config), **extra}``.
+
+    ``state_dict`` replaces ``model.state_dict()`` (LoRA: the merged weights, see sonar_ft.lora).
 
     ``extra`` must hold only tensors and plain Python values, so that the file loads with
     ``weights_only=True``.
@@ -730,4 +735,4 @@ def save_encoder(model: SignT5SonarEncoder, path: str | Path, extra: Mapping[str
     clash = {"student", "config"} & extra.keys()
     if clash:
         raise ValueError(f"extra entries {sorted(clash)} would overwrite the weights or config")
-    save_torch(path, {"student": model.state_dict(), "config": dataclasses.asdict(model.config), **extra})
+    save_torch(path, {"student": dict(state_dict) if state_dict is not None else model.state_dict(), "config": dataclasses.asdict(model.config), **extra})

@@ -155,6 +155,11 @@ class FineTuneRecipe:
         """The encoder to train and its architecture (the place where LoRA wraps it)."""
         encoder, arch = load_encoder(self.cfg.encoder_checkpoint, dropout=self.cfg.dropout, device=self.device)
         perf.configure_encoder(encoder, self.cfg)  # --freeze_encoder_layers, --gradient_checkpointing, --compile
+        self.peft_model = None
+        if self.cfg.lora_rank:  # adapters injected into `encoder` itself; its base weights frozen
+            from sonar_ft import lora
+
+            self.peft_model = lora.apply_lora(encoder, self.cfg)[0]
         return encoder, arch
 
     def trainable_parameters(self) -> list[dict[str, Any]]:
@@ -183,7 +188,12 @@ class FineTuneRecipe:
         """Continue from ``last.pt``; the loaded file is released before training goes on."""
         path = self.out / components.LAST_STATE
         state = io.load_torch(path, what="training state")
-        self.encoder.load_state_dict(state.pop("encoder"), strict=False if self.encoder_state_is_partial else True)
+        if self.peft_model is not None:  # LoRA: last.pt holds only the trainable tensors
+            from sonar_ft import lora
+
+            lora.load_trainable_state_dict(self.encoder, state.pop("encoder"), source=str(path))
+        else:
+            self.encoder.load_state_dict(state.pop("encoder"))
         try:
             self.optimizer.load_state_dict(state.pop("optimizer"))
         except ValueError as exc:  # e.g. a last.pt written by an older sonar-ft with other parameter groups
@@ -204,9 +214,6 @@ class FineTuneRecipe:
             log.info("resuming inside epoch %d after batch %d", self.state.position["epoch"], self.state.position["batches"])
         best = self.state.best
         log.info("resuming from epoch %d (step %d, best %s at epoch %s)", self.state.epoch, self.state.step, best["score"], best["epoch"])
-
-    encoder_state_is_partial = False
-    """True when :meth:`encoder_state_for_last` saves only part of the encoder (LoRA adapters)."""
 
     # =============================================================================================
     # Training
@@ -457,11 +464,22 @@ class FineTuneRecipe:
             return
         path = self.out / components.BEST_ENCODER
         components.refuse_broken_weights(self.encoder, path, f"epoch {epoch}")
-        save_encoder(self.encoder, path, extra={"epoch": epoch, "val_bleu": result.bleu, "val_loss": result.loss})
+        extra = {"epoch": epoch, "val_bleu": result.bleu, "val_loss": result.loss}
+        if self.peft_model is None:
+            save_encoder(self.encoder, path, extra=extra)
+            return
+        from sonar_ft import lora  # the merged encoder in the official layout, and the adapter alone in peft's format
+
+        save_encoder(self.encoder, path, extra=extra, state_dict=lora.merged_state_dict(self.encoder))
+        lora.save_adapter(self.peft_model, self.out / lora.ADAPTER_DIR)
 
     def encoder_state_for_last(self) -> dict[str, torch.Tensor]:
         """The encoder tensors ``last.pt`` keeps (LoRA: the trainable ones only)."""
-        return self.encoder.state_dict()
+        if self.peft_model is None:
+            return self.encoder.state_dict()
+        from sonar_ft import lora
+
+        return lora.trainable_state_dict(self.encoder)
 
     def save_last(self, position: dict[str, Any] | None = None) -> None:
         """Write the resumable ``last.pt``; ``position`` is the place inside the next epoch of a mid-epoch save.

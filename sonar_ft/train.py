@@ -38,6 +38,7 @@ from sonar_ft.data.bad_samples import BadSample, find_bad_samples, format_bad_sa
 from sonar_ft.decoder import FrozenTextDecoder
 from sonar_ft.device import hardware_record, resolve_device, resolve_precision
 from sonar_ft.encoder import load_encoder
+from sonar_ft.lora import ADAPTER_DIR
 from sonar_ft.errors import ConfigError, DataError, OutputDirError, TrainingError
 from sonar_ft.evaluate import evaluate, results_record
 from sonar_ft.run_log import STEPS_FILE, TENSORBOARD_DIR, attach_train_log
@@ -153,6 +154,7 @@ def clear_run_files(out: Path) -> None:
     """``--overwrite``: remove the previous run's checkpoints and records (called once the new run has started)."""
     removed = list(out.glob("metrics_epoch*.json")) + list(out.glob("predictions_epoch*.json"))
     removed += [out / n for n in (LAST_STATE, BEST_ENCODER, SUMMARY_FILE, STEPS_FILE) if (out / n).exists()]
+    removed += list((out / ADAPTER_DIR).glob("adapter_*"))  # a LoRA run's adapter
     for p in removed:
         p.unlink()
     if (out / TENSORBOARD_DIR).is_dir():

@@ -24,6 +24,7 @@ TINY_DEMO = DemoConfig(
     encoder_d_kv=8,
     encoder_d_ff=48,
     encoder_layers=1,
+    source=None,  # a random starting encoder: tests of the loop need no pretraining (test_lora builds a pretrained one)
 )
 
 

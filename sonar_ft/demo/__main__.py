@@ -1,6 +1,7 @@
 """``make demo``: the whole project on the built-in offline demo, as a user would run it.
 
-build demo assets (cached) → ``sonar-ft verify`` → the Colab quick test (50 clips, 5 epochs) →
+build demo assets (cached; the starting encoder is pretrained by the recipe on a shifted source
+domain, "other signers", see ``sonar_ft.demo.build.SourceDomain``) → ``sonar-ft verify`` → the Colab quick test (50 clips, 5 epochs) →
 score the starting encoder on the test split → fine-tune on the whole demo train split →
 ``--eval_only`` of the best encoder on the test split → plots → export tarball → translate a few
 test clips into English and French. Each training/evaluation step runs the real recipe
@@ -85,7 +86,7 @@ def run_demo(root: Path) -> dict:
     _banner("3/8 quick test: the Colab command (50 clips, 5 epochs), shows the flow")
     _run(recipe_command(paths, root / "quick_test", QUICK_FLAGS + FRESH))
 
-    _banner("4/8 the starting encoder on the test split (before fine-tuning)")
+    _banner("4/8 the starting encoder (pretrained on the source domain) on the target test split, zero-shot")
     _run(recipe_command(paths, root / "baseline_evaluation", ["--eval_only", "--beam_size", "4"], split="test"))
 
     _banner("5/8 fine-tuning on the whole demo train split")

@@ -117,6 +117,27 @@ def split_sentences(n_train: int, n_val: int, n_test: int, seed: int) -> dict[st
     }
 
 
+def source_sentences(n_train: int, n_val: int, n_test: int, n_source: int, seed: int) -> list[DemoSentence]:
+    """``n_source`` sentences of the same grammar that are in none of :func:`split_sentences`' splits."""
+    sentences = all_sentences()
+    random.Random(seed).shuffle(sentences)
+    start = n_train + n_val + n_test
+    if start + n_source > len(sentences):
+        raise ValueError("the grammar has fewer sentences than requested")
+    return sentences[start : start + n_source]
+
+
+def shifted_prototypes(prototypes: dict[str, np.ndarray], shift: float, seed: int) -> dict[str, np.ndarray]:
+    """Other signers' prototypes: ``sqrt(1 - shift^2) * p + shift * q`` with a fresh random ``q`` per gloss.
+
+    ``shift`` 0 gives the same signs, 1 unrelated ones; in between, what a model learnt on one
+    domain partly carries over to the other (cosine similarity about ``sqrt(1 - shift^2)``).
+    """
+    rng = np.random.default_rng(seed)
+    keep = float(np.sqrt(1.0 - shift**2))
+    return {g: (keep * p + shift * rng.standard_normal(p.shape[0])).astype(np.float32) for g, p in prototypes.items()}
+
+
 def gloss_prototypes(feature_dim: int, seed: int) -> dict[str, np.ndarray]:
     """One fixed random feature vector per gloss: the 'appearance' of that sign."""
     rng = np.random.default_rng(seed)
