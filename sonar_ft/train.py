@@ -38,9 +38,9 @@ from sonar_ft.data.bad_samples import BadSample, find_bad_samples, format_bad_sa
 from sonar_ft.decoder import FrozenTextDecoder
 from sonar_ft.device import hardware_record, resolve_device, resolve_precision
 from sonar_ft.encoder import load_encoder
-from sonar_ft.lora import ADAPTER_DIR
 from sonar_ft.errors import ConfigError, DataError, OutputDirError, TrainingError
 from sonar_ft.evaluate import evaluate, results_record
+from sonar_ft.lora import ADAPTER_DIR
 from sonar_ft.run_log import STEPS_FILE, TENSORBOARD_DIR, attach_train_log
 from sonar_ft.train_state import EpochMetrics, seed_everything
 
