@@ -11,6 +11,7 @@ device resolvers (:mod:`sonar_ft.device`) are importable from here as before.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import platform
@@ -40,7 +41,9 @@ from sonar_ft.device import hardware_record, resolve_device, resolve_precision
 from sonar_ft.encoder import load_encoder
 from sonar_ft.errors import ConfigError, DataError, OutputDirError, TrainingError
 from sonar_ft.evaluate import evaluate, results_record
+from sonar_ft.lock import output_lock
 from sonar_ft.lora import ADAPTER_DIR
+from sonar_ft.paths import check_output_dir, recipe_inputs
 from sonar_ft.run_log import STEPS_FILE, TENSORBOARD_DIR, attach_train_log
 from sonar_ft.train_state import EpochMetrics, seed_everything
 
@@ -490,6 +493,7 @@ def train(
         log.info("%s already holds this run, finished (%d epochs%s): nothing to do. Raise --epochs to continue it, "
                  "or pass --overwrite to train it again.", cfg.output_dir, cfg.epochs, best)
         return done
+    check_output_dir(cfg.output_dir, recipe_inputs(cfg))  # never a run folder that is, or holds, one of its inputs
     ddp = distributed.setup(cfg.device)
     main_out = Path(cfg.output_dir) if ddp.is_main else None
     if main_out is not None:
@@ -497,8 +501,10 @@ def train(
             main_out.mkdir(parents=True, exist_ok=True)
         except OSError:
             main_out = None  # prepare_output_dir says what is wrong with it
+    # One writer per run folder for the whole run (rank 0 writes every file): a second copy is refused, naming this one.
+    lock = output_lock(cfg.output_dir, command="sonar-ft train") if main_out is not None else contextlib.nullcontext()
     try:
-        with attach_train_log(main_out):
+        with lock, attach_train_log(main_out):
             recipe = FineTuneRecipe(cfg, ddp, on_evaluation=on_evaluation, reuse_data=reuse_data)
             recipe.setup()
             result = recipe.train()
@@ -542,5 +548,6 @@ def evaluate_checkpoint(cfg: TrainConfig) -> dict[str, Any]:
                       beam_size=cfg.beam_size, max_gen_len=cfg.max_gen_len, loss_chunk_size=cfg.loss_chunk_size,
                       text_encoder=load_scorer(cfg, device))
     record = results_record(result, asdict(cfg))  # scores + SHA-256 of the encoder and data: export checks them
-    io.write_json(out / TEST_RESULTS, record)
+    with output_lock(out / TEST_RESULTS, folder=False, command="--eval_only"):  # one writer of test_results.json
+        io.write_json(out / TEST_RESULTS, record)
     return record
