@@ -135,14 +135,15 @@ QUICK_FLAGS = colab.show_plan(P, QUICK_BATCH_SIZE) or ["--batch_size", QUICK_BAT
 if DEMO:
     QUICK_FLAGS = DEMO_FLAGS
 quick_dir = P.run_dir("quick_test")
+# The quick test keeps no checkpoints (--save_checkpoints false): at the official size they would take 12 GB of Drive.
 colab.run_command(P.recipe_command(quick_dir, *QUICK_FLAGS, "--epochs", 2 if DEMO else 5, "--eval_every", 1,
-                                   "--max_samples", 50))
+                                   "--max_samples", 50, "--save_checkpoints", "false"))
 
 # %% [markdown]
 # ## 4 · Full fine-tuning (resumable: after a disconnect, run the setup cell and this one again)
 
 # %%
-FULL_FLAGS = colab.show_plan(P, BATCH_SIZE) or ["--batch_size", BATCH_SIZE]
+FULL_FLAGS = colab.show_plan(P, BATCH_SIZE, run_name="full") or ["--batch_size", BATCH_SIZE]
 if DEMO:
     FULL_FLAGS = DEMO_FLAGS
 run_dir = P.run_dir("full")

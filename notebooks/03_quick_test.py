@@ -118,6 +118,7 @@ colab.run_command(P.recipe_command(
     run_dir,
     *BATCH_FLAGS, "--epochs", EPOCHS, "--learning_rate", LEARNING_RATE,
     "--freeze_decoder", "--eval_every", 1, "--max_samples", MAX_SAMPLES, *EXTRA_FLAGS,
+    "--save_checkpoints", "false",  # no 12 GB of checkpoints on Drive for a test: metrics and predictions are written
 ))
 
 # %% [markdown]

@@ -110,7 +110,7 @@ P = colab.setup(ROOT, demo=DEMO, demo_dir=DEMO_DIR, env_dir=ENV_DIR, features=FE
 # In DEMO mode (CPU) there is nothing to plan.
 
 # %%
-PLAN_FLAGS = colab.show_plan(P, BATCH_SIZE)
+PLAN_FLAGS = colab.show_plan(P, BATCH_SIZE, run_name=RUN_NAME)
 BATCH_FLAGS = PLAN_FLAGS or ["--batch_size", BATCH_SIZE]
 print("flags used:", " ".join(map(str, BATCH_FLAGS)))
 

@@ -25,6 +25,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
@@ -259,9 +260,11 @@ def setup(
     return project
 
 
-def show_plan(project: Project, effective_batch: int) -> list[str]:
-    """Memory settings for this runtime's GPU from ``sonar-ft plan --gpu auto``: shown as a table, returned as flags.
+def show_plan(project: Project, effective_batch: int, run_name: str | None = None) -> list[str]:
+    """Memory and disk settings for this runtime's GPU from ``sonar-ft plan --gpu auto``: shown, returned as flags.
 
+    When the disk plan keeps ``last.pt`` on the runtime's local disk (``mirror-replace``: a free Drive cannot
+    hold two copies), the flags include ``--state_dir`` under :data:`LOCAL_STATE_ROOT` for ``run_name``.
     In DEMO mode (CPU, the demo's small encoder) and on a runtime without a GPU there is nothing
     to plan: that is said, and no flags are returned.
     """
@@ -273,7 +276,15 @@ def show_plan(project: Project, effective_batch: int) -> list[str]:
     run_command(project.cli_command("plan", "--gpu", "auto", "--batch_size", effective_batch, "--json", out))
     plan = json.loads(out.read_text(encoding="utf-8"))
     show_table([{"setting": k, "value": str(v)} for k, v in plan["settings"].items()])
-    return [str(f) for f in plan["flags"]]
+    flags = [str(f) for f in plan["flags"]]
+    if plan["disk"]["strategy"] == "mirror-replace" and run_name:
+        flags += ["--state_dir", str(LOCAL_STATE_ROOT / run_name)]
+        print(f"last.pt is kept in {LOCAL_STATE_ROOT / run_name} (local disk) and copied to the run folder after each epoch")
+    return flags
+
+
+LOCAL_STATE_ROOT = Path("/content/sonar_state") if Path("/content").is_dir() else Path(tempfile.gettempdir()) / "sonar_state"
+"""Where ``--state_dir`` folders go: the runtime's local disk (fast, large, lost on disconnect)."""
 
 
 def install_error_display() -> None:

@@ -139,6 +139,11 @@ class TrainConfig:
     # -- system -------------------------------------------------------------------------------------
     output_dir: str = "runs/finetune"
     """Where metrics, predictions, logs and checkpoints go."""
+    state_dir: str | None = None
+    """Keep the resumable ``last.pt`` in this folder on a fast local disk (e.g. ``/content/sonar_state/run``) and copy
+    it into ``--output_dir`` after each epoch, removing the old copy first: the disk plan's ``mirror-replace``
+    (``sonar-ft plan``), for a run folder on a Drive that cannot hold two 9 GB copies. After a disconnect the
+    copy in ``--output_dir`` is brought back here and the run resumes from it."""
     device: str = "auto"
     """``auto`` (CUDA when present), ``cuda``, ``cuda:N`` or ``cpu``."""
     precision: Literal["auto", "bf16", "fp32"] = "auto"

@@ -196,7 +196,7 @@ def evaluate(
     embs: list[torch.Tensor] = []
     loss_sum, token_sum = 0.0, 0
     try:
-        for batch in tqdm(batches, desc=desc, leave=False):
+        for batch in tqdm(batches, desc=desc, leave=False, disable=None):  # None: a bar only in a terminal
             batch = batch.to(device)
             with autocast_context(device, precision):
                 emb = encoder(batch.features, batch.mask)

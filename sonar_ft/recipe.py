@@ -37,6 +37,7 @@ from sonar_ft.device import resolve_device, resolve_precision
 from sonar_ft.encoder import load_encoder, save_encoder
 from sonar_ft.errors import ConfigError, DataError, OutputDirError
 from sonar_ft.evaluate import EvalResult, autocast_context, embedding_gatherer, empty_epoch_fields, evaluate
+from sonar_ft.state_mirror import mirror_state
 from sonar_ft.run_log import Progress, StepRecorder, progress_mode
 from sonar_ft.train_state import EpochMetrics, TrainState, seed_everything, set_rng_state
 
@@ -87,7 +88,7 @@ class FineTuneRecipe:
         self.build_models()
         self.build_optimizer()
         if self.clear_previous:
-            ddp.on_main(lambda: components.clear_run_files(self.out))
+            ddp.on_main(lambda: components.clear_run_files(self.out, components.last_state_path(cfg)))
         if ddp.is_main:
             self.write_run_records()
         if self.resuming:
@@ -186,7 +187,7 @@ class FineTuneRecipe:
 
     def load_last(self) -> None:
         """Continue from ``last.pt``; the loaded file is released before training goes on."""
-        path = self.out / components.LAST_STATE
+        path = components.last_state_path(self.cfg)
         state = io.load_torch(path, what="training state")
         if self.peft_model is not None:  # LoRA: last.pt holds only the trainable tensors
             from sonar_ft import lora
@@ -489,13 +490,15 @@ class FineTuneRecipe:
         if not self.cfg.save_checkpoints:
             return
         st = self.state
-        path = self.out / components.LAST_STATE
+        path = components.last_state_path(self.cfg)
         components.refuse_broken_weights(self.encoder, path, f"epoch {st.epoch + 1 if position else st.epoch}, step {st.step}")
         saved = replace(st, position=position)
         io.save_torch(path, {
             "encoder": self.encoder_state_for_last(), "optimizer": self.optimizer.state_dict(), "plateau": self.plateau.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None, **saved.state_dict(),
         })
+        if self.cfg.state_dir and position is None:  # epoch end: the copy in the run folder (room for one copy only)
+            mirror_state(path, self.out / components.LAST_STATE, replace=True)
 
     def result(self) -> components.TrainResult:
         best = self.state.best

@@ -44,6 +44,7 @@ from sonar_ft.evaluate import evaluate, results_record
 from sonar_ft.lock import output_lock
 from sonar_ft.lora import ADAPTER_DIR
 from sonar_ft.paths import check_output_dir, recipe_inputs
+from sonar_ft.state_mirror import restore_state
 from sonar_ft.run_log import STEPS_FILE, TENSORBOARD_DIR, attach_train_log
 from sonar_ft.train_state import EpochMetrics, seed_everything
 
@@ -85,7 +86,7 @@ class TrainResult:
 # Settings that may change between a run and its resumption without making it another run.
 _RESUMABLE_CHANGES = {"output_dir", "epochs", "resume", "overwrite", "num_workers", "eval_every", "device", "early_stopping_patience",
                       "checkpoint_every_steps", "gradient_checkpointing", "cache_features", "cache_dtype", "compile", "loss_chunk_size",
-                      "log_every_steps", "report_to", "progress", "progress_seconds"}
+                      "log_every_steps", "report_to", "progress", "progress_seconds", "state_dir"}
 RUN_FILES = (CONFIG_FILE, LAST_STATE, BEST_ENCODER)
 
 
@@ -121,11 +122,13 @@ def prepare_output_dir(cfg: TrainConfig) -> tuple[Path, bool]:
         probe.unlink()
     except OSError as exc:
         raise OutputDirError(f"cannot write to --output_dir {out}: {exc.strerror or exc}. Choose a writable folder.") from None
+    if cfg.state_dir and not cfg.overwrite:  # a fresh runtime after a disconnect: the local last.pt comes back from its copy
+        restore_state(out / LAST_STATE, Path(cfg.state_dir) / LAST_STATE)
     stale = io.remove_stale_temps(out)
     if stale:
         log.info("removed %d half-written file(s) left in %s by a run that was stopped", len(stale), out)
     existing = [name for name in RUN_FILES if (out / name).exists()] + sorted(p.name for p in out.glob("metrics_epoch*.json"))
-    last = out / LAST_STATE
+    last = last_state_path(cfg)
     if cfg.resume and not cfg.overwrite:
         if not last.exists():
             what = f"holds no run ({', '.join(existing[:3])} but no {LAST_STATE})" if existing else "holds no run"
@@ -153,10 +156,17 @@ def prepare_output_dir(cfg: TrainConfig) -> tuple[Path, bool]:
     )
 
 
-def clear_run_files(out: Path) -> None:
-    """``--overwrite``: remove the previous run's checkpoints and records (called once the new run has started)."""
+def last_state_path(cfg: TrainConfig) -> Path:
+    """Where ``last.pt`` is written: ``--state_dir`` (copied into the run folder after each epoch) or the run folder."""
+    return Path(cfg.state_dir or cfg.output_dir) / LAST_STATE
+
+
+def clear_run_files(out: Path, last: Path | None = None) -> None:
+    """``--overwrite``: remove the previous run's checkpoints and records (called once the new run has started);
+    ``last``: its ``last.pt`` when kept elsewhere (``--state_dir``)."""
     removed = list(out.glob("metrics_epoch*.json")) + list(out.glob("predictions_epoch*.json"))
     removed += [out / n for n in (LAST_STATE, BEST_ENCODER, SUMMARY_FILE, STEPS_FILE) if (out / n).exists()]
+    removed += [last] if last is not None and last != out / LAST_STATE and last.exists() else []
     removed += list((out / ADAPTER_DIR).glob("adapter_*"))  # a LoRA run's adapter
     for p in removed:
         p.unlink()

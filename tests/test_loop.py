@@ -403,3 +403,25 @@ def test_resumed_run_keeps_nothing_of_the_loaded_state(logged_run, data, monkeyp
     print(f"\nhost memory after resuming with 256 MiB of loaded state: {grown:+.0f} MiB")
     assert r.resuming and r.state.epoch == 2 and loaded and loaded[0]() is None
     assert grown < 128
+
+
+def test_state_dir_keeps_last_pt_local_mirrors_it_and_brings_it_back_after_a_disconnect(data, tmp_path):
+    """--state_dir (the disk plan's mirror-replace): last.pt on local disk, one copy in the run folder."""
+    out, local = tmp_path / "drive" / "run", tmp_path / "local"
+    first = train(data.config(out, batch_size=4, epochs=1, state_dir=str(local)))
+    assert (local / LAST_STATE).is_file() and (out / LAST_STATE).read_bytes() == (local / LAST_STATE).read_bytes()
+    (local / LAST_STATE).unlink()  # a fresh runtime: the local disk is gone, the run folder (Drive) is not
+    second = train(data.config(out, batch_size=4, epochs=2, state_dir=str(local)))
+    assert [h.epoch for h in second.history] == [1, 2]  # epoch 1 came from the restored state, not run again
+    assert second.history[0].train_loss == first.history[0].train_loss
+    assert (local / LAST_STATE).is_file() and (out / LAST_STATE).read_bytes() == (local / LAST_STATE).read_bytes()
+
+
+def test_a_second_training_on_a_locked_run_folder_is_refused_naming_the_holder(data, tmp_path):
+    from sonar_ft.lock import output_lock
+
+    out = tmp_path / "run"
+    with output_lock(out, command="another training"):
+        with pytest.raises(OutputDirError, match=f"PID {os.getpid()}"):
+            train(data.config(out, batch_size=4, epochs=1))
+    assert not (out / LAST_STATE).exists()

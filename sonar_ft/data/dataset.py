@@ -108,7 +108,7 @@ class SignFeatureDataset(Dataset[Sample]):
         unknown = [i for i, r in enumerate(self.rows) if r.length is None]
         frames = {
             i: self.store.num_frames(self.rows[i].id)
-            for i in tqdm(unknown, desc="reading frame counts", unit="clip", disable=not progress or not unknown)
+            for i in tqdm(unknown, desc="reading frame counts", unit="clip", disable=None if progress and unknown else True)  # None: bars only in a terminal
         }
         lengths = [frames[i] if r.length is None else r.length for i, r in enumerate(self.rows)]
         if self.max_frames is not None:

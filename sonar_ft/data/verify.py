@@ -240,7 +240,7 @@ def verify_dataset(
 
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         results = pool.map(_check_file, [path for _, path in to_check])
-        bar = tqdm(results, total=len(to_check), desc="checking features", unit="file", disable=not progress)
+        bar = tqdm(results, total=len(to_check), desc="checking features", unit="file", disable=None if progress else True)  # None: bars only in a terminal
         checks = [(row, result) for (row, _), result in zip(to_check, bar)]
 
     dims: collections.Counter[int] = collections.Counter()

@@ -193,7 +193,7 @@ def pretrain_autoencoder(
 
     encoder.train()
     decoder.train()
-    bar = tqdm(range(cfg.steps), desc="pretraining demo text autoencoder", leave=False)
+    bar = tqdm(range(cfg.steps), desc="pretraining demo text autoencoder", leave=False, disable=None)  # a bar only in a terminal
     for _ in bar:
         batch = rng.sample(sentences, cfg.batch_size)
         src_langs = [rng.choice(DEMO_LANGS) for _ in batch]
