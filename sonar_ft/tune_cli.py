@@ -32,6 +32,7 @@ def register(subparsers: Any) -> None:
     t.add_argument("--study_name", help="name of the study in the storage (default sonar-ft)")
     t.add_argument("--storage", help="SQLAlchemy URL (postgresql://user@host/db), SQLite file (*.db), journal file "
                    "(journal:PATH or *.log); default: OUTPUT_DIR/study.db")
+    t.add_argument("--storage_timeout", type=float, help="seconds to wait for the database server to connect / answer (default 30)")
     t.add_argument("--n_trials", type=int, help="trials the study should hold in total (default 20)")
     t.add_argument("--timeout", type=float, help="stop starting trials after this many seconds")
     t.add_argument("--n_jobs", type=int, help="parallel trials in this process (default 1)")

@@ -614,3 +614,12 @@ def test_run_folder_checks_for_the_recipe(tmp_path):
         check_output_dir(feats, {"--train_features": str(feats)})
     check_output_dir(tmp_path / "run2", inputs)
     check_output_dir(tmp_path, {"--train_features": str(feats)})  # inputs in a subfolder of the run folder are fine
+
+
+def test_texts_quoted_by_the_old_writer_are_kept_but_pointed_out(tmp_path, caplog):
+    path = tmp_path / "m.tsv"
+    path.write_text('id\ttext\na\t"""Hello,"" she said."\nb\t"Hello," she said.\n', encoding="utf-8")
+    with caplog.at_level("WARNING", logger="sonar_ft.data.manifest"):
+        rows = read_manifest(path)
+    assert [r.text for r in rows] == ['"""Hello,"" she said."', '"Hello," she said.']
+    assert "1 text(s) look CSV-quoted (e.g. line 2)" in caplog.text

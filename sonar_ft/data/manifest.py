@@ -221,6 +221,8 @@ def read_manifest(path: str | Path, *, allow_duplicates: bool = False) -> list[M
         text = rec.fields[i_text].strip() if how2sign else rec.fields[i_text]
         rows.append(ManifestRow(id=clip_id, text=text, length=length, line=rec.first))
 
+    if not how2sign:
+        _warn_old_quoting(path, rows)
     if not allow_duplicates:
         problems.extend(
             f"duplicate id {clip_id!r} on lines {', '.join(str(n) for n in lines)}"
@@ -231,6 +233,23 @@ def read_manifest(path: str | Path, *, allow_duplicates: bool = False) -> list[M
         more = f"; ... and {len(problems) - MAX_LISTED} more" if len(problems) > MAX_LISTED else ""
         raise DataError(f"manifest {path} has {len(problems)} problem(s): {listed}{more}")
     return rows
+
+
+def _looks_csv_quoted(text: str) -> bool:
+    """True for ``"..."`` with every inner quote doubled and holding a quote: how older sonar-ft versions wrote such texts."""
+    inner = text[1:-1]
+    return len(text) >= 4 and text[0] == text[-1] == '"' and '""' in inner and '"' not in inner.replace('""', "")
+
+
+def _warn_old_quoting(path: Path, rows: list[ManifestRow]) -> None:
+    quoted = [r.line for r in rows if _looks_csv_quoted(r.text)]
+    if quoted:
+        log.warning(
+            "manifest %s: %d text(s) look CSV-quoted (e.g. line %d), as older sonar-ft versions wrote texts holding "
+            "quotes; texts are now read exactly as written, quotes included. Re-create the manifest (sonar-ft manifest "
+            "how2sign) if those quotes are not part of the sentences",
+            path, len(quoted), quoted[0],
+        )
 
 
 def _is_how2sign_layout(records: list[_Record], has_header: bool) -> bool:
