@@ -310,7 +310,7 @@ def how2sign_to_tsv(
     kept: list[ManifestRow] = []
     missing: list[str] = []
     unreadable: dict[str, str] = {}
-    for row in tqdm(rows, desc="reading frame counts", unit="clip", disable=None if progress else True)  # None: bars only in a terminal:
+    for row in tqdm(rows, desc="reading frame counts", unit="clip", disable=None if progress else True):  # None: bars only in a terminal
         if row.id not in store:
             missing.append(row.id)
             continue
