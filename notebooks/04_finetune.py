@@ -50,6 +50,7 @@ EPOCHS = 30
 LEARNING_RATE = 1e-4
 EVAL_EVERY = 1
 CHECKPOINT_EVERY_STEPS = 0         # also save last.pt every N steps (mid-epoch resume; each save is 4.5-9 GB, see the disk plan)
+LORA_RANK = 0                      # 16: LoRA adapters (on a T4: plain AdamW, batch 32 per step, last.pt 0.2 GB); 0: full fine-tuning
 EXTRA_FLAGS = []                   # e.g. ["--gradient_checkpointing", "--grad_accum", "4", "--early_stopping_patience", "5"]
 # DEMO mode trains the demo's small encoder with these instead:
 DEMO_EPOCHS = 4
@@ -110,8 +111,8 @@ P = colab.setup(ROOT, demo=DEMO, demo_dir=DEMO_DIR, env_dir=ENV_DIR, features=FE
 # In DEMO mode (CPU) there is nothing to plan.
 
 # %%
-PLAN_FLAGS = colab.show_plan(P, BATCH_SIZE, run_name=RUN_NAME)
-BATCH_FLAGS = PLAN_FLAGS or ["--batch_size", BATCH_SIZE]
+PLAN_FLAGS = colab.show_plan(P, BATCH_SIZE, run_name=RUN_NAME, lora_rank=LORA_RANK)
+BATCH_FLAGS = PLAN_FLAGS if "--batch_size" in PLAN_FLAGS else ["--batch_size", BATCH_SIZE, *PLAN_FLAGS]
 print("flags used:", " ".join(map(str, BATCH_FLAGS)))
 
 # %% [markdown]
@@ -130,7 +131,7 @@ print("flags used:", " ".join(map(str, BATCH_FLAGS)))
 
 # %%
 if DEMO:
-    EPOCHS, LEARNING_RATE, BATCH_FLAGS = DEMO_EPOCHS, DEMO_LEARNING_RATE, ["--batch_size", DEMO_BATCH_SIZE]
+    EPOCHS, LEARNING_RATE, BATCH_FLAGS = DEMO_EPOCHS, DEMO_LEARNING_RATE, ["--batch_size", DEMO_BATCH_SIZE, *PLAN_FLAGS]
     EXTRA_FLAGS = [*DEMO_FLAGS, *EXTRA_FLAGS]
 run_dir = P.run_dir(RUN_NAME)
 colab.run_command(P.recipe_command(

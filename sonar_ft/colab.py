@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
+from sonar_ft.demo.paths import DemoPaths
 from sonar_ft.errors import SonarFtError
 
 if TYPE_CHECKING:
@@ -66,44 +67,7 @@ def default_env_dir(root: Path) -> Path:
 # ------------------------------------------------------------------------------------------------
 # The demo
 # ------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class DemoFiles:
-    """Where the offline demo's pieces are (the layout of ``sonar_ft.demo.build.DemoPaths``, without torch)."""
-
-    root: Path
-
-    @property
-    def features(self) -> Path:
-        return self.root / "data" / "features"
-
-    @property
-    def manifests(self) -> Path:
-        return self.root / "data" / "manifests"
-
-    def split_features(self, split: str) -> Path:
-        return self.features / split
-
-    def split_manifest(self, split: str) -> Path:
-        return self.manifests / f"{split}.tsv"
-
-    @property
-    def encoder_checkpoint(self) -> Path:
-        return self.root / "assets" / "sonar_encoder_demo.pth"
-
-    @property
-    def decoder_card(self) -> Path:
-        return self.root / "assets" / "text_decoder.yaml"
-
-    @property
-    def text_encoder_card(self) -> Path:
-        return self.root / "assets" / "text_encoder.yaml"
-
-    @property
-    def build_record(self) -> Path:
-        return self.root / "assets" / "BUILD.json"
-
-
-def demo_feature_dim(paths: DemoFiles) -> int:
+def demo_feature_dim(paths: DemoPaths) -> int:
     """The feature dimension the demo at ``paths`` was built with."""
     try:
         record = json.loads(paths.build_record.read_text(encoding="utf-8"))
@@ -132,7 +96,7 @@ class Project:
     """The frozen text decoder: asset card name or card file."""
     device: str
     feature_dim: int
-    demo: DemoFiles | None = None
+    demo: DemoPaths | None = None
     python: str = sys.executable
     """The stack environment's Python: every heavy step runs as a command of it."""
     env: StackEnv | None = None
@@ -239,7 +203,7 @@ def setup(
     if in_colab() and not demo and model_cache and "FAIRSEQ2_CACHE_DIR" not in os.environ:
         os.environ["FAIRSEQ2_CACHE_DIR"] = str(root / model_cache)  # the recipe subprocesses inherit it
     if demo:
-        paths = DemoFiles(Path(demo_dir or os.environ.get("DEMO_DIR") or root / DEFAULT_DEMO_DIR).resolve())
+        paths = DemoPaths(Path(demo_dir or os.environ.get("DEMO_DIR") or root / DEFAULT_DEMO_DIR).resolve())
         run_command([python, "-m", "sonar_ft.notebook_steps", "demo", "--demo_dir", str(paths.root)])
         project = Project(
             root=root, runs=paths.root / NOTEBOOK_RUNS,
@@ -260,20 +224,26 @@ def setup(
     return project
 
 
-def show_plan(project: Project, effective_batch: int, run_name: str | None = None) -> list[str]:
+def show_plan(project: Project, effective_batch: int, run_name: str | None = None, lora_rank: int = 0) -> list[str]:
     """Memory and disk settings for this runtime's GPU from ``sonar-ft plan --gpu auto``: shown, returned as flags.
 
     When the disk plan keeps ``last.pt`` on the runtime's local disk (``mirror-replace``: a free Drive cannot
     hold two copies), the flags include ``--state_dir`` under :data:`LOCAL_STATE_ROOT` for ``run_name``.
+    ``lora_rank`` > 0 plans LoRA fine-tuning (``--lora_rank`` is among the flags).
     In DEMO mode (CPU, the demo's small encoder) and on a runtime without a GPU there is nothing
     to plan: that is said, and no flags are returned.
     """
     if project.demo is not None or not (project.env and project.env.info.get("cuda")):
         why = "DEMO mode (the demo's small encoder on the CPU)" if project.demo is not None else "no GPU in this runtime"
         print(f"memory plan: none needed, {why}; the official-size plans: `sonar-ft plan --gpu t4` (or l4, a100, h100)")
-        return []
+        if lora_rank:
+            print(f"LoRA chosen (LORA_RANK = {lora_rank}): adapters train, the encoder's weights stay frozen")
+        return ["--lora_rank", str(lora_rank)] if lora_rank else []
     out = project.runs / "plan.json"
-    run_command(project.cli_command("plan", "--gpu", "auto", "--batch_size", effective_batch, "--json", out))
+    run_command(project.cli_command("plan", "--gpu", "auto", "--batch_size", effective_batch, "--lora_rank", lora_rank, "--json", out))
+    if lora_rank:
+        print(f"LoRA chosen (LORA_RANK = {lora_rank}): adapters train, the encoder's weights stay frozen; "
+              "best_encoder.pt is still the whole (merged) encoder")
     plan = json.loads(out.read_text(encoding="utf-8"))
     show_table([{"setting": k, "value": str(v)} for k, v in plan["settings"].items()])
     flags = [str(f) for f in plan["flags"]]

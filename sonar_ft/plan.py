@@ -403,6 +403,19 @@ def _nvidia_smi(cmd: list[str]) -> str:
     return subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=30).stdout
 
 
+def _plan_basics(
+    gpu: str | GpuSpec, batch_size: int, config: SignT5Config | None, decoder: DecoderSpec | None,
+) -> tuple[GpuSpec, SignT5Config, DecoderSpec, str, str, int]:
+    """What every plan for ``gpu`` starts from: its spec, the models, precision, decoder dtype and loss chunk."""
+    spec = gpu if isinstance(gpu, GpuSpec) else gpu_spec(gpu)
+    if batch_size < 1:
+        raise ConfigError(f"--batch_size must be at least 1 (got {batch_size})")
+    precision = "bf16" if spec.bf16 else "fp32"
+    decoder_dtype = "bf16" if spec.bf16 else "fp16"
+    chunk = 1024 if spec.memory_bytes >= 30 * GIB else 256
+    return spec, config or SignT5Config(), decoder or sonar_decoder_spec(), precision, decoder_dtype, chunk
+
+
 def recommend(
     gpu: str | GpuSpec,
     batch_size: int = 32,
@@ -419,14 +432,7 @@ def recommend(
     full fine-tuning before freezing lower encoder layers. The loss chunk shrinks with the GPU.
     If nothing fits, the last (smallest) plan is returned with ``fits`` False.
     """
-    spec = gpu if isinstance(gpu, GpuSpec) else gpu_spec(gpu)
-    if batch_size < 1:
-        raise ConfigError(f"--batch_size must be at least 1 (got {batch_size})")
-    config = config or SignT5Config()
-    decoder = decoder or sonar_decoder_spec()
-    precision = "bf16" if spec.bf16 else "fp32"
-    decoder_dtype = "bf16" if spec.bf16 else "fp16"
-    chunk = 1024 if spec.memory_bytes >= 30 * GIB else 256
+    spec, config, decoder, precision, decoder_dtype, chunk = _plan_basics(gpu, batch_size, config, decoder)
     micros = [m for m in range(batch_size, 0, -1) if batch_size % m == 0]
     large, medium, small = ([m for m in micros if lo <= m < hi] for lo, hi in ((8, 1 << 30), (4, 8), (1, 4)))
     ladder: list[tuple[int, str, bool, list[int]]] = []
@@ -670,14 +676,7 @@ def recommend_lora(
     Plain AdamW always (its states are small under LoRA) and nothing frozen beyond the base weights.
     If nothing fits, the last (smallest) plan is returned with ``fits`` False.
     """
-    spec = gpu if isinstance(gpu, GpuSpec) else gpu_spec(gpu)
-    if batch_size < 1:
-        raise ConfigError(f"--batch_size must be at least 1 (got {batch_size})")
-    config = config or SignT5Config()
-    decoder = decoder or sonar_decoder_spec()
-    precision = "bf16" if spec.bf16 else "fp32"
-    decoder_dtype = "bf16" if spec.bf16 else "fp16"
-    chunk = 1024 if spec.memory_bytes >= 30 * GIB else 256
+    spec, config, decoder, precision, decoder_dtype, chunk = _plan_basics(gpu, batch_size, config, decoder)
     plan: Plan | None = None
     for micro in (m for m in range(batch_size, 0, -1) if batch_size % m == 0):
         for ckpt in (False, True):

@@ -23,6 +23,7 @@ import torch
 
 from sonar_ft import io
 from sonar_ft.data import ManifestRow, write_manifest
+from sonar_ft.demo.paths import DemoPaths
 from sonar_ft.demo import corpus
 from sonar_ft.demo.text_models import TextModelConfig, pretrain_autoencoder, train_tokenizer
 from sonar_ft.encoder import SignT5Config, SignT5SonarEncoder, save_encoder
@@ -70,51 +71,6 @@ class DemoConfig:
     encoder_layers: int = 2
     source: SourceDomain | None = field(default_factory=SourceDomain)
     """Pretrain the starting encoder on this shifted source domain; None keeps it random."""
-
-
-@dataclass(frozen=True)
-class DemoPaths:
-    """Where the demo's pieces live under one root folder."""
-
-    root: Path
-
-    @property
-    def features(self) -> Path:
-        return self.root / "data" / "features"
-
-    @property
-    def manifests(self) -> Path:
-        return self.root / "data" / "manifests"
-
-    @property
-    def assets(self) -> Path:
-        return self.root / "assets"
-
-    def split_features(self, split: str) -> Path:
-        return self.features / split
-
-    def split_manifest(self, split: str) -> Path:
-        return self.manifests / f"{split}.tsv"
-
-    @property
-    def decoder_card(self) -> Path:
-        return self.assets / "text_decoder.yaml"
-
-    @property
-    def text_encoder_card(self) -> Path:
-        return self.assets / "text_encoder.yaml"
-
-    @property
-    def encoder_checkpoint(self) -> Path:
-        return self.assets / "sonar_encoder_demo.pth"
-
-    @property
-    def source(self) -> Path:
-        return self.root / "source_domain"
-
-    @property
-    def build_record(self) -> Path:
-        return self.assets / "BUILD.json"
 
 
 def _build_key(cfg: DemoConfig) -> dict:
