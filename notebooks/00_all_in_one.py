@@ -162,7 +162,7 @@ best = best_epoch(history)
 print(f"best epoch {best['epoch']} of {len(history)}: val BLEU {best['val_bleu']:.2f}" if best else "no evaluation yet")
 predictions = latest_predictions(run_dir)
 if predictions is not None:
-    colab.show_table(predictions["samples"][:N_EXAMPLES], ["id", "reference", "prediction", "bleu_score"], digits=1)
+    colab.show_table(predictions["samples"][:N_EXAMPLES], colab.score_columns(predictions["samples"], "sample", first=["id", "reference", "prediction"]), digits=1)
 
 # %% [markdown]
 # ## 6 · Test-set evaluation (`--eval_only`)
@@ -175,7 +175,7 @@ else:
     colab.run_command(P.recipe_command(run_dir, "--eval_only", "--batch_size", 16, "--beam_size", 2 if DEMO else 5,
                                        split="test", encoder=run_dir / "best_encoder.pt"))
 results = json.loads(results_path.read_text(encoding="utf-8"))
-colab.show_table([{k: results[k] for k in ("num_samples", "bleu", "chrf", "loss")}], digits=2)
+colab.show_table([results], colab.score_columns([results], "", first=["num_samples"]), digits=2)
 
 # %% [markdown]
 # ## 7 · Export the encoder and download the tarball

@@ -130,7 +130,7 @@ colab.run_command(P.recipe_command(
 from sonar_ft.plots import best_epoch, plot_history, read_history
 
 history = read_history(run_dir)
-colab.show_table(history, ["epoch", "train_loss", "val_loss", "val_bleu", "val_chrf", "lr", "seconds"])
+colab.show_table(history, colab.score_columns(history, "val_", first=["epoch", "train_loss"], last=["lr", "seconds"]))
 colab.show_images(plot_history(run_dir, run_dir / "plots", title=RUN_NAME).values())
 best = best_epoch(history)
 print(f"best epoch {best['epoch']}: val BLEU {best['val_bleu']:.2f}" if best else "no evaluation yet")

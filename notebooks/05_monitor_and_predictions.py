@@ -99,7 +99,7 @@ from sonar_ft.plots import best_epoch, plot_history, read_history
 run_dir = P.find_run(P.run_dir(RUN_NAME), need="metrics_epoch*.json")
 history = read_history(run_dir)
 colab.show_images(plot_history(run_dir, run_dir / "plots", title=run_dir.name).values())
-colab.show_table(history, ["epoch", "train_loss", "val_loss", "val_bleu", "val_chrf", "lr", "seconds", "samples_per_second"])
+colab.show_table(history, colab.score_columns(history, "val_", first=["epoch", "train_loss"], last=["lr", "seconds", "samples_per_second"]))
 
 # %% [markdown]
 # ## Best epoch so far
@@ -126,4 +126,4 @@ if predictions is None:
     print("no predictions_epoch*.json yet: they are written at each evaluation")
 else:
     print(f"epoch {predictions['epoch']}: corpus BLEU {predictions['bleu']:.2f} on {len(predictions['samples'])} clips")
-    colab.show_table(predictions["samples"][:N_EXAMPLES], ["id", "reference", "prediction", "bleu_score"], digits=1)
+    colab.show_table(predictions["samples"][:N_EXAMPLES], colab.score_columns(predictions["samples"], "sample", first=["id", "reference", "prediction"]), digits=1)

@@ -113,9 +113,9 @@ else:
 import json
 
 results = json.loads(results_path.read_text(encoding="utf-8"))
-colab.show_table([{k: results[k] for k in ("num_samples", "bleu", "chrf", "loss", "beam_size", "tgt_lang")}], digits=2)
+colab.show_table([results], colab.score_columns([results], "", first=["num_samples"], last=["beam_size", "tgt_lang"]), digits=2)
 print(results["bleu_signature"])
-colab.show_table(results["samples"][:N_EXAMPLES], ["id", "reference", "prediction", "bleu_score"], digits=1)
+colab.show_table(results["samples"][:N_EXAMPLES], colab.score_columns(results["samples"], "sample", first=["id", "reference", "prediction"]), digits=1)
 
 # %% [markdown]
 # Next: `07_export_encoder.ipynb`.
