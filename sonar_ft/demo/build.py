@@ -44,8 +44,10 @@ class SourceDomain:
 
     n_train: int = 600
     n_val: int = 40
-    prototype_shift: float = 0.8
-    """How far each gloss prototype moves (0: same signs, 1: unrelated; see corpus.shifted_prototypes)."""
+    prototype_shift: float = 0.99
+    """How far each gloss prototype moves (0: same signs, 1: unrelated; see corpus.shifted_prototypes).
+    Measured zero-shot test BLEU on the target domain (8 epochs of pretraining): 72.7 at 0.8, 34.4 at 0.95,
+    12.0 at 0.99 -- the last is the DailyMoth -> How2Sign situation: low, not zero."""
     noise: float = 0.8
     min_frames: int = 2
     max_frames: int = 4
