@@ -354,7 +354,7 @@ def show_table(rows: Sequence[Mapping[str, Any]] | Any, columns: Sequence[str] |
 
 
 # Score columns of the notebooks' tables, in the order papers print them (sonar_ft.scores names).
-SCORE_COLUMNS = ("bleu1", "bleu2", "bleu3", "bleu4", "rougeL", "chrf", "cosine", "r1", "r5", "loss")
+SCORE_COLUMNS = ("bleu", "bleu1", "bleu2", "bleu3", "rougeL", "chrf", "cosine", "r1", "r5", "loss")  # bleu is BLEU-4
 SAMPLE_SCORE_COLUMNS = ("bleu_score", "rougeL", "chrf", "cosine", "rank")
 
 

@@ -787,6 +787,9 @@ def _plan_command(args: argparse.Namespace) -> int:
                      drive_budget=int(args.drive_gb * GIB))
     print(plan.format_table())
     print(disk.format_table())
+    if args.lora_rank:
+        adapter = disk_estimate(rank=args.lora_rank)["adapter"]
+        print(f"  LoRA: adapter/ {adapter / 2**20:.1f} MiB (peft's format) next to best_encoder.pt (the merged encoder)")
     if args.json_path:
         from sonar_ft import io
 

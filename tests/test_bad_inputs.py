@@ -436,7 +436,7 @@ def test_unknown_target_language_is_named_translate_cli(data, tiny_demo, capsys)
 
 
 def test_max_samples_zero_is_refused_library(data, tmp_path):
-    with pytest.raises(ConfigError, match="--max_samples must be at least 1"):
+    with pytest.raises(ConfigError, match=r"--max_samples must be in \[1, inf\)"):
         data.config(tmp_path / "out", max_samples=0).validate()
 
 
