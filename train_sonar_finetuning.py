@@ -5,17 +5,7 @@ A thin entry point to ``sonar-ft train`` (:mod:`sonar_ft.train_cli`): the same f
 from :class:`sonar_ft.config.TrainConfig`; the loop is :class:`sonar_ft.recipe.FineTuneRecipe`.
 Everything the run used is written to ``--output_dir/config.json``.
 
-Quick test (the Colab seed's command, unchanged)::
-
-    python train_sonar_finetuning.py --encoder_checkpoint sonar_checkpoints/dm_70h_ub_sonar_encoder.pth \\
-        --train_features features/train --train_manifest manifests/train.tsv \\
-        --val_features features/val --val_manifest manifests/val.tsv \\
-        --output_dir runs/quick_test --batch_size 8 --epochs 5 --learning_rate 1e-4 \\
-        --freeze_decoder --eval_every 1 --device cuda --max_samples 50
-
-Several GPUs (data-parallel; ``--batch_size`` is per process)::
-
-    torchrun --nproc_per_node=4 train_sonar_finetuning.py ... --batch_size 8
+Flags and examples: ``python train_sonar_finetuning.py --help`` and :mod:`sonar_ft.train_cli`.
 """
 
 from __future__ import annotations

@@ -528,12 +528,6 @@ def train(
     return result
 
 
-# Older names, kept for callers outside this module.
-_count_bad_step = count_bad_step
-_refuse_broken_weights = refuse_broken_weights
-_epoch_line = epoch_line
-
-
 # ------------------------------------------------------------------------------------------------
 # Evaluation only
 # ------------------------------------------------------------------------------------------------
