@@ -49,6 +49,25 @@ and the estimate's own error."""
 
 
 _BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+BNB_BLOCK = 256
+BNB_MIN_8BIT = 4096
+
+
+def adamw8bit_state_bytes(numels: list[int]) -> int:
+    """Bytes of bitsandbytes' 8-bit AdamW state for parameters of these sizes (its blockwise layout).
+
+    Tensors of 4,096 elements or more keep each moment as one uint8 per element plus one fp32 absmax
+    per block of 256; smaller ones keep both moments in fp32.
+    """
+    total = 0
+    for n in numels:
+        if n >= BNB_MIN_8BIT:
+            total += 2 * (n + 4 * -(-n // BNB_BLOCK))
+        else:
+            total += 8 * n
+    return total
 
 
 @dataclass(frozen=True)
@@ -92,6 +111,7 @@ class _ParamCounts:
     total: int
     trainable: int
     trainable_matmul: int
+    trainable_numels: tuple[int, ...]
 
 
 @functools.lru_cache(maxsize=32)
@@ -105,6 +125,7 @@ def _param_counts(config: SignT5Config, freeze_encoder_layers: int) -> _ParamCou
         total=count_parameters(model, include_tied_copies=False),
         trainable=sum(p.numel() for p in trainable),
         trainable_matmul=sum(p.numel() for p in trainable if id(p) in matmul),
+        trainable_numels=tuple(p.numel() for p in dict.fromkeys(trainable)),
     )
 
 
@@ -229,6 +250,7 @@ def estimate_memory(
     loss_chunk_size: int = 1024,
     vocab: int = SONAR_VOCAB,
     decoder: DecoderSpec | None = None,
+    attention: str = "fused",
 ) -> dict[str, int]:
     """Peak GPU bytes of one training step, by kind, and their ``total``.
 
@@ -248,18 +270,18 @@ def estimate_memory(
         raise ConfigError(f"freeze_encoder_layers must be 0..{config.num_encoder_layers} (got {freeze_encoder_layers})")
     spec = decoder or sonar_decoder_spec()
     counts = _param_counts(config, freeze_encoder_layers)
-    activations = encoder_activation_bytes(
-        config, batch_size=batch_size, frames=max_frames, precision=precision,
-        gradient_checkpointing=gradient_checkpointing, freeze_encoder_layers=freeze_encoder_layers,
-    ) + decoder_activation_bytes(
-        spec, batch_size=batch_size, target_tokens=target_tokens, decoder_dtype=decoder_dtype,
-        gradient_checkpointing=gradient_checkpointing,
-    )
+    enc = dict(batch_size=batch_size, frames=max_frames, precision=precision, gradient_checkpointing=gradient_checkpointing,
+               freeze_encoder_layers=freeze_encoder_layers, attention=attention)
+    saved = encoder_activation_bytes(config, transient=False, **enc)
+    transient = encoder_activation_bytes(config, transient=True, **enc) - saved
     parts = {
         "weights": counts.total * 4,
         "gradients": counts.trainable * 4,
-        "optimizer_states": counts.trainable * (8 if optimizer == "adamw" else 2),
-        "activations": activations,
+        "optimizer_states": counts.trainable * 8 if optimizer == "adamw" else adamw8bit_state_bytes(list(counts.trainable_numels)),
+        "activations": saved + decoder_activation_bytes(
+            spec, batch_size=batch_size, target_tokens=target_tokens, decoder_dtype=decoder_dtype,
+            gradient_checkpointing=gradient_checkpointing),
+        "temporaries": transient,
         "frozen_decoder": spec.params * _BYTES[decoder_dtype],
         "loss": loss_bytes(batch_size=batch_size, target_tokens=target_tokens, vocab=vocab,
                            decoder_dtype=decoder_dtype, chunk_size=loss_chunk_size),
@@ -374,6 +396,7 @@ def estimate_lora_memory(
     lora_dropout: float = 0.0,
     vocab: int = SONAR_VOCAB,
     decoder: DecoderSpec | None = None,
+    attention: str = "fused",
 ) -> dict[str, int]:
     """Peak GPU bytes of one LoRA training step (same keys as :func:`estimate_memory`).
 
@@ -391,17 +414,22 @@ def estimate_lora_memory(
         raise ConfigError(f"--lora_rank must be at least 1 for a LoRA estimate (got {rank}); 0 is full fine-tuning")
     full = estimate_memory(config, batch_size=batch_size, max_frames=max_frames, target_tokens=target_tokens,
                            precision=precision, gradient_checkpointing=gradient_checkpointing, decoder_dtype=decoder_dtype,
-                           loss_chunk_size=loss_chunk_size, vocab=vocab, decoder=decoder)
+                           loss_chunk_size=loss_chunk_size, vocab=vocab, decoder=decoder, attention=attention)
     counts = lora_counts(config, rank)
     weight_copies = 2 * _param_counts(config, 0).trainable_matmul if precision == "bf16" else 0
-    activations = full["activations"] - weight_copies + lora_activation_extra_bytes(
-        config, rank=rank, batch_size=batch_size, frames=max_frames, dropout=lora_dropout,
-        gradient_checkpointing=gradient_checkpointing)
+    extra = lora_activation_extra_bytes(config, rank=rank, batch_size=batch_size, frames=max_frames, dropout=lora_dropout,
+                                        gradient_checkpointing=gradient_checkpointing)
+    saved, transient = full["activations"], full["temporaries"]
+    if gradient_checkpointing:
+        transient += extra - weight_copies
+    else:
+        saved += extra - weight_copies
     parts = {
         "weights": (counts.base + counts.adapters) * 4,
         "gradients": counts.trainable * 4,
         "optimizer_states": counts.trainable * 8,
-        "activations": activations,
+        "activations": saved,
+        "temporaries": transient,
         "frozen_decoder": full["frozen_decoder"],
         "loss": full["loss"],
     }

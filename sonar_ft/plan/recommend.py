@@ -219,11 +219,16 @@ def recommend_lora(
 
 
 def estimate_for(cfg: Any, config: SignT5Config, *, frames: int, target_tokens: int, precision: str,
-                 decoder: DecoderSpec | None = None) -> dict[str, int]:
-    """The estimate of the run a ``TrainConfig`` describes (per process): LoRA's when ``lora_rank`` > 0, else full fine-tuning's."""
+                 decoder: DecoderSpec | None = None, attention: str = "fused") -> dict[str, int]:
+    """The estimate of the run a ``TrainConfig`` describes (per process): LoRA's when ``lora_rank`` > 0, else full fine-tuning's.
+
+    ``attention="math"`` gives the figure of the path a CPU runs (see :func:`~sonar_ft.plan.memory.encoder_activation_bytes`).
+    """
     common = dict(batch_size=cfg.batch_size, max_frames=frames, target_tokens=target_tokens, precision=precision,
                   gradient_checkpointing=cfg.gradient_checkpointing, decoder_dtype=cfg.decoder_dtype,
-                  loss_chunk_size=cfg.loss_chunk_size, decoder=decoder)
+                  loss_chunk_size=cfg.loss_chunk_size, decoder=decoder, attention=attention)
+    if decoder is not None:
+        common["vocab"] = decoder.vocab
     if getattr(cfg, "lora_rank", 0):
         return estimate_lora_memory(config, rank=cfg.lora_rank, lora_dropout=cfg.lora_dropout, **common)
     return estimate_memory(config, grad_accum=cfg.grad_accum, optimizer=cfg.optimizer,

@@ -1,0 +1,405 @@
+"""Plan check: the memory planner against PyTorch's own accounting of one training step, per category (issue #22).
+
+``make plan-check`` (or ``python benchmarks/plan_check.py``): for each planner profile (full fine-tuning and
+LoRA; T4, L4, A100 40 GB, A100 80 GB) it builds the official-size models — the SignT5 encoder and the SONAR
+``basic`` text decoder of sonar-space's own architecture (24 layers, 256,206 tokens) — applies the plan's
+flags, and runs two optimiser steps of the plan's micro-batches (all ``--grad_accum`` of them) on clips of
+the longest length, under a :class:`ByteTracker` that sees every tensor storage PyTorch creates and frees.
+The live bytes are attributed to categories (weights, frozen decoder, gradients, optimiser states, saved
+activations, backward temporaries, loss chunk), and each category's peak, and the total's, stand next to the
+plan's figure as a ratio.
+
+How the CPU stands in for the GPU (written into the report as well):
+
+- **Shapes without arithmetic.** A step at the plan's micro-batch (16-32 clips of 600 frames) needs tens of
+  GiB and an hour of CPU; so the profiles run under ``FakeTensorMode``: every operator runs its real
+  dispatch (autocast, autograd, checkpoint recomputation, fused AdamW) and produces tensors of the real
+  shapes and dtypes, with storages that hold no data. The byte account is the same as with data:
+  ``--smoke`` and ``tests/plan/test_plan_check.py`` run the same step with and without fake tensors and
+  compare every category.
+- **Attention.** CPUs run the encoder's attention with a learned bias as the math kernel (it keeps the
+  softmax probabilities and float dropout masks); CUDA runs a fused kernel. The plan is compared with the
+  planner's ``attention="math"`` figure; the GPU's figure is the same formula with ``attention="fused"``.
+- **fp16 decoder (T4).** Fake tensors run fp16 as planned (no CPU kernel is needed); dynamic loss
+  scaling multiplies a scalar and unscales in place, so it adds no bytes and is left out.
+- **8-bit AdamW (T4).** bitsandbytes has no CPU path: the step runs fused AdamW and each state tensor is
+  counted with bitsandbytes' own layout (uint8 per element plus an fp32 absmax per 256-element block;
+  fp32 for tensors under 4,096 elements), :func:`sonar_ft.plan.memory.adamw8bit_state_bytes`.
+- **Fused kernels.** AdamW runs fused (what the recipe uses on CUDA), not CPU's default for-each path that
+  keeps a temporary copy of every moment.
+
+Not measured here: the CUDA allocator's rounding and fragmentation, cuBLAS / cuDNN workspaces and the CUDA
+context. They are the margin the plan keeps (it fills at most ``HEADROOM`` of the GPU); ``make gpu-check``
+measures them the day a GPU is lent.
+
+``--host`` also measures the host RAM (resident set) of start-up and of resuming from ``last.pt`` at the
+official size with real weights (minutes, up to ~14 GiB); ``--smoke`` runs everything with tiny shapes in
+seconds (the suite runs it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+import json
+import os
+import sys
+import time
+import weakref
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, Iterator
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.common import OUT  # noqa: E402
+from sonar_ft.files import atomic  # noqa: E402
+from sonar_ft.models.encoder import SignT5Config, SignT5SonarEncoder  # noqa: E402
+from sonar_ft.plan import memory  # noqa: E402
+from sonar_ft.plan.recommend import GPUS, Plan, estimate_for, recommend, recommend_lora  # noqa: E402
+
+GIB = 1024**3
+CATEGORIES = ("weights", "frozen_decoder", "gradients", "optimizer_states", "activations", "temporaries", "loss")
+"""The plan's categories (:func:`sonar_ft.plan.memory.estimate_memory`'s keys, ``total`` aside)."""
+PROFILES = ("t4", "l4", "a100", "a100-80")
+"""The planned GPUs checked (an H100's plan is the A100 80 GB's)."""
+
+
+# ------------------------------------------------------------------------------------------------
+# Sizes
+# ------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Sizes:
+    """Models and clips of one scale (official, or tiny for ``--smoke``)."""
+
+    encoder: SignT5Config
+    decoder_overrides: dict[str, Any] | None
+    """Changes to sonar-space's ``basic`` decoder architecture (None: the official one)."""
+    vocab: int
+    max_frames: int
+    target_tokens: int
+    effective_batch: int
+    lora_rank: int = 16
+
+
+OFFICIAL = Sizes(encoder=SignT5Config(), decoder_overrides=None, vocab=memory.SONAR_VOCAB,
+                 max_frames=memory.DEFAULT_MAX_FRAMES, target_tokens=memory.DEFAULT_TARGET_TOKENS, effective_batch=32)
+SMOKE = Sizes(
+    encoder=SignT5Config(feature_dim=16, d_model=32, d_kv=8, d_ff=48, num_heads=4, num_encoder_layers=2,
+                         num_decoder_layers=1, vocab_size=8, output_dim=32),
+    decoder_overrides={"model_dim": 32, "num_encoder_layers": 1, "num_decoder_layers": 2, "num_encoder_attn_heads": 4,
+                       "num_decoder_attn_heads": 4, "ffn_inner_dim": 64, "max_seq_len": 64},
+    vocab=3000, max_frames=40, target_tokens=12, effective_batch=4, lora_rank=4,
+)
+
+
+# ------------------------------------------------------------------------------------------------
+# The tracker
+# ------------------------------------------------------------------------------------------------
+@dataclass
+class _Storage:
+    nbytes: int
+    phase: str
+    loss: bool  # a (rows, vocab) tensor: logits, log-probabilities or their gradients
+
+
+class ByteTracker(TorchDispatchMode):
+    """Every storage an operator creates, with its size, the step phase it was made in, and when it is freed.
+
+    Storages are followed by identity (a view shares its base's storage and is counted once); a
+    finaliser notes when the last tensor on a storage goes. Works on real tensors and on fake ones.
+    The events are replayed by :meth:`account` once the step is over, when it is known which storages
+    became gradients or optimiser states.
+    """
+
+    def __init__(self, vocab: int) -> None:
+        super().__init__()
+        self.vocab = vocab
+        self.phase = "setup"
+        self.storages: dict[int, _Storage] = {}
+        self.events: list[tuple[int, int]] = []  # (uid, +1 created | -1 freed)
+        self._uid_of: dict[int, int] = {}  # a live storage's C pointer -> uid
+        self._next = itertools.count()
+        self.fixed: dict[int, str] = {}  # uid -> category for storages whose role is known up front
+        self.gradient_uids: set[int] = set()
+        self.state_uids: dict[int, int] = {}  # uid -> bytes under the optimiser that the plan has
+
+    def uid(self, t: torch.Tensor, *, phase: str | None = None) -> int:
+        """The uid of ``t``'s storage, registering it (as made now) when it is new."""
+        st = t.untyped_storage()
+        key = st._cdata
+        uid = self._uid_of.get(key)
+        if uid is not None:
+            return uid
+        uid = next(self._next)
+        self._uid_of[key] = uid
+        self.storages[uid] = _Storage(st.nbytes(), phase or self.phase, t.dim() >= 2 and t.size(-1) == self.vocab)
+        self.events.append((uid, 1))
+        weakref.finalize(st, self._freed, key, uid)
+        return uid
+
+    def _freed(self, key: int, uid: int) -> None:
+        if self._uid_of.get(key) == uid:
+            del self._uid_of[key]
+        self.events.append((uid, -1))
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                self.uid(t)
+        return out
+
+    def register(self, tensors: Iterator[torch.Tensor], category: str) -> None:
+        """Storages that exist before the step (weights): counted from the start under ``category``."""
+        for t in tensors:
+            self.fixed.setdefault(self.uid(t, phase="setup"), category)
+
+    def note_gradients(self, params: list[torch.Tensor]) -> None:
+        for p in params:
+            if p.grad is not None:
+                self.gradient_uids.add(self.uid(p.grad))
+
+    def note_states(self, optimizer: torch.optim.Optimizer, eight_bit: bool) -> None:
+        """The optimiser's state storages, each with the bytes the planned optimiser gives it."""
+        for p, state in optimizer.state.items():
+            for name, t in state.items():
+                if not torch.is_tensor(t):
+                    continue
+                uid = self.uid(t)
+                if eight_bit and name in ("exp_avg", "exp_avg_sq"):
+                    self.state_uids[uid] = memory.adamw8bit_state_bytes([p.numel()]) // 2
+                elif eight_bit and name == "step":
+                    self.state_uids[uid] = 0  # bitsandbytes counts steps in Python
+                else:
+                    self.state_uids[uid] = self.storages[uid].nbytes
+
+    def category(self, uid: int) -> str:
+        if uid in self.fixed:
+            return self.fixed[uid]
+        if uid in self.gradient_uids:
+            return "gradients"
+        if uid in self.state_uids:
+            return "optimizer_states"
+        s = self.storages[uid]
+        if s.loss:
+            return "loss"
+        return "activations" if s.phase == "forward" else "temporaries"
+
+    def account(self, *, since: int = 0) -> dict[str, Any]:
+        """Replay the events: each category's peak, the total's peak and the categories at that moment.
+
+        ``since``: the event index from which peaks count (the storages alive then are carried in).
+        """
+        live = {c: 0 for c in CATEGORIES}
+        peaks = dict(live)
+        total_peak, at_peak = 0, dict(live)
+        for i, (uid, sign) in enumerate(self.events):
+            cat = self.category(uid)
+            size = self.state_uids.get(uid, self.storages[uid].nbytes)
+            live[cat] += sign * size
+            if i < since:
+                continue
+            if live[cat] > peaks[cat]:
+                peaks[cat] = live[cat]
+            total = sum(live.values())
+            if total > total_peak:
+                total_peak, at_peak = total, dict(live)
+        return {"peaks": peaks, "total_peak": total_peak, "at_total_peak": at_peak}
+
+
+# ------------------------------------------------------------------------------------------------
+# One profile
+# ------------------------------------------------------------------------------------------------
+class _Tokenizer:
+    """The two things FrozenTextDecoder asks of a tokenizer when no text is tokenised."""
+
+    def __init__(self, vocab: int) -> None:
+        self.vocab_info = SimpleNamespace(size=vocab, pad_idx=0)
+
+    def create_decoder(self, **_: Any) -> Any:
+        return lambda tokens: ""
+
+
+def run_settings(plan: Plan, sizes: Sizes) -> SimpleNamespace:
+    """The recipe settings of a plan (``TrainConfig``'s defaults for the rest)."""
+    from sonar_ft.config import TrainConfig
+
+    values = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.default is not dataclasses.MISSING}
+    values.update(plan.settings)
+    values.setdefault("lora_rank", 0)
+    if values["lora_rank"]:
+        values["lora_rank"] = sizes.lora_rank
+    return SimpleNamespace(**values)
+
+
+def build_models(sizes: Sizes, cfg: SimpleNamespace) -> tuple[torch.nn.Module, Any]:
+    """The encoder as the recipe configures it (freezing, checkpointing, LoRA) and the frozen decoder."""
+    from sonar.models.sonar_text import SonarTextDecoderFactory
+
+    from benchmarks.gpu_check import decoder_config
+    from sonar_ft.models.decoder import FrozenTextDecoder
+    from sonar_ft.training import perf
+
+    encoder = SignT5SonarEncoder(sizes.encoder)
+    perf.configure_encoder(encoder, cfg)
+    if cfg.lora_rank:
+        from sonar_ft.models import lora
+
+        lora.apply_lora(encoder, cfg)
+    encoder.train()
+    dec_cfg = decoder_config(SimpleNamespace(decoder_overrides=sizes.decoder_overrides), sizes.vocab)
+    model = SonarTextDecoderFactory(dec_cfg).create_model().to(memory.TORCH_DTYPES[cfg.decoder_dtype])
+    decoder = FrozenTextDecoder(model, _Tokenizer(sizes.vocab), langs=["eng_Latn"])
+    if cfg.gradient_checkpointing:
+        perf.checkpoint_decoder_layers(decoder.model)
+    return encoder, decoder
+
+
+def train_step(encoder: torch.nn.Module, decoder: Any, optimizer: torch.optim.Optimizer, params: list[torch.Tensor],
+               cfg: SimpleNamespace, sizes: Sizes, tracker: ByteTracker, targets: list[torch.Tensor]) -> None:
+    """One optimiser step over ``grad_accum`` micro-batches of the longest clips, as the recipe takes it.
+
+    The recipe's ``train_step`` with its bookkeeping left out (token counts, NaN checks, loss scaling):
+    autocast forward, teacher-forced chunked loss through the frozen decoder, backward, clipping, step.
+    Every target has the longest length, so the scored positions are all of them (a reshape stands in
+    for the recipe's boolean mask, which fake tensors cannot evaluate).
+    """
+    from sonar_ft.evaluate import autocast_context
+    from sonar_ft.models.decoder import chunked_cross_entropy
+
+    B, T = cfg.batch_size, sizes.max_frames
+    precision = cfg.precision
+    from fairseq2.nn import BatchLayout
+
+    for tokens in targets:
+        tracker.phase = "forward"
+        features = torch.randn(B, T, sizes.encoder.feature_dim)
+        mask = torch.ones(B, T, dtype=torch.bool)
+        with autocast_context(torch.device("cpu"), precision):
+            emb = encoder(features, mask)
+        emb = emb.float()
+        # FrozenTextDecoder.decoder_states, with the lengths as Python numbers (a fake tensor has no values).
+        inputs = tokens[:, :-1]
+        memory_in = emb.to(decoder.dtype).unsqueeze(1)  # (B, 1, E)
+        states = decoder.model.decode(inputs, BatchLayout.of(inputs, [inputs.size(1)] * B), memory_in,
+                                      BatchLayout.of(memory_in))[:, 1:]  # (B, S-2, M)
+        targets = tokens[:, 2:].reshape(-1)
+        summed = chunked_cross_entropy(states.reshape(-1, states.size(-1)), decoder.output_weight,
+                                       getattr(decoder.model.final_proj, "bias", None), targets,
+                                       label_smoothing=cfg.label_smoothing, chunk_size=cfg.loss_chunk_size)
+        loss = summed / targets.numel() / cfg.grad_accum
+        del emb, states, summed, features, mask, memory_in
+        tracker.phase = "backward"
+        loss.backward()
+        del loss
+    tracker.note_gradients(params)
+    tracker.phase = "optimizer"
+    torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+    optimizer.step()
+    tracker.note_states(optimizer, cfg.optimizer == "adamw8bit")
+    optimizer.zero_grad(set_to_none=True)
+    tracker.phase = "between"
+
+
+def measure_profile(plan: Plan, sizes: Sizes, *, fake: bool, steps: int = 2) -> dict[str, Any]:
+    """Run ``steps`` optimiser steps of ``plan`` under a :class:`ByteTracker`; the last step's peaks."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from sonar_ft.training import perf
+
+    cfg = run_settings(plan, sizes)
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(0)
+    # Target tokens are made outside fake mode: the decoder reads their lengths as Python numbers.
+    S = sizes.target_tokens + 2  # </s> lang ... </s>
+    targets = [torch.randint(4, sizes.vocab, (cfg.batch_size, S), generator=gen) for _ in range(cfg.grad_accum)]
+    started = time.perf_counter()
+    tracker = ByteTracker(sizes.vocab)
+    fake_mode = FakeTensorMode(allow_non_fake_inputs=True) if fake else None
+    with fake_mode or _nothing():
+        encoder, decoder = build_models(sizes, cfg)
+        groups = perf.parameter_groups(encoder, cfg.weight_decay)
+        params = [p for g in groups for p in g["params"]]
+        # Fused AdamW: what the recipe runs on CUDA (8-bit AdamW is counted by its layout, see the module doc).
+        optimizer = torch.optim.AdamW(groups, lr=1e-5, weight_decay=cfg.weight_decay, fused=True)
+        with tracker:
+            tracker.register((t for t in encoder.parameters()), "weights")
+            tracker.register((t for t in encoder.buffers()), "weights")
+            tracker.register(itertools.chain(decoder.parameters(), decoder.buffers()), "frozen_decoder")
+            marks = []
+            for _ in range(steps):
+                marks.append(len(tracker.events))
+                train_step(encoder, decoder, optimizer, params, cfg, sizes, tracker, targets)
+        del optimizer, params, groups, encoder, decoder
+    # The last step: AdamW's moments exist from its start, as in every step after the first.
+    measured = tracker.account(since=marks[-1])
+    return {"measured": measured, "seconds": round(time.perf_counter() - started, 1), "fake": fake}
+
+
+class _nothing:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
+
+
+def plan_for(gpu: str, mode: str, sizes: Sizes) -> Plan:
+    """The planner's plan for ``gpu`` at the check's sizes (full fine-tuning or LoRA)."""
+    spec = decoder_spec(sizes)
+    kwargs = dict(max_frames=sizes.max_frames, target_tokens=sizes.target_tokens, config=sizes.encoder, decoder=spec)
+    if mode == "lora":
+        return recommend_lora(gpu, sizes.effective_batch, rank=sizes.lora_rank, **kwargs)
+    return recommend(gpu, sizes.effective_batch, **kwargs)
+
+
+def decoder_spec(sizes: Sizes) -> memory.DecoderSpec:
+    if sizes.decoder_overrides is None:
+        return memory.sonar_decoder_spec()
+    from sonar.models.sonar_text import SonarTextDecoderFactory
+
+    from benchmarks.gpu_check import decoder_config
+
+    config = decoder_config(SimpleNamespace(decoder_overrides=sizes.decoder_overrides), sizes.vocab)
+    with torch.device("meta"):
+        model = SonarTextDecoderFactory(config).create_model()
+    return memory.DecoderSpec(params=sum(p.numel() for p in model.parameters()), model_dim=config.model_dim,
+                              ffn_dim=config.ffn_inner_dim, num_layers=config.num_decoder_layers, vocab=config.vocab_info.size)
+
+
+def cpu_estimate(plan: Plan, sizes: Sizes) -> dict[str, int]:
+    """The plan's estimate for the path the CPU runs (math attention, CPU dropout masks)."""
+    cfg = run_settings(plan, sizes)
+    return estimate_for(cfg, sizes.encoder, frames=sizes.max_frames, target_tokens=sizes.target_tokens,
+                        precision=cfg.precision, decoder=decoder_spec(sizes), attention="math")
+
+
+def compare(measured: dict[str, Any], estimate: dict[str, int]) -> dict[str, Any]:
+    """Measured / planned per category (each category's own peak) and for the total (the step's peak)."""
+    ratios = {}
+    for c in CATEGORIES:
+        planned, got = estimate.get(c, 0), measured["peaks"][c]
+        ratios[c] = round(got / planned, 3) if planned else (None if got == 0 else float("inf"))
+    ratios["total"] = round(measured["total_peak"] / estimate["total"], 3)
+    return ratios
+
+
+def check_profile(gpu: str, mode: str, sizes: Sizes, *, fake: bool = True) -> dict[str, Any]:
+    plan = plan_for(gpu, mode, sizes)
+    run = measure_profile(plan, sizes, fake=fake)
+    estimate = cpu_estimate(plan, sizes)
+    m = run["measured"]
+    return {
+        "profile": f"{gpu}/{mode}", "gpu": GPUS[gpu].name, "flags": plan.flags(), "fake": fake, "seconds": run["seconds"],
+        "plan_gib": {k: round(v / GIB, 3) for k, v in estimate.items()},
+        "gpu_plan_gib": {k: round(v / GIB, 3) for k, v in plan.estimate.items()},
+        "measured_gib": {**{k: round(v / GIB, 3) for k, v in m["peaks"].items()}, "total": round(m["total_peak"] / GIB, 3)},
+        "at_total_peak_gib": {k: round(v / GIB, 3) for k, v in m["at_total_peak"].items()},
+        "ratio": compare(m, estimate),
+    }
