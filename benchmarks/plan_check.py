@@ -106,6 +106,7 @@ class _Storage:
     nbytes: int
     phase: str
     loss: bool  # a (rows, vocab) tensor: logits, log-probabilities or their gradients
+    what: str  # shape and dtype of the first tensor on it (for the report's largest storages)
 
 
 class ByteTracker(TorchDispatchMode):
@@ -138,7 +139,8 @@ class ByteTracker(TorchDispatchMode):
             return uid
         uid = next(self._next)
         self._uid_of[key] = uid
-        self.storages[uid] = _Storage(st.nbytes(), phase or self.phase, t.dim() >= 2 and t.size(-1) == self.vocab)
+        self.storages[uid] = _Storage(st.nbytes(), phase or self.phase, t.dim() >= 2 and t.size(-1) == self.vocab,
+                                      f"{tuple(t.shape)} {str(t.dtype).replace('torch.', '')}")
         self.events.append((uid, 1))
         weakref.finalize(st, self._freed, key, uid)
         return uid
@@ -198,7 +200,7 @@ class ByteTracker(TorchDispatchMode):
         """
         live = {c: 0 for c in CATEGORIES}
         peaks = dict(live)
-        total_peak, at_peak = 0, dict(live)
+        total_peak, at_peak, peak_index = 0, dict(live), 0
         for i, (uid, sign) in enumerate(self.events):
             cat = self.category(uid)
             size = self.state_uids.get(uid, self.storages[uid].nbytes)
@@ -209,8 +211,21 @@ class ByteTracker(TorchDispatchMode):
                 peaks[cat] = live[cat]
             total = sum(live.values())
             if total > total_peak:
-                total_peak, at_peak = total, dict(live)
-        return {"peaks": peaks, "total_peak": total_peak, "at_total_peak": at_peak}
+                total_peak, at_peak, peak_index = total, dict(live), i
+        alive: set[int] = set()
+        for uid, sign in self.events[: peak_index + 1]:
+            (alive.add if sign > 0 else alive.discard)(uid)
+        largest: dict[str, dict[str, int]] = {}
+        for uid in alive:
+            if uid in self.fixed:
+                continue
+            s = self.storages[uid]
+            key = f"{self.category(uid)} {s.phase} {s.what}"
+            entry = largest.setdefault(key, {"count": 0, "bytes": 0})
+            entry["count"] += 1
+            entry["bytes"] += self.state_uids.get(uid, s.nbytes)
+        top = dict(sorted(largest.items(), key=lambda kv: -kv[1]["bytes"])[:25])
+        return {"peaks": peaks, "total_peak": total_peak, "at_total_peak": at_peak, "largest_at_peak": top}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -270,7 +285,6 @@ def train_step(encoder: torch.nn.Module, decoder: Any, optimizer: torch.optim.Op
     Every target has the longest length, so the scored positions are all of them (a reshape stands in
     for the recipe's boolean mask, which fake tensors cannot evaluate).
     """
-    from sonar_ft.evaluate import autocast_context
     from sonar_ft.models.decoder import chunked_cross_entropy
 
     B, T = cfg.batch_size, sizes.max_frames
@@ -281,7 +295,8 @@ def train_step(encoder: torch.nn.Module, decoder: Any, optimizer: torch.optim.Op
         tracker.phase = "forward"
         features = torch.randn(B, T, sizes.encoder.feature_dim)
         mask = torch.ones(B, T, dtype=torch.bool)
-        with autocast_context(torch.device("cpu"), precision):
+        # CPU autocast stands in for CUDA's (the recipe autocasts on CUDA only): the same matmuls run in bf16.
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
             emb = encoder(features, mask)
         emb = emb.float()
         # FrozenTextDecoder.decoder_states, with the lengths as Python numbers (a fake tensor has no values).
@@ -307,8 +322,8 @@ def train_step(encoder: torch.nn.Module, decoder: Any, optimizer: torch.optim.Op
     tracker.phase = "between"
 
 
-def measure_profile(plan: Plan, sizes: Sizes, *, fake: bool, steps: int = 2) -> dict[str, Any]:
-    """Run ``steps`` optimiser steps of ``plan`` under a :class:`ByteTracker`; the last step's peaks."""
+def measure_profile(plan: Plan, sizes: Sizes, *, fake: bool, steps: int = 1) -> dict[str, Any]:
+    """Run ``steps`` optimiser steps of ``plan`` under a :class:`ByteTracker` (AdamW's moments made before); the peaks."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from sonar_ft.training import perf
@@ -328,17 +343,19 @@ def measure_profile(plan: Plan, sizes: Sizes, *, fake: bool, steps: int = 2) -> 
         params = [p for g in groups for p in g["params"]]
         # Fused AdamW: what the recipe runs on CUDA (8-bit AdamW is counted by its layout, see the module doc).
         optimizer = torch.optim.AdamW(groups, lr=1e-5, weight_decay=cfg.weight_decay, fused=True)
+        # AdamW's moments made before the measured step, as in every step after the first.
+        for p in params:
+            p.grad = torch.zeros_like(p)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
         with tracker:
-            tracker.register((t for t in encoder.parameters()), "weights")
-            tracker.register((t for t in encoder.buffers()), "weights")
+            tracker.register(itertools.chain(encoder.parameters(), encoder.buffers()), "weights")
             tracker.register(itertools.chain(decoder.parameters(), decoder.buffers()), "frozen_decoder")
-            marks = []
+            tracker.note_states(optimizer, cfg.optimizer == "adamw8bit")
             for _ in range(steps):
-                marks.append(len(tracker.events))
                 train_step(encoder, decoder, optimizer, params, cfg, sizes, tracker, targets)
         del optimizer, params, groups, encoder, decoder
-    # The last step: AdamW's moments exist from its start, as in every step after the first.
-    measured = tracker.account(since=marks[-1])
+    measured = tracker.account()
     return {"measured": measured, "seconds": round(time.perf_counter() - started, 1), "fake": fake}
 
 

@@ -61,8 +61,12 @@ def test_freezing_and_8bit_adam_shrink_the_optimizer_states():
     full = estimate_memory(batch_size=4)
     frozen = estimate_memory(batch_size=4, freeze_encoder_layers=12)
     eight = estimate_memory(batch_size=4, optimizer="adamw8bit")
-    assert frozen["optimizer_states"] < full["optimizer_states"] and frozen["gradients"] < full["gradients"]
-    assert eight["optimizer_states"] == full["optimizer_states"] // 4
+    frozen_late = estimate_memory(batch_size=4, grad_accum=2, freeze_encoder_layers=12)
+    full_late = estimate_memory(batch_size=4, grad_accum=2)
+    assert frozen["optimizer_states"] < full["optimizer_states"] and frozen_late["gradients"] < full_late["gradients"]
+    # bitsandbytes' layout: a byte per moment and element, an fp32 absmax per 256, fp32 for small tensors
+    assert eight["optimizer_states"] == pytest.approx(full["optimizer_states"] / 4, rel=0.03)
+    assert eight["optimizer_states"] > full["optimizer_states"] // 4
 
 
 def test_t4_plan_fits_full_finetuning_of_the_official_size_at_batch_32():
