@@ -8,6 +8,8 @@ from typing import Any
 from sonar_ft.errors import ConfigError
 from sonar_ft.files import atomic
 from sonar_ft.plan.disk import DRIVE_FREE_BYTES, GB, DiskPlan, disk_estimate, disk_plan
+from sonar_ft.plan.host import HostPlan, host_plan
+from sonar_ft.plan.timing import TimePlan, time_plan
 from sonar_ft.plan.memory import DEFAULT_MAX_FRAMES, DEFAULT_TARGET_TOKENS, GIB
 from sonar_ft.plan.recommend import GPUS, Plan, gpu_spec, recommend, recommend_lora
 
@@ -30,9 +32,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_plan_command)
 
 
-def plan_record(plan: Plan, disk: DiskPlan) -> dict[str, Any]:
-    """The plan as JSON-ready data (what the notebooks read): flags, settings, estimate and disk plan."""
-    return {
+def plan_record(plan: Plan, disk: DiskPlan, host: HostPlan | None = None, timing: TimePlan | None = None) -> dict[str, Any]:
+    """The plan as JSON-ready data (what the notebooks read): flags, settings, estimate, disk, host RAM and time."""
+    extra: dict[str, Any] = {}
+    if host is not None:
+        extra["host_ram"] = {"startup_gib": round(host.startup / GIB, 2), "resume_gib": round(host.resume / GIB, 2),
+                             "budget_gib": round(host.budget / GIB, 2), "fits": host.fits, "table": host.format_table()}
+    if timing is not None:
+        extra["time_estimate"] = {"epoch_hours": round(timing.epoch_s / 3600, 2), "run_hours": round(timing.run_s / 3600, 1),
+                                  "epochs": timing.epochs, "clips": timing.clips, "utilisation": timing.utilisation,
+                                  "peak_tflops": timing.peak_tflops, "table": timing.format_table()}
+    return extra | {
         "gpu": plan.gpu.name, "gpu_memory_gib": round(plan.gpu.memory_bytes / GIB, 1), "bf16": plan.gpu.bf16,
         "fits": plan.fits, "flags": plan.flags(), "settings": plan.settings, "effective_batch": plan.effective_batch,
         "estimate_gib": {k: round(v / GIB, 2) for k, v in plan.estimate.items()}, "budget_gib": round(plan.budget / GIB, 2),
@@ -54,13 +64,18 @@ def _plan_command(args: argparse.Namespace) -> int:
     s = plan.settings
     disk = disk_plan(optimizer=s["optimizer"], freeze_encoder_layers=s["freeze_encoder_layers"], lora_rank=args.lora_rank,
                      drive_budget=int(args.drive_gb * GIB))
+    host = host_plan(optimizer=s["optimizer"], freeze_encoder_layers=s["freeze_encoder_layers"], lora_rank=args.lora_rank)
+    timing = (time_plan(gpu.peak_tflops, gradient_checkpointing=s["gradient_checkpointing"], lora=bool(args.lora_rank),
+                        max_frames=args.max_frames) if gpu.peak_tflops else None)
     print(plan.format_table())
     print(disk.format_table())
+    print(host.format_table())
+    print(timing.format_table() if timing else "time: no estimate (this GPU's peak throughput is not known to the planner)")
     if args.lora_rank:
         adapter = disk_estimate(rank=args.lora_rank)["adapter"]
         print(f"  LoRA: adapter/ {adapter / 2**20:.1f} MiB (peft's format) next to best_encoder.pt (the merged encoder)")
     if args.json_path:
-        atomic.write_json(args.json_path, plan_record(plan, disk))
+        atomic.write_json(args.json_path, plan_record(plan, disk, host, timing))
     if not plan.fits:
         print("no setting fits this GPU by the estimate; lower --max_frames or use a larger GPU")
         return 1

@@ -112,6 +112,12 @@ class _ParamCounts:
     trainable: int
     trainable_matmul: int
     trainable_numels: tuple[int, ...]
+    trainable_head: int
+    """Trainable parameters outside the encoder blocks and the feature projection: their gradients
+    are made before the blocks' backward starts (the one-query decoder stack is half the encoder)."""
+
+
+_BLOCK_PREFIXES = ("encoder.block.", "encoder.feature_projection.")
 
 
 @functools.lru_cache(maxsize=32)
@@ -126,6 +132,8 @@ def _param_counts(config: SignT5Config, freeze_encoder_layers: int) -> _ParamCou
         trainable=sum(p.numel() for p in trainable),
         trainable_matmul=sum(p.numel() for p in trainable if id(p) in matmul),
         trainable_numels=tuple(p.numel() for p in dict.fromkeys(trainable)),
+        trainable_head=sum(p.numel() for n, p in model.named_parameters()
+                           if p.requires_grad and not n.startswith(_BLOCK_PREFIXES)),
     )
 
 
@@ -205,7 +213,7 @@ def encoder_activation_parts(
         # Checkpointed blocks cast their weights again when they are re-run, one block at a time.
         "recomputed": tokens * block + weight_copies // (c.num_encoder_layers + c.num_decoder_layers)
         if gradient_checkpointing else 0,
-        "bias_grad": 2 * square if bias_learns else 0, "n_train": n_train,
+        "bias_grad": square if bias_learns else 0, "n_train": n_train,
     }
 
 
@@ -311,7 +319,7 @@ def estimate_memory(
     loss = loss_bytes(batch_size=batch_size, target_tokens=target_tokens, vocab=vocab, decoder_dtype=decoder_dtype,
                       chunk_size=loss_chunk_size)
     return _peak(fixed, enc, gradients=counts.trainable * 4, grad_accum=grad_accum, decoder_saved=dec, loss=loss,
-                 checkpointing=gradient_checkpointing, weight_copies=True)
+                 checkpointing=gradient_checkpointing, weight_copies=True, head_gradients=counts.trainable_head * 4)
 
 
 PHASES = ("loss", "encoder_top", "encoder_bottom")
@@ -322,11 +330,12 @@ backward temporaries there) and its end (every gradient made, only the base acti
 
 def phase_sums(
     fixed: dict[str, int], enc: dict[str, int], *, gradients: int, grad_accum: int, decoder_saved: int, loss: int,
-    checkpointing: bool, weight_copies: bool, extra_saved: int = 0, extra_transient: int = 0,
+    checkpointing: bool, weight_copies: bool, extra_saved: int = 0, extra_transient: int = 0, head_gradients: int | None = None,
 ) -> dict[str, dict[str, int]]:
     """Bytes per category at each of :data:`PHASES` (``fixed``: weights, optimiser states, frozen decoder).
 
-    Gradients of earlier micro-batches of the window are all there from the second micro-batch on.
+    Gradients of earlier micro-batches of the window are all there from the second micro-batch on;
+    ``head_gradients`` (default: all) are there when the blocks' backward starts.
     """
     copies = enc["weight_copies"] if weight_copies else 0
     saved = enc["blocks"] + enc["head"] + enc["base"] + (0 if checkpointing else copies) + extra_saved
@@ -336,7 +345,8 @@ def phase_sums(
     bottom = enc["base"] + enc["block"] + (0 if checkpointing else (copies + extra_saved) // max(1, enc["n_train"]))
     moments = {
         "loss": {"gradients": earlier, "activations": saved + decoder_saved, "temporaries": 0, "loss": loss},
-        "encoder_top": {"gradients": earlier, "activations": saved - enc["head"], "temporaries": transient, "loss": 0},
+        "encoder_top": {"gradients": max(earlier, gradients if head_gradients is None else head_gradients),
+                        "activations": saved - enc["head"], "temporaries": transient, "loss": 0},
         "encoder_bottom": {"gradients": gradients, "activations": bottom, "temporaries": transient, "loss": 0},
     }
     return {name: {**fixed, **m} for name, m in moments.items()}

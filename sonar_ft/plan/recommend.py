@@ -31,15 +31,18 @@ class GpuSpec:
     name: str
     memory_bytes: int
     bf16: bool
+    peak_tflops: float | None = None
+    """Dense matmul peak in the precision the plan trains the encoder in (bf16, or fp32 without bf16); None: unknown."""
 
 
 GPUS: dict[str, GpuSpec] = {
-    # Memory as torch.cuda.get_device_properties reports it on Colab (a little under the label).
-    "t4": GpuSpec("T4 (16 GB)", int(15.0 * GIB), bf16=False),
-    "l4": GpuSpec("L4 (24 GB)", int(22.0 * GIB), bf16=True),
-    "a100": GpuSpec("A100 (40 GB)", int(39.4 * GIB), bf16=True),
-    "a100-80": GpuSpec("A100 (80 GB)", int(79.1 * GIB), bf16=True),
-    "h100": GpuSpec("H100 (80 GB)", int(79.1 * GIB), bf16=True),
+    # Memory as torch.cuda.get_device_properties reports it on Colab (a little under the label); peak
+    # TFLOP/s from the vendors' data sheets (dense): T4 fp32 (no bf16, no TF32), the others bf16.
+    "t4": GpuSpec("T4 (16 GB)", int(15.0 * GIB), bf16=False, peak_tflops=8.1),
+    "l4": GpuSpec("L4 (24 GB)", int(22.0 * GIB), bf16=True, peak_tflops=121.0),
+    "a100": GpuSpec("A100 (40 GB)", int(39.4 * GIB), bf16=True, peak_tflops=312.0),
+    "a100-80": GpuSpec("A100 (80 GB)", int(79.1 * GIB), bf16=True, peak_tflops=312.0),
+    "h100": GpuSpec("H100 (80 GB)", int(79.1 * GIB), bf16=True, peak_tflops=989.0),
 }
 
 
