@@ -148,6 +148,7 @@ def encoder_activation_parts(
     freeze_encoder_layers: int = 0,
     dropout: float | None = None,
     attention: str = "fused",
+    bias_learns: bool | None = None,
 ) -> dict[str, int]:
     """The encoder's activation bytes for one batch, by when the backward pass frees them.
 
@@ -203,7 +204,8 @@ def encoder_activation_parts(
     base = tokens * (mm * c.feature_dim + 4 * d) if freeze_encoder_layers == 0 else 0
     # The (B, H, T, T) position + mask bias: the clamp input (when the bias table learns) and the
     # clamped copy that fused attention or the checkpointed blocks keep (math attention only adds it).
-    bias_learns = freeze_encoder_layers == 0
+    if bias_learns is None:  # the position-bias table lives in the first block
+        bias_learns = freeze_encoder_layers == 0
     square = B * H * T * T * mm
     base += square * (int(bias_learns) + int(attention != "math" or gradient_checkpointing))
     base += T * T * 8  # bucket indices of the position bias
@@ -488,8 +490,9 @@ def estimate_lora_memory(
                            precision=precision, gradient_checkpointing=gradient_checkpointing, decoder_dtype=decoder_dtype,
                            loss_chunk_size=loss_chunk_size, vocab=vocab, decoder=decoder, attention=attention)
     counts = lora_counts(config, rank)
+    # LoRA freezes the position-bias table (it is no adapted Linear): no gradient for the bias.
     enc = encoder_activation_parts(config, batch_size=batch_size, frames=max_frames, precision=precision,
-                                   gradient_checkpointing=gradient_checkpointing, attention=attention)
+                                   gradient_checkpointing=gradient_checkpointing, attention=attention, bias_learns=False)
     extra = lora_activation_extra_bytes(config, rank=rank, batch_size=batch_size, frames=max_frames, dropout=lora_dropout,
                                         gradient_checkpointing=gradient_checkpointing)
     fixed = {"weights": (counts.base + counts.adapters) * 4, "optimizer_states": counts.trainable * 8,
