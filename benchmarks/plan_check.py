@@ -32,9 +32,9 @@ Not measured here: the CUDA allocator's rounding and fragmentation, cuBLAS / cuD
 context. They are the margin the plan keeps (it fills at most ``HEADROOM`` of the GPU); ``make gpu-check``
 measures them the day a GPU is lent.
 
-``--host`` also measures the host RAM (resident set) of start-up and of resuming from ``last.pt`` at the
-official size with real weights (minutes, up to ~14 GiB); ``--smoke`` runs everything with tiny shapes in
-seconds (the suite runs it).
+``--host`` also measures the host RAM (resident set) of reading the official-size encoder checkpoint
+(start-up) and a T4 plan's ``last.pt`` (resume), each in a fresh process; ``--smoke`` runs everything
+with tiny shapes in seconds (the suite runs it).
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ import os
 import sys
 import time
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Iterator
@@ -436,6 +436,7 @@ def profile_record(gpu: str, mode: str, sizes: Sizes, run: dict[str, Any]) -> di
         "plan_gib": {k: round(v / GIB, 3) for k, v in estimate.items()},
         "gpu_plan_gib": {k: round(v / GIB, 3) for k, v in plan.estimate.items()},
         "measured_gib": {**{k: round(v / GIB, 3) for k, v in m["at_total_peak"].items()}, "total": round(m["total_peak"] / GIB, 3)},
+        "measured_bytes": {**m["at_total_peak"], "total": m["total_peak"]},
         "category_peaks_gib": {k: round(v / GIB, 3) for k, v in m["peaks"].items()},
         "largest_at_peak": {k: {"count": v["count"], "gib": round(v["bytes"] / GIB, 3)} for k, v in m["largest_at_peak"].items()},
         "ratio": ratio, "goal_met": ok,
@@ -460,6 +461,59 @@ def _measure_in_child(gpu: str, mode: str, smoke: bool, path: Path) -> dict[str,
     return json.loads(path.read_text())
 
 
+# ------------------------------------------------------------------------------------------------
+# Host RAM
+# ------------------------------------------------------------------------------------------------
+_HOST_CHILD = """
+import resource, sys, torch
+import sonar_ft.training.recipe, sonar.models.sonar_text  # what a run imports
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+what, path = sys.argv[1], sys.argv[2]
+if what == "encoder":
+    from sonar_ft.models.encoder import load_encoder
+    model, _ = load_encoder(path)
+elif what == "last":
+    from sonar_ft.files.atomic import load_torch
+    state = load_torch(path, what="training state")
+print(base, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+"""
+
+
+def measure_host(work: Path, sizes: Sizes) -> dict[str, Any]:
+    """Peak resident memory of reading the encoder checkpoint (start-up) and a T4 plan's ``last.pt`` (resume).
+
+    Each is read in a fresh process after the imports a run makes; the files are written here with the
+    official layout (the weights' values do not matter for their size). ``last.pt`` holds the encoder
+    and 8-bit AdamW moments in bitsandbytes' layout (the T4 plan's optimiser).
+    """
+    import subprocess
+
+    from sonar_ft.models.encoder import save_encoder
+    from sonar_ft.plan.host import host_plan
+
+    with torch.device("meta"):
+        model = SignT5SonarEncoder(sizes.encoder)
+    model = model.to_empty(device="cpu")
+    encoder_path, last_path = work / "encoder.pth", work / "last.pt"
+    save_encoder(model, encoder_path)
+    state = {k: v for k, v in model.state_dict().items()}
+    moments = {k: torch.empty(memory.adamw8bit_state_bytes([v.numel()]), dtype=torch.uint8) for k, v in state.items()}
+    atomic.save_torch(last_path, {"encoder": state, "optimizer": {"state": moments}})
+    del model, state, moments
+    out: dict[str, Any] = {"encoder_file_gib": round(encoder_path.stat().st_size / GIB, 2),
+                           "last_pt_gib": round(last_path.stat().st_size / GIB, 2)}
+    for what, path in (("baseline", encoder_path), ("encoder", encoder_path), ("last", last_path)):
+        done = subprocess.run([sys.executable, "-c", _HOST_CHILD, what, str(path)], capture_output=True, text=True,
+                              cwd=Path(__file__).resolve().parents[1])
+        if done.returncode != 0:
+            raise RuntimeError(f"host RAM ({what}) failed: {done.stderr.strip()[-400:]}")
+        base, peak = (int(x) for x in done.stdout.split()[-2:])
+        out[f"{what}_rss_gib"] = round(peak / GIB, 2)
+    plan = host_plan(sizes.encoder, optimizer="adamw8bit", decoder=decoder_spec(sizes))
+    out["plan_startup_gib"], out["plan_resume_gib"] = round(plan.startup / GIB, 2), round(plan.resume / GIB, 2)
+    return out
+
+
 def markdown(report: dict[str, Any]) -> str:
     """The table of measured / planned ratios per profile and category."""
     cats = [c for c in CATEGORIES]
@@ -473,10 +527,15 @@ def markdown(report: dict[str, Any]) -> str:
             lines.append(f"| {r['profile']} | – | " + " | ".join("–" for _ in cats) + f" | – | – | – | – | {r.get('error', '')} |")
             continue
         cells = [("–" if r["ratio"][c] is None else f"{r['ratio'][c]:.2f}") for c in cats]
-        flags = " ".join(f for f in r["flags"] if f.startswith("--")).replace("--", "")
         lines.append(f"| {r['profile']} | `{' '.join(r['flags'])}` | " + " | ".join(cells) +
                      f" | {r['ratio']['total']:.3f} | {r['measured_gib']['total']:.2f} | {r['plan_gib']['total']:.2f} | "
                      f"{r['gpu_plan_gib']['total']:.2f} | {'met' if r['goal_met'] else 'NOT met'} |")
+    host = report.get("host")
+    if host:
+        lines += ["", "Host RAM (resident set, GiB): imports "
+                  f"{host['baseline_rss_gib']}, reading the encoder checkpoint ({host['encoder_file_gib']} GiB file) "
+                  f"{host['encoder_rss_gib']} (plan's start-up {host['plan_startup_gib']}), reading a T4 plan's last.pt "
+                  f"({host['last_pt_gib']} GiB file) {host['last_rss_gib']} (plan's resume {host['plan_resume_gib']})."]
     return "\n".join(lines) + "\n"
 
 
@@ -486,6 +545,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profiles", nargs="*", default=None, help=f"GPU profiles (default {' '.join(PROFILES)})")
     parser.add_argument("--modes", nargs="*", default=["full", "lora"], choices=["full", "lora"])
     parser.add_argument("--out", type=Path, default=OUT, help="folder for plan_check.{json,md}")
+    parser.add_argument("--host", action="store_true", help="also measure host RAM of start-up and resume (official: ~5 GiB of files)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--child_out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -505,6 +565,9 @@ def main(argv: list[str] | None = None) -> int:
     import tempfile
 
     with tempfile.TemporaryDirectory(prefix="plan_check_") as tmp:
+        if args.host:
+            report["host"] = measure_host(Path(tmp), sizes)
+            print(f"[host RAM] {json.dumps(report['host'])}", flush=True)
         for gpu in args.profiles or PROFILES:
             for mode in args.modes:
                 try:

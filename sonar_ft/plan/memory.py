@@ -504,5 +504,3 @@ def estimate_lora_memory(
                                  decoder_dtype=decoder_dtype, chunk_size=loss_chunk_size),
                  checkpointing=gradient_checkpointing, weight_copies=False,
                  extra_saved=0 if gradient_checkpointing else extra, extra_transient=extra if gradient_checkpointing else 0)
-    parts["total"] = sum(parts.values())
-    return parts
