@@ -408,6 +408,8 @@ class LoraCounts:
     adapters: int
     full_modules: int
     adapted_linears: int
+    head: int = 0
+    """Trainable parameters outside the encoder blocks and the feature projection (see ``_ParamCounts``)."""
 
     @property
     def trainable(self) -> int:
@@ -426,16 +428,18 @@ def lora_counts(config: SignT5Config, rank: int, targets: str | None = None, tra
     full_names = set(lora.parse_names(trainable if trainable is not None else lora.DEFAULT_TRAINABLE))
     with torch.device("meta"):
         model = SignT5SonarEncoder(config)
-    adapters, linears, full = 0, 0, set()
+    adapters, linears, full, head = 0, 0, set(), 0
     for name, module in model.named_modules():
         leaf = name.rsplit(".", 1)[-1]
         if isinstance(module, nn.Linear) and leaf in target_names:
             adapters += rank * (module.in_features + module.out_features)
             linears += 1
+            head += 0 if (name + ".").startswith(_BLOCK_PREFIXES) else rank * (module.in_features + module.out_features)
         if leaf in full_names:
             full.update(id(p) for p in module.parameters())
     full_params = sum(p.numel() for p in dict.fromkeys(model.parameters()) if id(p) in full)
-    return LoraCounts(count_parameters(model, include_tied_copies=False), adapters, full_params, linears)
+    head += sum(p.numel() for n, p in model.named_parameters() if id(p) in full and not n.startswith(_BLOCK_PREFIXES))
+    return LoraCounts(count_parameters(model, include_tied_copies=False), adapters, full_params, linears, head)
 
 
 def lora_activation_extra_bytes(
@@ -499,7 +503,7 @@ def estimate_lora_memory(
              "frozen_decoder": full["frozen_decoder"]}
     dec = decoder_activation_bytes(decoder or sonar_decoder_spec(), batch_size=batch_size, target_tokens=target_tokens,
                                    decoder_dtype=decoder_dtype, gradient_checkpointing=gradient_checkpointing)
-    return _peak(fixed, enc, gradients=counts.trainable * 4, grad_accum=1, decoder_saved=dec,
+    return _peak(fixed, enc, gradients=counts.trainable * 4, grad_accum=1, decoder_saved=dec, head_gradients=counts.head * 4,
                  loss=loss_bytes(batch_size=batch_size, target_tokens=target_tokens, vocab=vocab,
                                  decoder_dtype=decoder_dtype, chunk_size=loss_chunk_size),
                  checkpointing=gradient_checkpointing, weight_copies=False,
