@@ -46,7 +46,7 @@ from sonar_ft.tune.study import (
 )
 from sonar_ft.tune.report import PLOT_NAMES
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SPACE = {
     "learning_rate": {"type": "float", "low": 1.0e-4, "high": 1.0e-2, "log": True},
     "label_smoothing": {"type": "float", "low": 0.0, "high": 0.2},
@@ -335,7 +335,7 @@ def test_unexpected_error_in_a_trial_is_recorded_with_its_traceback(tiny_demo, t
             raise RuntimeError("injected failure")
         return real_train(cfg, **kwargs)
 
-    monkeypatch.setattr(tune, "train", train_failing_at_high_lr)
+    monkeypatch.setattr(tune, "fine_tune", train_failing_at_high_lr)
     path = write_tuning_yaml(tiny_demo, tmp_path / "study", sampler="grid",
                              search_space={"learning_rate": {"type": "categorical", "choices": [1.0e-3, 1.0e-2]}})
     settings = load_settings(path)
