@@ -443,6 +443,37 @@ def profile_record(gpu: str, mode: str, sizes: Sizes, run: dict[str, Any]) -> di
     }
 
 
+def settings_from_flags(flags: list[str]) -> dict[str, Any]:
+    """The plan settings a flag list applies (the inverse of ``Plan.flags``)."""
+    settings: dict[str, Any] = {"gradient_checkpointing": False, "freeze_encoder_layers": 0, "lora_rank": 0}
+    i = 0
+    while i < len(flags):
+        name = flags[i][2:]
+        if name == "gradient_checkpointing":
+            settings[name] = True
+            i += 1
+            continue
+        value = flags[i + 1]
+        settings[name] = int(value) if value.isdigit() else value
+        i += 2
+    return settings
+
+
+def recompare(report: dict[str, Any], sizes: Sizes) -> dict[str, Any]:
+    """The report's measurements against the planner as it is now, at the settings that were measured."""
+    for rec in report["profiles"]:
+        if "measured_gib" not in rec:
+            continue
+        plan = SimpleNamespace(settings=settings_from_flags(rec["flags"]))
+        estimate = cpu_estimate(plan, sizes)  # type: ignore[arg-type]
+        m = {"at_total_peak": {c: rec["measured_gib"][c] * GIB for c in CATEGORIES}, "total_peak": rec["measured_gib"]["total"] * GIB}
+        rec["plan_gib"] = {k: round(v / GIB, 3) for k, v in estimate.items()}
+        rec["ratio"] = compare(m, estimate)
+        rec["goal_met"] = (all(r is None or abs(r - 1) <= CATEGORY_GOAL for c, r in rec["ratio"].items() if c != "total")
+                           and abs(rec["ratio"]["total"] - 1) <= TOTAL_GOAL)
+    return report
+
+
 def check_profile(gpu: str, mode: str, sizes: Sizes, *, fake: bool = True) -> dict[str, Any]:
     """Measure one profile in this process (the smoke test's way; the CLI runs each in its own process)."""
     run = measure_profile(plan_for(gpu, mode, sizes), sizes, fake=fake)
@@ -546,6 +577,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--modes", nargs="*", default=["full", "lora"], choices=["full", "lora"])
     parser.add_argument("--out", type=Path, default=OUT, help="folder for plan_check.{json,md}")
     parser.add_argument("--host", action="store_true", help="also measure host RAM of start-up and resume (official: ~5 GiB of files)")
+    parser.add_argument("--recompare", type=Path, help="compare a written plan_check.json with the planner as it is now (no run)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--child_out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -559,6 +591,12 @@ def main(argv: list[str] | None = None) -> int:
         atomic.write_json(args.child_out, run)
         sys.stdout.flush()
         os._exit(0)  # see measure_profile: no teardown of the fake models
+    if args.recompare:
+        report = recompare(json.loads(args.recompare.read_text()), sizes)
+        atomic.write_json(args.recompare, report)
+        atomic.write_text(args.recompare.with_suffix(".md"), markdown(report))
+        print(markdown(report))
+        return 0
     started = time.perf_counter()
     report: dict[str, Any] = {"smoke": args.smoke, "torch": torch.__version__,
                               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "profiles": []}

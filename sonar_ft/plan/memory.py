@@ -213,6 +213,7 @@ def encoder_activation_parts(
     return {
         "block": kept_block, "blocks": blocks, "head": head, "base": base, "weight_copies": weight_copies,
         # Checkpointed blocks cast their weights again when they are re-run, one block at a time.
+        "block_copies": weight_copies // (c.num_encoder_layers + c.num_decoder_layers) if gradient_checkpointing else 0,
         "recomputed": tokens * block + weight_copies // (c.num_encoder_layers + c.num_decoder_layers)
         if gradient_checkpointing else 0,
         "bias_grad": square if bias_learns else 0, "n_train": n_train,
@@ -341,7 +342,7 @@ def phase_sums(
     """
     copies = enc["weight_copies"] if weight_copies else 0
     saved = enc["blocks"] + enc["head"] + enc["base"] + (0 if checkpointing else copies) + extra_saved
-    uncopied = enc["weight_copies"] if checkpointing and not weight_copies else 0  # LoRA: frozen weights are not cached
+    uncopied = 0 if weight_copies else enc["block_copies"]  # LoRA: autocast does not cache frozen weights
     transient = enc["recomputed"] - uncopied + enc["bias_grad"] + extra_transient
     earlier = gradients if grad_accum > 1 else 0
     bottom = enc["base"] + enc["block"] + (0 if checkpointing else (copies + extra_saved) // max(1, enc["n_train"]))
