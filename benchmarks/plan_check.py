@@ -366,7 +366,8 @@ def measure_profile(plan: Plan, sizes: Sizes, *, fake: bool, steps: int = 1) -> 
         # models stay referenced and each profile runs in its own process, which ends with os._exit.
         _KEEP.append((optimizer, params, groups, encoder, decoder))
     measured = tracker.account()
-    return {"measured": measured, "seconds": round(time.perf_counter() - started, 1), "fake": fake}
+    return {"measured": measured, "seconds": round(time.perf_counter() - started, 1), "fake": fake,
+            "settings": dict(plan.settings)}
 
 
 _KEEP: list[Any] = []
@@ -427,6 +428,8 @@ CATEGORY_GOAL, TOTAL_GOAL = 0.10, 0.05
 def profile_record(gpu: str, mode: str, sizes: Sizes, run: dict[str, Any]) -> dict[str, Any]:
     """The measurement of one profile next to the plan's figures (CPU path, and the GPU's for reference)."""
     plan = plan_for(gpu, mode, sizes)
+    if run.get("settings", plan.settings) != plan.settings:
+        raise RuntimeError(f"{gpu}/{mode}: the plan changed while it was measured ({run['settings']} -> {plan.settings})")
     estimate = cpu_estimate(plan, sizes)
     m = run["measured"]
     ratio = compare(m, estimate)

@@ -175,8 +175,8 @@ def encoder_activation_parts(
     mm = 2 if half else 4  # bytes of a matmul operand
     ff_units = 4 if c.gated else 2  # wi_0, gelu, wi_1, product | wi, relu
     block = (20 * d + 10 * h + 2 * ff_units * f) if half else 4 * (6 * d + 5 * h + ff_units * f)
-    if p > 0:  # dropout masks after attention, inside and after the FFN: bool on CUDA, float on CPU
-        block += (2 * d + f) * (4 if attention == "math" else 1)
+    if p > 0:  # dropout masks after attention, inside and after the FFN: bool on CUDA, the dropped dtype on CPU
+        block += (2 * d + f) * (mm if attention == "math" else 1)
     per_prob = 4 + (8 if p > 0 else 0)  # math attention: fp32 softmax (+ dropout mask and output)
     if attention == "math":
         block += H * T * per_prob
