@@ -414,12 +414,19 @@ def cpu_estimate(plan: Plan, sizes: Sizes) -> dict[str, int]:
 def compare(measured: dict[str, Any], estimate: dict[str, int]) -> dict[str, Any]:
     """Measured / planned per category, both at the step's peak (the moment that decides whether it fits), and the total."""
     ratios: dict[str, Any] = {}
+    small = NEGLIGIBLE * measured["total_peak"]
     for c in CATEGORIES:
         planned, got = estimate.get(c, 0), measured["at_total_peak"][c]
-        ratios[c] = round(got / planned, 3) if planned else (None if got < 2**20 else float("inf"))
+        if planned < small and got < small:
+            ratios[c] = None  # neither side holds a measurable share of the peak in this category
+        else:
+            ratios[c] = round(got / planned, 3) if planned else float("inf")
     ratios["total"] = round(measured["total_peak"] / estimate["total"], 3)
     return ratios
 
+
+NEGLIGIBLE = 0.005
+"""A category under this share of the peak on both sides has no ratio (e.g. 3 MiB of backward temporaries)."""
 
 CATEGORY_GOAL, TOTAL_GOAL = 0.10, 0.05
 """The issue's goal: every category within 10 %, the total within 5 %."""
