@@ -80,7 +80,8 @@ class TrainConfig:
     """Encoder dropout (default: keep the architecture's 0.1)."""
     # -- optimisation -------------------------------------------------------------------------------
     batch_size: int = 8
-    """Clips per batch (per process under torchrun)."""
+    """Clips per micro-batch (per process under torchrun). Each optimiser step's clips are chosen at the effective batch
+    ``batch_size x grad_accum`` and split into micro-batches, so the split may change on resume (another GPU)."""
     epochs: int = 10
     """Number of epochs."""
     learning_rate: float = 1e-4
@@ -156,6 +157,10 @@ class TrainConfig:
     """Write ``best_encoder.pt`` / ``last.pt`` (tuning trials may switch this off)."""
     checkpoint_every_steps: int = 0
     """Also write the resumable ``last.pt`` every N optimiser steps inside an epoch (0: only at epoch ends)."""
+    checkpoint_every_minutes: float = 0.0
+    """Also write the resumable ``last.pt`` once this many minutes have passed since the last save (checked after each
+    optimiser step; 0: off). A disconnect then costs at most these minutes; with ``--state_dir`` each save is also copied
+    to the run folder (see ``sonar-ft plan`` for what that costs on Drive)."""
     loss_chunk_size: int = 256
     """Target positions per chunk of vocabulary logits in the loss (bounds its memory, see docs/benchmarks.md)."""
     # -- logging ------------------------------------------------------------------------------------
@@ -258,13 +263,14 @@ _RANGES: dict[str, tuple[float, float | None, bool, bool]] = {
     "label_smoothing": (0, 1, False, True), "dropout": (0, 1, False, True), "plateau_factor": (0, 1, True, True),
     "grad_clip": (0, None, False, False), "warmup_steps": (0, None, False, False), "plateau_patience": (0, None, False, False),
     "early_stopping_patience": (0, None, False, False), "distill_weight": (0, None, False, False),
-    "num_workers": (0, None, False, False), "checkpoint_every_steps": (0, None, False, False),
+    "num_workers": (0, None, False, False), "checkpoint_every_steps": (0, None, False, False), "checkpoint_every_minutes": (0, None, False, False),
     "freeze_encoder_layers": (0, None, False, False), "log_every_steps": (0, None, False, False),
     "progress_seconds": (0, None, False, False), "lora_rank": (0, None, False, False),
 }
 _RANGE_HINTS = {
     "max_samples": "; leave it out to use all clips",
     "checkpoint_every_steps": "; 0 saves at epoch ends only",
+    "checkpoint_every_minutes": "; 0 turns time-based saves off",
     "early_stopping_patience": "; 0 turns early stopping off",
     "grad_clip": "; 0 turns clipping off",
     "lora_rank": "; 0 fine-tunes every weight",

@@ -169,7 +169,8 @@ def recipe_step_gradients(encoder, decoder, batches, grad_accum, ddp=None) -> li
 
     r.optimizer_step = capture
     encoder.zero_grad(set_to_none=True)
-    for window in r._windows(iter(batches)):
+    sizes = [grad_accum] * (len(batches) // grad_accum) + ([len(batches) % grad_accum] if len(batches) % grad_accum else [])
+    for window in r._windows(iter(batches), sizes):
         r.train_step(window, EpochSums(), 1, 0)
     return seen
 

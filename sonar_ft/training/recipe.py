@@ -135,8 +135,9 @@ class FineTuneRecipe:
                                 + (f" (all listed in {self.out / BAD_SAMPLES})" if bad else ""))
         if cfg.batch_size > len(self.train_set):
             log.warning("--batch_size %d is larger than the %d training clips: every batch holds all of them", cfg.batch_size, len(self.train_set))
-        self.train_batches = make_loader(self.train_set, cfg.batch_size, shuffle=True, seed=cfg.seed,
-                                                     num_workers=cfg.num_workers, num_replicas=ddp.world_size, rank=ddp.rank)
+        # Each step's clips are chosen at the effective batch, then split into micro-batches: the split may change on resume.
+        self.train_batches = make_loader(self.train_set, cfg.batch_size, shuffle=True, seed=cfg.seed, grad_accum=cfg.grad_accum,
+                                         num_workers=cfg.num_workers, num_replicas=ddp.world_size, rank=ddp.rank)
         self.val_batches = make_loader(ddp.shard(self.val_set), cfg.batch_size, shuffle=False, seed=cfg.seed,
                                                    num_workers=cfg.num_workers)
 
@@ -225,7 +226,7 @@ class FineTuneRecipe:
         if self.state.position is None:
             self.state.rng = None
         else:
-            log.info("resuming inside epoch %d after batch %d", self.state.position["epoch"], self.state.position["batches"])
+            log.info("resuming inside epoch %d after step %d of it", self.state.position["epoch"], position_windows(self.state.position, self.cfg))
         best = self.state.best
         log.info("resuming from epoch %d (step %d, best %s at epoch %s)", self.state.epoch, self.state.step, best["score"], best["epoch"])
 
@@ -266,46 +267,67 @@ class FineTuneRecipe:
         cfg, st = self.cfg, self.state
         started = time.perf_counter()
         self.encoder.train()
-        sums, done, restore_rng = EpochSums(), 0, None
+        sums, done, restore_rng = EpochSums(), 0, None  # done: windows (optimiser steps) of this epoch
         self._resumed_seconds = 0.0
         if st.position is not None and st.position["epoch"] == epoch:
-            done = st.position["batches"]
+            done = position_windows(st.position, cfg)
             if self.ddp.is_main:  # the partial sums were saved summed over all ranks: counted once, on rank 0
                 sums = EpochSums(st.position["loss_sum"], int(st.position["token_sum"]), int(st.position["seen"]))
             self._resumed_seconds = st.position["seconds"]
             started -= st.position["seconds"]
             restore_rng, st.position, st.rng = st.rng, None, None
-        self.train_batches.batch_sampler.set_epoch(epoch, skip=done)
+        sampler = self.train_batches.batch_sampler
+        sampler.set_epoch(epoch, skip=done)
+        sizes = sampler.window_sizes()  # micro-batches per window: the progress counts micro-batches
         self.optimizer.zero_grad(set_to_none=True)
-        self.progress.epoch_start(epoch, done + len(self.train_batches), done)
-        for window in self._windows(iter(self.train_batches)):
+        self.progress.epoch_start(epoch, sum(sizes), sum(sizes[:done]))
+        self._last_save = self.clock()
+        for window in self._windows(iter(self.train_batches), sizes[done:]):
             if restore_rng is not None:
                 # Starting the DataLoader drew from the global RNG; dropout must go on from the
                 # state of the moment last.pt was written, as it would have without the stop.
                 set_rng_state(restore_rng)
                 restore_rng = None
-            done += len(window)
+            done += 1
             stepped = self.train_step(window, sums, epoch, done)
-            if stepped and self.checkpointing and cfg.checkpoint_every_steps and st.step % cfg.checkpoint_every_steps == 0:
+            if stepped and self.checkpointing and self.mid_epoch_save_due():
                 # The epoch's partial sums over all ranks (every rank takes part), written by rank 0.
                 partial = self.ddp.sum(sums.loss_sum, sums.token_sum, sums.seen)
-                self.save_last(position={"epoch": epoch, "batches": done, "micro": done, "loss_sum": partial[0],
+                self.save_last(position={"epoch": epoch, "windows": done, "loss_sum": partial[0],
                                          "token_sum": partial[1], "seen": partial[2], "seconds": time.perf_counter() - started})
+                self._last_save = self.clock()
         if restore_rng is not None:  # resumed at the very end of the epoch: no batch was left to restore it
             set_rng_state(restore_rng)
         train_seconds = time.perf_counter() - started
         loss_sum, token_sum, seen = self.ddp.sum(sums.loss_sum, sums.token_sum, sums.seen)  # over all ranks
         return EpochSums(loss_sum, int(token_sum), int(seen)), train_seconds
 
-    def _windows(self, batches: Iterator[Any]) -> Iterator[list[Any]]:
-        """Consecutive groups of ``grad_accum`` batches; the last of an epoch may be shorter."""
-        window: list[Any] = []
-        for batch in batches:
-            window.append(batch)
-            if len(window) == self.cfg.grad_accum:
-                yield window
-                window = []
-        if window:
+    def mid_epoch_save_due(self) -> bool:
+        """Whether ``last.pt`` is written after this step: every ``checkpoint_every_steps`` steps, or once
+        ``checkpoint_every_minutes`` have passed since the last save (or the epoch's start).
+
+        The time is rank 0's clock, shared with one reduction, so every rank decides the same (a
+        mid-epoch save takes all ranks part). Saving changes no result: a run resumed from any save
+        continues exactly as the uninterrupted one.
+        """
+        cfg = self.cfg
+        due = bool(cfg.checkpoint_every_steps) and self.state.step % cfg.checkpoint_every_steps == 0
+        if cfg.checkpoint_every_minutes:
+            elapsed = self.clock() - self._last_save if self.ddp.is_main else 0.0
+            if self.ddp.active:
+                elapsed = self.ddp.sum(elapsed)[0]
+            due = due or elapsed >= 60.0 * cfg.checkpoint_every_minutes
+        return due
+
+    clock: Callable[[], float] = staticmethod(time.monotonic)
+    """Seconds for ``checkpoint_every_minutes`` (injectable: tests step it deterministically)."""
+    _last_save = 0.0
+
+    @staticmethod
+    def _windows(batches: Iterator[Any], sizes: list[int]) -> Iterator[list[Any]]:
+        """The micro-batches of ``batches`` grouped into windows of ``sizes`` micro-batches (one optimiser step each)."""
+        for size in sizes:
+            window = [next(batches) for _ in range(size)]
             yield window
 
     def train_step(self, window: list[Any], sums: EpochSums, epoch: int, done: int) -> bool:
@@ -356,13 +378,13 @@ class FineTuneRecipe:
                     local["distill_sum"] += float(distill.detach()) * len(batch)
                 local["clips"] += len(batch)
             elif bad_loss_at is None:
-                bad_loss_at = f"epoch {epoch}, batch {done - len(window) + i + 1} ({batch.ids[0]}, ...)"
+                bad_loss_at = f"epoch {epoch}, step {done} of the epoch, micro-batch {i + 1} ({batch.ids[0]}, ...)"
             sums.seen += len(batch)
         stepped, norm = self.optimizer_step()
         if stepped:
             self.bad_steps = 0
         else:
-            what, where = ("loss", bad_loss_at) if bad_loss_at else ("gradient", f"epoch {epoch}, batch {done}")
+            what, where = ("loss", bad_loss_at) if bad_loss_at else ("gradient", f"epoch {epoch}, step {done} of the epoch")
             self.bad_steps = count_bad_step(self.bad_steps, self.out, cfg, what, where)
         self.record_step(epoch, window, local, norm, stepped)
         return stepped
@@ -519,6 +541,17 @@ class FineTuneRecipe:
             best_epoch=best["epoch"], best_score=best["score"], best_val_bleu=best["bleu"], best_val_loss=best["loss"],
             history=list(self.state.history), stopped_early=self.stopped_early, output_dir=str(self.out),
         )
+
+
+def position_windows(position: dict[str, Any], cfg: TrainConfig) -> int:
+    """Windows (optimiser steps) of its epoch a mid-epoch ``last.pt`` had consumed.
+
+    Files written before positions counted windows hold ``batches`` (micro-batches, always a whole
+    number of windows there).
+    """
+    if "windows" in position:
+        return int(position["windows"])
+    return int(position["batches"]) // cfg.grad_accum
 
 
 def peak_memory_gib(device: torch.device) -> float:

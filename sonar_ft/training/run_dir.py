@@ -27,10 +27,15 @@ from sonar_ft.training.state_mirror import restore_state
 log = logging.getLogger(__name__)
 
 
-# Settings that may change between a run and its resumption without making it another run.
+# Settings that may change between a run and its resumption without making it another run: where and how
+# often it saves and reports, and the memory settings a GPU needs (re-planned for whatever GPU a resume gets).
 _RESUMABLE_CHANGES = {"output_dir", "epochs", "resume", "overwrite", "num_workers", "eval_every", "device", "early_stopping_patience",
-                      "checkpoint_every_steps", "gradient_checkpointing", "cache_features", "cache_dtype", "compile", "loss_chunk_size",
-                      "log_every_steps", "report_to", "progress", "progress_seconds", "state_dir"}
+                      "checkpoint_every_steps", "checkpoint_every_minutes", "gradient_checkpointing", "cache_features",
+                      "cache_dtype", "compile", "loss_chunk_size", "decoder_dtype", "log_every_steps", "report_to", "progress",
+                      "progress_seconds", "state_dir"}
+# The micro-batch / accumulation split may change too, as long as the effective batch (their product) does not:
+# every optimiser step sees the same clips (sonar_ft.data.dataset.LengthBucketSampler forms windows at the effective batch).
+_SPLIT = ("batch_size", "grad_accum")
 
 
 def check_inputs(cfg: TrainConfig) -> None:
@@ -156,7 +161,15 @@ def _changed_settings(previous: dict[str, Any], current: dict[str, Any]) -> list
     # Settings added after a run was written count as unchanged while they hold their default.
     defaults = asdict(TrainConfig())
     keys = set(previous) | set(current)
-    return sorted(k for k in keys if k not in _RESUMABLE_CHANGES and previous.get(k, defaults.get(k)) != current.get(k, defaults.get(k)))
+
+    def value(settings: dict[str, Any], key: str) -> Any:
+        return settings.get(key, defaults.get(key))
+
+    changed = sorted(k for k in keys - {*_SPLIT} if k not in _RESUMABLE_CHANGES and value(previous, k) != value(current, k))
+    effective = [value(s, "batch_size") * value(s, "grad_accum") for s in (previous, current)]
+    if effective[0] != effective[1]:
+        changed.append(f"effective batch (batch_size x grad_accum {effective[0]} -> {effective[1]})")
+    return changed
 
 
 def _read_json(path: Path) -> dict[str, Any]:
