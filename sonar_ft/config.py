@@ -141,10 +141,14 @@ class TrainConfig:
     output_dir: str = "runs/finetune"
     """Where metrics, predictions, logs and checkpoints go."""
     state_dir: str | None = None
-    """Keep the resumable ``last.pt`` in this folder on a fast local disk (e.g. ``/content/sonar_state/run``) and copy
-    it into ``--output_dir`` after each epoch, removing the old copy first: the disk plan's ``mirror-replace``
-    (``sonar-ft plan``), for a run folder on a Drive that cannot hold two 9 GB copies. After a disconnect the
-    copy in ``--output_dir`` is brought back here and the run resumes from it."""
+    """Write ``last.pt`` and ``best_encoder.pt`` in this folder on a fast local disk (e.g. ``/content/sonar_state/run``)
+    and copy them into ``--output_dir`` after each save, overwriting fixed files in place (``--state_slots``): on Google
+    Drive a deleted or replaced 9 GB file stays in the trash and counts against the quota. The disk plan
+    (``sonar-ft plan``) says when a run needs it. After a disconnect the newest complete copy comes back here."""
+    state_slots: int = 1
+    """With ``--state_dir``: copies of ``last.pt`` kept in ``--output_dir``, fixed files overwritten in place (Drive keeps
+    no trash of them). 2: the previous copy survives a disconnect during the next copy; 1: one copy (a disconnect during
+    its copy leaves none); 0: none (a disconnect loses the state: continue from ``best_encoder.pt`` as a new run)."""
     device: str = "auto"
     """``auto`` (CUDA when present), ``cuda``, ``cuda:N`` or ``cpu``."""
     precision: Literal["auto", "bf16", "fp32"] = "auto"
@@ -265,7 +269,7 @@ _RANGES: dict[str, tuple[float, float | None, bool, bool]] = {
     "early_stopping_patience": (0, None, False, False), "distill_weight": (0, None, False, False),
     "num_workers": (0, None, False, False), "checkpoint_every_steps": (0, None, False, False), "checkpoint_every_minutes": (0, None, False, False),
     "freeze_encoder_layers": (0, None, False, False), "log_every_steps": (0, None, False, False),
-    "progress_seconds": (0, None, False, False), "lora_rank": (0, None, False, False),
+    "progress_seconds": (0, None, False, False), "lora_rank": (0, None, False, False), "state_slots": (0, 2, False, False),
 }
 _RANGE_HINTS = {
     "max_samples": "; leave it out to use all clips",

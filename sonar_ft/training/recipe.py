@@ -41,7 +41,7 @@ from sonar_ft.files.lock import output_lock
 from sonar_ft.models.decoder import FrozenTextDecoder
 from sonar_ft.models.encoder import load_encoder, save_encoder
 from sonar_ft.plan.recommend import longest_target, startup_check
-from sonar_ft.run_files import ADAPTER_DIR, BAD_SAMPLES, BEST_ENCODER, LAST_STATE, metrics_file, predictions_file
+from sonar_ft.run_files import ADAPTER_DIR, BAD_SAMPLES, BEST_ENCODER, metrics_file, predictions_file
 from sonar_ft.training import distributed, perf
 from sonar_ft.training.failures import (
     count_bad_step, out_of_memory_error, refuse_broken_weights, screen_bad_samples,
@@ -52,7 +52,7 @@ from sonar_ft.training.run_dir import (
     check_inputs, clear_run_files, finished_run, last_state_path, prepare_output_dir, write_run_summary,
 )
 from sonar_ft.training.state import EpochMetrics, TrainResult, TrainState, seed_everything, set_rng_state
-from sonar_ft.training.state_mirror import mirror_state
+from sonar_ft.training.state_mirror import best_copy_is_torn, mirror_best, mirror_state
 
 log = logging.getLogger(__name__)
 
@@ -200,9 +200,13 @@ class FineTuneRecipe:
                       target_tokens=longest_target(self.decoder, [r.text for r in self.train_set.rows], cfg.tgt_lang))
 
     def load_last(self) -> None:
-        """Continue from ``last.pt``; the loaded file is released before training goes on."""
+        """Continue from ``last.pt``; the loaded file is released before training goes on.
+
+        The file is memory-mapped: its tensors are copied straight into the encoder and (on a GPU)
+        into the optimiser's state on the device, so host RAM never holds the whole 9 GB file at once.
+        """
         path = last_state_path(self.cfg)
-        state = atomic.load_torch(path, what="training state")
+        state = atomic.load_torch(path, what="training state", mmap=True)
         if self.peft_model is not None:  # LoRA: last.pt holds only the trainable tensors
             from sonar_ft.models import lora
 
@@ -228,6 +232,9 @@ class FineTuneRecipe:
         else:
             log.info("resuming inside epoch %d after step %d of it", self.state.position["epoch"], position_windows(self.state.position, self.cfg))
         best = self.state.best
+        if self.cfg.state_dir and best["epoch"] is not None and best_copy_is_torn(self.out):
+            log.warning("%s was being copied when the runtime stopped and is incomplete: the best encoder so far (epoch %s) "
+                        "is lost; the next improvement writes it again", self.out / BEST_ENCODER, best["epoch"])
         log.info("resuming from epoch %d (step %d, best %s at epoch %s)", self.state.epoch, self.state.step, best["score"], best["epoch"])
 
     # =============================================================================================
@@ -498,16 +505,19 @@ class FineTuneRecipe:
         """``best_encoder.pt`` in the official layout (the place LoRA writes the merged encoder)."""
         if not self.cfg.save_checkpoints:
             return
-        path = self.out / BEST_ENCODER
+        # With --state_dir it is written locally, then copied onto the run folder's in place (no Drive trash).
+        path = Path(self.cfg.state_dir) / BEST_ENCODER if self.cfg.state_dir else self.out / BEST_ENCODER
         refuse_broken_weights(self.encoder, path, f"epoch {epoch}")
         extra = {"epoch": epoch, "val_bleu": result.bleu, "val_loss": result.loss}
         if self.peft_model is None:
             save_encoder(self.encoder, path, extra=extra)
-            return
-        from sonar_ft.models import lora  # the merged encoder in the official layout, and the adapter alone in peft's format
+        else:
+            from sonar_ft.models import lora  # the merged encoder in the official layout, and the adapter alone in peft's format
 
-        save_encoder(self.encoder, path, extra=extra, state_dict=lora.merged_state_dict(self.encoder))
-        lora.save_adapter(self.peft_model, self.out / ADAPTER_DIR)
+            save_encoder(self.encoder, path, extra=extra, state_dict=lora.merged_state_dict(self.encoder))
+            lora.save_adapter(self.peft_model, self.out / ADAPTER_DIR)
+        if self.cfg.state_dir:
+            mirror_best(path, self.out)
 
     def encoder_state_for_last(self) -> dict[str, torch.Tensor]:
         """The encoder tensors ``last.pt`` keeps (LoRA: the trainable ones only)."""
@@ -532,8 +542,8 @@ class FineTuneRecipe:
             "encoder": self.encoder_state_for_last(), "optimizer": self.optimizer.state_dict(), "plateau": self.plateau.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None, **saved.state_dict(),
         })
-        if self.cfg.state_dir and position is None:  # epoch end: the copy in the run folder (room for one copy only)
-            mirror_state(path, self.out / LAST_STATE, replace=True)
+        if self.cfg.state_dir:  # its copy in the run folder: a slot file overwritten in place
+            mirror_state(path, self.out, slots=self.cfg.state_slots, step=st.step)
 
     def result(self) -> TrainResult:
         best = self.state.best
