@@ -60,6 +60,9 @@ def memory():
     return {k: int(v.split()[0]) * 1024 for k, v in fields.items()}
 
 r = recipe(sys.argv[1])
+with torch.no_grad():
+    for p in r.encoder.parameters():
+        p.zero_()  # resident, as an encoder loaded from its checkpoint is
 gc.collect()
 base, peak, running = memory(), {"RssAnon": 0, "RssFile": 0}, True
 
