@@ -112,7 +112,7 @@ def simulate(strategy: str, best_bytes: int, state_bytes: int, *, others: DriveU
     for name in ("encoder", "features", "decoder_cache"):
         drive.new(name, sizes[name])
     # --state_dir holds last.pt and best_encoder.pt; an atomic local save holds the old and the new copy at once.
-    local = 0 if strategy == "drive" else (2 * s + b if strategy != "local-only" else s + b + max(s, b))
+    local = 0 if strategy == "drive" else s + b + max(s, b)
     best_saves = schedule.epochs if schedule.best_saves is None else schedule.best_saves
     slots = {"slots-2": 2, "slots-1": 1}.get(strategy, 0)
     saves = 0
