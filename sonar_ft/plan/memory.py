@@ -361,8 +361,6 @@ def _peak(fixed: dict[str, int], enc: dict[str, int], **kwargs: Any) -> dict[str
     parts = dict(parts)
     parts["total"] = sum(parts.values())
     return parts
-    parts["total"] = sum(parts.values())
-    return parts
 
 
 def measure_saved_bytes(fn: Callable[[], Any], exclude: nn.Module | None = None) -> int:
@@ -390,8 +388,9 @@ def measure_saved_bytes(fn: Callable[[], Any], exclude: nn.Module | None = None)
 def format_estimate(estimate: dict[str, int], *, title: str, budget: int | None = None) -> str:
     """The breakdown as a small table in GiB."""
     rows = [title]
-    for key in ("weights", "gradients", "optimizer_states", "activations", "frozen_decoder", "loss"):
-        rows.append(f"  {key.replace('_', ' '):<18}{estimate[key] / GIB:8.2f} GiB")
+    for key in ("weights", "gradients", "optimizer_states", "activations", "temporaries", "frozen_decoder", "loss"):
+        if key in estimate:
+            rows.append(f"  {key.replace('_', ' '):<18}{estimate[key] / GIB:8.2f} GiB")
     rows.append(f"  {'total':<18}{estimate['total'] / GIB:8.2f} GiB")
     if budget is not None:
         verdict = "fits" if estimate["total"] <= budget else "does NOT fit"
