@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
 from sonar_ft.demo.paths import DemoPaths
 from sonar_ft.errors import SonarFtError
+from sonar_ft.scores import ALIASES, METRICS
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -353,8 +354,8 @@ def show_table(rows: Sequence[Mapping[str, Any]] | Any, columns: Sequence[str] |
         print(frame.to_string(index=False))
 
 
-# Score columns of the notebooks' tables, in the order papers print them (sonar_ft.scores names).
-SCORE_COLUMNS = ("bleu", "bleu1", "bleu2", "bleu3", "rougeL", "chrf", "cosine", "r1", "r5", "loss")  # bleu is BLEU-4
+# Score columns of the notebooks' tables: sonar_ft.scores.METRICS (in the order papers print them), bleu4 shown as bleu.
+SCORE_COLUMNS = tuple(m for m in METRICS if m not in ALIASES)
 SAMPLE_SCORE_COLUMNS = ("bleu_score", "rougeL", "chrf", "cosine", "rank")
 
 
