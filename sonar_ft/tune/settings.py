@@ -205,15 +205,41 @@ def load_settings(config_file: str | Path | None = None, overrides: Mapping[str,
     if "select_metric" in {**fixed_yaml, **fixed_cli} and base.select_metric != settings.optimize:
         raise ConfigError(f"{source}: select_metric {base.select_metric} differs from optimize {settings.optimize}: every "
                           "trial selects by the metric it optimises; remove select_metric (or set optimize)")
-    # Every trial selects its best epoch by the optimised metric: the recipe checks the pair (a semantic score
-    # needs a text encoder) here, for the fixed settings and for the edges of the space, before any trial.
-    settings.train = base = dataclasses.replace(base, select_metric=settings.optimize)
     base.validate()
     check_space_against_recipe(space, base, source=source)
+    # Every trial selects its best epoch by the optimised metric; the recipe checks it against the other settings.
+    settings.train = dataclasses.replace(base, select_metric=settings.optimize)
+    _check_optimize(settings, source)
     if sampler["type"] == "grid":
         for spec in space:
             spec.grid()  # raises for continuous ranges
     return settings
+
+
+def _check_optimize(settings: TuneSettings, source: str) -> None:
+    """Refuse a metric some trials could not compute (a semantic score without a text encoder), naming the key.
+
+    The recipe validates ``select_metric`` next to the settings of one trial: here of a trial at the upper edge of
+    every searched setting (where its condition holds), then of one more trial per edge of each setting.
+    """
+    values: dict[str, Any] = {}
+    for spec in settings.space:
+        if spec.is_active(values):
+            values[spec.name] = spec.boundary_values()[-1]
+    probe = make_config({k: v for k, v in values.items() if k in TRAIN_FIELDS}, base=settings.train, source="search space")
+    try:
+        probe.validate()
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: optimize {settings.optimize}: {exc}") from None
+    for spec in settings.space:
+        for value in spec.boundary_values() if spec.name in TRAIN_FIELDS else ():
+            try:
+                make_config({spec.name: value}, base=probe, source="search space").validate()
+            except ConfigError as exc:
+                raise ConfigError(
+                    f"{source}: search_space.{spec.name} allows {value!r}, with which trials cannot select by val "
+                    f"{settings.optimize}: {exc}"
+                ) from None
 
 
 def _choice_spec(raw: Any, what: str, source: str) -> dict[str, Any]:
