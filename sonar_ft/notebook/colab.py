@@ -241,7 +241,7 @@ def show_plan(project: Project, effective_batch: int, run_name: str | None = Non
             print(f"LoRA chosen (LORA_RANK = {lora_rank}): adapters train, the encoder's weights stay frozen")
         return ["--lora_rank", str(lora_rank)] if lora_rank else []
     out = project.runs / "plan.json"
-    run_command(project.cli_command("plan", "--gpu", "auto", "--batch_size", effective_batch, "--lora_rank", lora_rank, "--json", out))
+    run_command(project.cli_command("plan", "--gpu", "auto", "--effective_batch", effective_batch, "--lora_rank", lora_rank, "--json", out))
     if lora_rank:
         print(f"LoRA chosen (LORA_RANK = {lora_rank}): adapters train, the encoder's weights stay frozen; "
               "best_encoder.pt is still the whole (merged) encoder")

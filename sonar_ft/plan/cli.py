@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Any
 
 from sonar_ft.errors import ConfigError
@@ -10,6 +11,9 @@ from sonar_ft.files import atomic
 from sonar_ft.plan.disk import DRIVE_FREE_BYTES, GB, DiskPlan, disk_estimate, disk_plan
 from sonar_ft.plan.memory import DEFAULT_MAX_FRAMES, DEFAULT_TARGET_TOKENS, GIB
 from sonar_ft.plan.recommend import GPUS, Plan, gpu_spec, recommend, recommend_lora
+
+DEFAULT_EFFECTIVE_BATCH = 32
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add ``sonar-ft plan``."""
@@ -20,7 +24,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "fine-tuning the official SONAR ASL encoder and recommend recipe flags that fit the GPU.",
     )
     p.add_argument("--gpu", required=True, help=f"auto (this machine's GPU) or one of {', '.join(GPUS)}")
-    p.add_argument("--batch_size", type=int, default=32, help="effective batch (reached with --grad_accum)")
+    p.add_argument("--effective_batch", type=int, default=None,
+                   help=f"clips per optimiser step, the recipe's --batch_size x --grad_accum (default {DEFAULT_EFFECTIVE_BATCH}); "
+                   "the plan picks the micro-batch --batch_size that fits and the --grad_accum that reaches it")
+    # Before --effective_batch this flag was named like the recipe's --batch_size, which is the micro-batch.
+    p.add_argument("--batch_size", dest="old_batch_size", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--max_frames", type=int, default=DEFAULT_MAX_FRAMES, help="longest clip in frames (the recipe's --max_frames)")
     p.add_argument("--target_tokens", type=int, default=DEFAULT_TARGET_TOKENS, help="longest target sentence in tokens")
     p.add_argument("--drive_gb", type=float, default=DRIVE_FREE_BYTES / GIB,
@@ -43,14 +51,29 @@ def plan_record(plan: Plan, disk: DiskPlan) -> dict[str, Any]:
     }
 
 
+def effective_batch(args: argparse.Namespace) -> int:
+    """``--effective_batch``, or the deprecated ``--batch_size`` (with a note on stderr saying what it meant)."""
+    if args.old_batch_size is None:
+        return DEFAULT_EFFECTIVE_BATCH if args.effective_batch is None else args.effective_batch
+    if args.effective_batch is not None and args.effective_batch != args.old_batch_size:
+        raise ConfigError(f"--batch_size {args.old_batch_size} and --effective_batch {args.effective_batch} disagree; "
+                          "give only --effective_batch")
+    print(f"note: `sonar-ft plan --batch_size` is deprecated: it is the effective batch here, while the recipe's "
+          f"--batch_size is the micro-batch; use --effective_batch {args.old_batch_size}", file=sys.stderr)
+    return args.old_batch_size
+
+
 def _plan_command(args: argparse.Namespace) -> int:
     if args.lora_rank < 0:
         raise ConfigError(f"--lora_rank must be >= 0 (got {args.lora_rank})")
+    batch = effective_batch(args)
+    if batch < 1:
+        raise ConfigError(f"--effective_batch must be >= 1 (got {batch})")
     gpu = gpu_spec(args.gpu)
     if args.lora_rank:
-        plan = recommend_lora(gpu, args.batch_size, rank=args.lora_rank, max_frames=args.max_frames, target_tokens=args.target_tokens)
+        plan = recommend_lora(gpu, batch, rank=args.lora_rank, max_frames=args.max_frames, target_tokens=args.target_tokens)
     else:
-        plan = recommend(gpu, args.batch_size, max_frames=args.max_frames, target_tokens=args.target_tokens)
+        plan = recommend(gpu, batch, max_frames=args.max_frames, target_tokens=args.target_tokens)
     s = plan.settings
     disk = disk_plan(optimizer=s["optimizer"], freeze_encoder_layers=s["freeze_encoder_layers"], lora_rank=args.lora_rank,
                      drive_budget=int(args.drive_gb * GIB))
