@@ -42,7 +42,6 @@ from sonar_ft.tune.names import (
     SPACE_ATTR,
     SUMMARY_FILE,
     TRIALS_CSV,
-    WORKER,
 )
 from sonar_ft.tune.objective import TrialFailed, is_finished, make_objective
 from sonar_ft.tune.sampling import build_pruner, build_sampler, grid_size
