@@ -63,7 +63,7 @@ def open_storage(settings: TuneSettings) -> optuna.storages.BaseStorage:
 def open_study(settings: TuneSettings, storage: optuna.storages.BaseStorage | None = None) -> optuna.Study:
     """Create the study, or load it when it exists (resume / another worker), checking it still matches.
 
-    A study created with another search space or direction is refused with a message saying what
+    A study created with another search space or metric is refused with a message saying what
     changed and how to proceed; Optuna's own error would come later, mid-trial, and name a distribution.
     """
     storage = storage if storage is not None else open_storage(settings)
