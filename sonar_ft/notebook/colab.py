@@ -30,8 +30,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
+from sonar_ft.config import command_line
 from sonar_ft.demo.paths import DemoPaths
 from sonar_ft.errors import SonarFtError
+from sonar_ft.run_files import BEST_ENCODER
 from sonar_ft.scores import ALIASES, METRICS
 
 if TYPE_CHECKING:
@@ -116,20 +118,17 @@ class Project:
 
     def recipe_command(self, output_dir: str | Path, *flags: str, split: str = "val", encoder: str | Path | None = None) -> list[str]:
         """``python train_sonar_finetuning.py`` with this project's data and models, evaluating on ``split``."""
-        cmd = [
-            self.python, str(self.root / RECIPE),
-            "--encoder_checkpoint", str(encoder or self.encoder_checkpoint),
-            "--train_features", str(self.features("train")),
-            "--train_manifest", str(self.manifest("train")),
-            "--val_features", str(self.features(split)),
-            "--val_manifest", str(self.manifest(split)),
-            "--output_dir", str(output_dir),
-            "--device", self.device,
-        ]
+        settings: dict[str, Any] = {
+            "encoder_checkpoint": str(encoder or self.encoder_checkpoint),
+            "train_features": str(self.features("train")), "train_manifest": str(self.manifest("train")),
+            "val_features": str(self.features(split)), "val_manifest": str(self.manifest(split)),
+            "output_dir": str(output_dir), "device": self.device,
+        }
         if self.demo is not None:
-            cmd += ["--decoder", str(self.demo.decoder_card), "--text_encoder", str(self.demo.text_encoder_card)]
+            settings.update(decoder=str(self.demo.decoder_card), text_encoder=str(self.demo.text_encoder_card))
         elif self.decoder != "text_sonar_basic_decoder":
-            cmd += ["--decoder", self.decoder]
+            settings["decoder"] = self.decoder
+        cmd = [self.python, str(self.root / RECIPE), *command_line(settings)]
         return cmd + [str(f) for f in flags]
 
     def cli_command(self, *args: str) -> list[str]:
@@ -140,7 +139,7 @@ class Project:
         """A step of :mod:`sonar_ft.notebook.steps` (demo build, encoder info) in the stack environment."""
         return [self.python, "-m", "sonar_ft.notebook.steps", *[str(a) for a in args]]
 
-    def find_run(self, run_dir: str | Path, *, need: str = "best_encoder.pt") -> Path:
+    def find_run(self, run_dir: str | Path, *, need: str = BEST_ENCODER) -> Path:
         """``run_dir`` when it holds ``need``; in DEMO mode a small run made here otherwise.
 
         The notebooks build on each other (04 trains, 05-07 read its folder). In DEMO mode each must
@@ -228,7 +227,7 @@ def setup(
 def show_plan(project: Project, effective_batch: int, run_name: str | None = None, lora_rank: int = 0) -> list[str]:
     """Memory and disk settings for this runtime's GPU from ``sonar-ft plan --gpu auto``: shown, returned as flags.
 
-    When the disk plan keeps ``last.pt`` on the runtime's local disk (``mirror-replace``: a free Drive cannot
+    When the disk plan keeps ``last.pt`` on the runtime's local disk (``needs_state_dir``: a free Drive cannot
     hold two copies), the flags include ``--state_dir`` under :data:`LOCAL_STATE_ROOT` for ``run_name``.
     ``lora_rank`` > 0 plans LoRA fine-tuning (``--lora_rank`` is among the flags).
     In DEMO mode (CPU, the demo's small encoder) and on a runtime without a GPU there is nothing
@@ -248,9 +247,9 @@ def show_plan(project: Project, effective_batch: int, run_name: str | None = Non
     plan = json.loads(out.read_text(encoding="utf-8"))
     show_table([{"setting": k, "value": str(v)} for k, v in plan["settings"].items()])
     flags = [str(f) for f in plan["flags"]]
-    if plan["disk"]["strategy"] == "mirror-replace" and run_name:
-        flags += ["--state_dir", str(LOCAL_STATE_ROOT / run_name)]
-        print(f"last.pt is kept in {LOCAL_STATE_ROOT / run_name} (local disk) and copied to the run folder after each epoch")
+    if plan["disk"].get("needs_state_dir") and run_name:
+        flags += ["--state_dir", str(LOCAL_STATE_ROOT / run_name), *plan["disk"]["flags"]]
+        print(f"last.pt is kept in {LOCAL_STATE_ROOT / run_name} (local disk) and copied into the run folder in place after each save")
     return flags
 
 

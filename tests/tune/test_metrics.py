@@ -81,7 +81,7 @@ def test_a_study_keeps_the_metric_it_was_created_for(tmp_path):
 
 @pytest.mark.slow
 def test_a_study_on_chrf_ranks_trials_by_validation_chrf(tiny_demo, tmp_path):
-    from tests.test_tune import write_tuning_yaml
+    from tests.tune.test_study import write_tuning_yaml
 
     path = write_tuning_yaml(tiny_demo, tmp_path / "study", optimize="chrf", sampler="grid",
                              search_space={"learning_rate": {"type": "categorical", "choices": [1.0e-3, 1.0e-2]}})

@@ -14,7 +14,7 @@ from sonar_ft.tune import objective
 from sonar_ft.tune.names import BEST_CONFIG_FILE, BEST_PARAMS_FILE, FAIL_KIND, TRIALS_CSV
 from sonar_ft.tune.settings import load_settings
 from sonar_ft.tune.study import open_study, run_study
-from tests.test_tune import write_tuning_yaml
+from tests.tune.test_study import write_tuning_yaml
 
 TrialState = optuna.trial.TrialState
 

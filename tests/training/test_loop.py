@@ -35,7 +35,7 @@ from sonar_ft.demo.paths import DemoPaths
 from sonar_ft.demo.text_models import TextModelConfig
 from tests.small_data import make_data
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 # Smaller than the session's tiny demo (its text model trains 30 steps, not 600): these tests need
 # unequal token counts and a loop that runs, not a decoder that translates well.
@@ -169,7 +169,8 @@ def recipe_step_gradients(encoder, decoder, batches, grad_accum, ddp=None) -> li
 
     r.optimizer_step = capture
     encoder.zero_grad(set_to_none=True)
-    for window in r._windows(iter(batches)):
+    sizes = [grad_accum] * (len(batches) // grad_accum) + ([len(batches) % grad_accum] if len(batches) % grad_accum else [])
+    for window in r._windows(iter(batches), sizes):
         r.train_step(window, EpochSums(), 1, 0)
     return seen
 
@@ -200,7 +201,7 @@ DDP_SCRIPT = textwrap.dedent('''
     sys.path.insert(0, sys.argv[1])
     from pathlib import Path
     from sonar_ft.training import distributed
-    from tests.test_loop import _models, _micro_batches, recipe_step_gradients
+    from tests.training.test_loop import _models, _micro_batches, recipe_step_gradients
     from sonar_ft.demo.paths import DemoPaths
     demo = DemoPaths(Path(sys.argv[2]))
     ddp = distributed.setup("cpu")
@@ -408,7 +409,7 @@ def test_resumed_run_keeps_nothing_of_the_loaded_state(logged_run, data, monkeyp
 
 
 def test_state_dir_keeps_last_pt_local_mirrors_it_and_brings_it_back_after_a_disconnect(data, tmp_path):
-    """--state_dir (the disk plan's mirror-replace): last.pt on local disk, one copy in the run folder."""
+    """--state_dir (the disk plan's slots-1): last.pt on local disk, one copy in the run folder."""
     out, local = tmp_path / "drive" / "run", tmp_path / "local"
     first = train(data.config(out, batch_size=4, epochs=1, state_dir=str(local)))
     assert (local / LAST_STATE).is_file() and (out / LAST_STATE).read_bytes() == (local / LAST_STATE).read_bytes()
