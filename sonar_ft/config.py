@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Literal, Mapping
 
 from sonar_ft.errors import ConfigError
-from sonar_ft.scores import METRICS
+from sonar_ft.scores import METRICS, SEMANTIC_METRICS
 from sonar_ft.scores import higher_is_better as maximize  # noqa: F401  (the one place that says which way a metric improves)
 
 Metric = Literal[METRICS]  # type: ignore[valid-type]  # bleu, bleu1..4, chrf, rougeL, cosine, r1, r5, loss
@@ -194,6 +194,10 @@ class TrainConfig:
     def field_names(cls) -> list[str]:
         return [f.name for f in fields(cls)]
 
+    def computes_semantic_scores(self) -> bool:
+        """Whether evaluations compute cosine / R@1 / R@5: a text encoder is given, or loaded as distillation teacher."""
+        return bool(self.text_encoder) or self.distill_weight > 0
+
     def reporters(self) -> list[str]:
         """``report_to`` as a list of known names."""
         return [r.strip() for r in self.report_to.split(",") if r.strip()]
@@ -234,6 +238,11 @@ class TrainConfig:
         unknown = [r for r in self.reporters() if r not in REPORTERS]
         if unknown:
             raise ConfigError(f"--report_to: unknown {', '.join(unknown)}; use a comma-separated list of {', '.join(REPORTERS)}")
+        if not self.eval_only and self.select_metric in SEMANTIC_METRICS and not self.computes_semantic_scores():
+            raise ConfigError(
+                f"--select_metric {self.select_metric} is a semantic score, computed only with a SONAR text encoder: "
+                "give --text_encoder text_sonar_basic_encoder (or distil with --distill_weight > 0), or select another metric"
+            )
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
             raise ConfigError(f"--device {self.device!r} is not a device; use auto, cpu, cuda or cuda:N")
         self._validate_lora()
@@ -317,23 +326,26 @@ def field_docs(cls: type = TrainConfig) -> dict[str, tuple[str, str]]:
     return docs
 
 
-def add_arguments(parser: argparse.ArgumentParser, *, skip: tuple[str, ...] = (), title: str = "") -> None:
-    """Every :class:`TrainConfig` field as ``--name VALUE`` (grouped by section, help from its doc).
+def add_arguments(parser: argparse.ArgumentParser, *, skip: tuple[str, ...] = (), title: str = "",
+                  cls: type = TrainConfig) -> dict[str, argparse._ArgumentGroup]:
+    """Every field of the dataclass ``cls`` (:class:`TrainConfig`) as ``--name VALUE`` (grouped by section, help from
+    its doc); returns the argument groups by title.
 
-    Values stay strings here; :func:`make_config` types them (one coercion for flags and files).
+    Values stay strings here; :func:`make_config` (:func:`coerce`) types them (one coercion for flags and files).
     Booleans take ``--flag`` alone for true, or ``--flag true/false``. Nothing has an argparse
     default (the parser must use ``argument_default=SUPPRESS``) so that only typed flags override
     a ``--config`` file.
     """
-    hints = typing.get_type_hints(TrainConfig)
-    defaults = TrainConfig()
+    hints = typing.get_type_hints(cls)
+    defaults = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+                for f in fields(cls) if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING}
     groups: dict[str, Any] = {}
-    for name, (section, doc) in field_docs(TrainConfig).items():
+    for name, (section, doc) in field_docs(cls).items():
         if name in skip:
             continue
         key = f"{title} ({section})" if title else section
         group = groups.setdefault(key, parser.add_argument_group(key))
-        default = getattr(defaults, name)
+        default = defaults.get(name)
         help_text = doc.replace("%", "%%") + (f" (default {default})" if default not in (None, "") else "")
         options = _options(hints[name])
         allowed = _literal_values(options[0]) if len(options) == 1 else ()
@@ -344,6 +356,7 @@ def add_arguments(parser: argparse.ArgumentParser, *, skip: tuple[str, ...] = ()
         else:
             kind = getattr(options[0], "__name__", "value")
             group.add_argument(f"--{name}", metavar=kind.upper(), help=help_text)
+    return groups
 
 
 def command_line(settings: Mapping[str, Any]) -> list[str]:

@@ -34,6 +34,7 @@ from sonar_ft.config import command_line
 from sonar_ft.demo.paths import DemoPaths
 from sonar_ft.errors import SonarFtError
 from sonar_ft.run_files import BEST_ENCODER
+from sonar_ft.scores import ALIASES, METRICS
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -239,7 +240,7 @@ def show_plan(project: Project, effective_batch: int, run_name: str | None = Non
             print(f"LoRA chosen (LORA_RANK = {lora_rank}): adapters train, the encoder's weights stay frozen")
         return ["--lora_rank", str(lora_rank)] if lora_rank else []
     out = project.runs / "plan.json"
-    run_command(project.cli_command("plan", "--gpu", "auto", "--batch_size", effective_batch, "--lora_rank", lora_rank, "--json", out))
+    run_command(project.cli_command("plan", "--gpu", "auto", "--effective_batch", effective_batch, "--lora_rank", lora_rank, "--json", out))
     if lora_rank:
         print(f"LoRA chosen (LORA_RANK = {lora_rank}): adapters train, the encoder's weights stay frozen; "
               "best_encoder.pt is still the whole (merged) encoder")
@@ -352,8 +353,8 @@ def show_table(rows: Sequence[Mapping[str, Any]] | Any, columns: Sequence[str] |
         print(frame.to_string(index=False))
 
 
-# Score columns of the notebooks' tables, in the order papers print them (sonar_ft.scores names).
-SCORE_COLUMNS = ("bleu", "bleu1", "bleu2", "bleu3", "rougeL", "chrf", "cosine", "r1", "r5", "loss")  # bleu is BLEU-4
+# Score columns of the notebooks' tables: sonar_ft.scores.METRICS (in the order papers print them), bleu4 shown as bleu.
+SCORE_COLUMNS = tuple(m for m in METRICS if m not in ALIASES)
 SAMPLE_SCORE_COLUMNS = ("bleu_score", "rougeL", "chrf", "cosine", "rank")
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 from dataclasses import replace
 from typing import Any
 
@@ -18,6 +19,7 @@ from sonar_ft.plan.memory import DEFAULT_MAX_FRAMES, DEFAULT_TARGET_TOKENS, GIB
 from sonar_ft.plan.recommend import GPUS, Plan, gpu_spec, recommend, recommend_lora
 
 ALTERNATIVE_LORA_RANK = 16
+DEFAULT_EFFECTIVE_BATCH = 32
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -30,7 +32,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "checkpoints go so that Drive (trash included) and local disk hold a whole run.",
     )
     p.add_argument("--gpu", required=True, help=f"auto (this machine's GPU) or one of {', '.join(GPUS)}")
-    p.add_argument("--batch_size", type=int, default=32, help="effective batch (reached with --grad_accum)")
+    p.add_argument("--effective_batch", type=int, default=None,
+                   help=f"clips per optimiser step, the recipe's --batch_size x --grad_accum (default {DEFAULT_EFFECTIVE_BATCH}); "
+                   "the plan picks the micro-batch --batch_size that fits and the --grad_accum that reaches it")
+    # Before --effective_batch this flag was named like the recipe's --batch_size, which is the micro-batch.
+    p.add_argument("--batch_size", dest="old_batch_size", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--max_frames", type=int, default=DEFAULT_MAX_FRAMES, help="longest clip in frames (the recipe's --max_frames)")
     p.add_argument("--target_tokens", type=int, default=DEFAULT_TARGET_TOKENS, help="longest target sentence in tokens")
     p.add_argument("--lora_rank", type=int, default=0, help="plan LoRA fine-tuning with adapters of this rank (0: full fine-tuning)")
@@ -73,6 +79,18 @@ def plan_record(plan: Plan, disk: DiskPlan, alternatives: list[tuple[str, DiskPl
         "disk": {**_disk_record(disk), "table": disk.format_table(),
                  "alternatives": [{"change": what, **_disk_record(alt)} for what, alt in alternatives or []]},
     }
+
+
+def effective_batch(args: argparse.Namespace) -> int:
+    """``--effective_batch``, or the deprecated ``--batch_size`` (with a note on stderr saying what it meant)."""
+    if args.old_batch_size is None:
+        return DEFAULT_EFFECTIVE_BATCH if args.effective_batch is None else args.effective_batch
+    if args.effective_batch is not None and args.effective_batch != args.old_batch_size:
+        raise ConfigError(f"--batch_size {args.old_batch_size} and --effective_batch {args.effective_batch} disagree; "
+                          "give only --effective_batch")
+    print(f"note: `sonar-ft plan --batch_size` is deprecated: it is the effective batch here, while the recipe's "
+          f"--batch_size is the micro-batch; use --effective_batch {args.old_batch_size}", file=sys.stderr)
+    return args.old_batch_size
 
 
 def _disk_record(disk: DiskPlan) -> dict[str, Any]:
@@ -131,11 +149,14 @@ STRATEGY_RANK = {"drive": 0, "slots-2": 1, "slots-1": 2, "local-only": 3}
 def _plan_command(args: argparse.Namespace) -> int:
     if args.lora_rank < 0:
         raise ConfigError(f"--lora_rank must be >= 0 (got {args.lora_rank})")
+    batch = effective_batch(args)
+    if batch < 1:
+        raise ConfigError(f"--effective_batch must be >= 1 (got {batch})")
     gpu = gpu_spec(args.gpu)
     if args.lora_rank:
-        plan = recommend_lora(gpu, args.batch_size, rank=args.lora_rank, max_frames=args.max_frames, target_tokens=args.target_tokens)
+        plan = recommend_lora(gpu, batch, rank=args.lora_rank, max_frames=args.max_frames, target_tokens=args.target_tokens)
     else:
-        plan = recommend(gpu, args.batch_size, max_frames=args.max_frames, target_tokens=args.target_tokens)
+        plan = recommend(gpu, batch, max_frames=args.max_frames, target_tokens=args.target_tokens)
     s = plan.settings
     inputs = _disk_inputs(args)
     disk = disk_plan(optimizer=s["optimizer"], freeze_encoder_layers=s["freeze_encoder_layers"], lora_rank=args.lora_rank, **inputs)

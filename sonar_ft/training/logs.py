@@ -24,6 +24,7 @@ from typing import Any, Callable, Iterator
 
 from sonar_ft.files import atomic
 from sonar_ft.run_files import STEPS_FILE, TENSORBOARD_DIR, TRAIN_LOG
+from sonar_ft.scores import ALIASES, METRICS
 
 log = logging.getLogger(__name__)
 
@@ -36,8 +37,9 @@ STEP_TAGS = {
     "grad_norm": "train/grad_norm", "tokens_per_s": "train/tokens_per_s", "clips_per_s": "train/clips_per_s",
     "peak_memory_gib": "train/peak_memory_gib",
 }
+# TensorBoard tag of each epoch-record field: every validation score of sonar_ft.scores.METRICS as val/<metric>.
 EPOCH_TAGS = {
-    "train_loss": "epoch/train_loss", "val_loss": "val/loss", "val_bleu": "val/bleu", "val_chrf": "val/chrf", "lr": "epoch/lr",
+    "train_loss": "epoch/train_loss", **{f"val_{m}": f"val/{m}" for m in METRICS if m not in ALIASES}, "lr": "epoch/lr",
     "samples_per_second": "epoch/clips_per_s",
 }
 

@@ -439,22 +439,13 @@ def silent_server():
     server.close()
 
 
-def _tune_settings(tmp_path: Path, storage: str, timeout: float):
-    from sonar_ft.config import TrainConfig
-    from sonar_ft.tune.study import TuneSettings
-
-    return TuneSettings(train=TrainConfig(output_dir=str(tmp_path / "study")), space=[], storage=storage,
-                        storage_timeout=timeout, heartbeat_interval=0)
-
-
 def test_postgresql_server_that_never_answers_is_an_error_not_a_hang(tmp_path, silent_server):
     pytest.importorskip("psycopg2")
-    from sonar_ft.tune.study import make_storage
+    from sonar_ft.tune.storage import make_storage
 
-    settings = _tune_settings(tmp_path, f"postgresql://user:secret@127.0.0.1:{silent_server}/db", 2)
     start = time.perf_counter()
     with pytest.raises(ConfigError) as err:
-        make_storage(settings)
+        make_storage(f"postgresql://user:secret@127.0.0.1:{silent_server}/db", tmp_path / "study", timeout=2)
     assert time.perf_counter() - start < 20
     assert "did not answer within storage_timeout (2s)" in str(err.value) and "secret" not in str(err.value)
 
@@ -462,7 +453,7 @@ def test_postgresql_server_that_never_answers_is_an_error_not_a_hang(tmp_path, s
 def test_postgresql_url_uses_the_installed_driver(monkeypatch):
     import importlib.util
 
-    from sonar_ft.tune.study import with_installed_driver
+    from sonar_ft.tune.storage import with_installed_driver
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "psycopg" else real(name, *a))
@@ -473,7 +464,7 @@ def test_postgresql_url_uses_the_installed_driver(monkeypatch):
 
 
 def test_engine_options_bound_every_wait():
-    from sonar_ft.tune.study import engine_options
+    from sonar_ft.tune.storage import engine_options
 
     pg = engine_options("postgresql+psycopg2://u@h/db", 5)
     assert pg["connect_args"] == {"connect_timeout": 5, "options": "-c statement_timeout=5000"}
@@ -483,7 +474,7 @@ def test_engine_options_bound_every_wait():
 def test_tuning_bounds_written_the_yaml_1_1_way_are_numbers():
     import yaml
 
-    from sonar_ft.tune.study import parse_search_space
+    from sonar_ft.tune.space import parse_search_space
 
     raw = yaml.safe_load("learning_rate: {type: float, low: 1e-5, high: 1e-3, log: true}")
     assert raw["learning_rate"]["low"] == "1e-5"  # what PyYAML gives

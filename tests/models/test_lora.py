@@ -267,7 +267,8 @@ def test_lora_counts_match_peft():
 @pytest.mark.slow
 def test_tuning_study_searches_lora_rank(pretrained_demo, tmp_path):
     from sonar_ft.cli import main as cli
-    from sonar_ft.tune.study import load_settings, open_study
+    from sonar_ft.tune.settings import load_settings
+    from sonar_ft.tune.study import open_study
     from tests.tune.test_study import write_tuning_yaml
 
     space = {

@@ -91,7 +91,7 @@ def test_unknown_gpu_is_a_clear_error():
 
 
 def test_plan_command_prints_the_breakdown_and_flags(capsys):
-    assert cli.main(["plan", "--gpu", "t4", "--batch_size", "32"]) == 0
+    assert cli.main(["plan", "--gpu", "t4", "--effective_batch", "32"]) == 0
     out = capsys.readouterr().out
     for word in ("weights", "gradients", "optimizer states", "activations", "frozen decoder", "loss", "total", "fits"):
         assert word in out
