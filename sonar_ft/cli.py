@@ -14,6 +14,7 @@ import logging
 import sys
 from typing import Sequence, TextIO
 
+from sonar_ft.config import join_negative_values
 from sonar_ft.errors import SonarFtError
 
 # Sub-command name -> (module that registers it, one-line help). Only the module of the command
@@ -78,7 +79,7 @@ def setup_logging(stream: TextIO | None = None) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     setup_logging()
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = join_negative_values(sys.argv[1:] if argv is None else argv)
     args = build_parser(argv).parse_args(argv)
     return run(args.func, args)
 
