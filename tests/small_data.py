@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from sonar_ft.data import read_manifest, write_manifest
-from sonar_ft.train import TrainConfig
+from sonar_ft.config import TrainConfig
 
 N_TRAIN, N_VAL = 8, 4
 FAST = ["--epochs", "1", "--batch_size", "4", "--max_gen_len", "16", "--beam_size", "2", "--device", "cpu"]

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from sonar_ft import assets
+from sonar_ft.models import assets
 from sonar_ft.config import config_from_sources
 from sonar_ft.errors import ConfigError
 

@@ -25,10 +25,14 @@ import train_sonar_finetuning as recipe
 from sonar_ft.cli import main as sonar_ft_cli
 from sonar_ft.data import LengthBucketSampler, load_feature_file, read_manifest, select_rows
 from sonar_ft.data.bad_samples import read_bad_samples
-from sonar_ft.encoder import load_encoder
+from sonar_ft.models.encoder import load_encoder
 from sonar_ft.errors import CheckpointError, ConfigError, DataError, OutputDirError
-from sonar_ft.io import load_torch
-from sonar_ft.train import BAD_SAMPLES, load_split, prepare_output_dir, screen_bad_samples, train
+from sonar_ft.files.atomic import load_torch
+from sonar_ft.data.splits import load_split
+from sonar_ft.run_files import BAD_SAMPLES
+from sonar_ft.training.failures import screen_bad_samples
+from sonar_ft.training.recipe import fine_tune as train
+from sonar_ft.training.run_dir import prepare_output_dir
 from tests.conftest import TINY_DEMO
 from tests.small_data import N_TRAIN, N_VAL, Data, make_data, save_npy
 

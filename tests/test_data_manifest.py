@@ -28,7 +28,7 @@ def h2s_line(name: str, sentence_field: str) -> str:
 
 
 def run_cli(argv: list[str]) -> int:
-    # sonar_ft.cli.main also imports sonar_ft.embed (another module); build only our commands.
+    # sonar_ft.cli.main also imports sonar_ft.inference.embed (another module); build only our commands.
     parser = argparse.ArgumentParser(prog="sonar-ft")
     commands.register(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)

@@ -40,7 +40,7 @@ def verify(feats, manifest, feature_dim=None):
 
 
 def run_cli(argv: list[str]) -> int:
-    # sonar_ft.cli.main also imports sonar_ft.embed (another module); build only our commands.
+    # sonar_ft.cli.main also imports sonar_ft.inference.embed (another module); build only our commands.
     parser = argparse.ArgumentParser(prog="sonar-ft")
     commands.register(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)
@@ -205,7 +205,7 @@ def test_cli_unreadable_manifest_is_one_line_exit_2(dataset, tmp_path, capsys):
 
 
 def test_sonar_ft_main_wires_verify(dataset, capsys):
-    pytest.importorskip("sonar_ft.embed")  # cli.main also registers the embed command
+    pytest.importorskip("sonar_ft.inference.embed")  # cli.main also registers the embed command
     feats, manifest = dataset
     assert cli.main(["verify", "--features", str(feats), "--manifest", str(manifest)]) == 0
     assert "result: OK" in capsys.readouterr().out

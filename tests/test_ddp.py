@@ -13,13 +13,13 @@ import pytest
 
 import train_sonar_finetuning as recipe
 from sonar_ft.data import LengthBucketSampler
-from sonar_ft.io import load_torch
+from sonar_ft.files.atomic import load_torch
 from tests.conftest import recipe_args
 
 REPO = Path(__file__).resolve().parents[1]
 
 # Loaded by every Python process started with this folder on PYTHONPATH: logs which rank renamed
-# which file into place (every project write ends with os.replace, see sonar_ft.io).
+# which file into place (every project write ends with os.replace, see sonar_ft.files.atomic).
 WRITE_LOGGER = '''
 import os
 _replace = os.replace

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sonar_ft.decoder import FrozenTextDecoder, chunked_cross_entropy
-from sonar_ft.encoder import load_encoder
+from sonar_ft.models.decoder import FrozenTextDecoder, chunked_cross_entropy
+from sonar_ft.models.encoder import load_encoder
 from sonar_ft.errors import ConfigError
 
 
@@ -96,7 +96,7 @@ def test_generation_runs_batched_in_each_language(decoder):
 def test_decoder_reproduces_sentences_from_text_embeddings(tiny_demo, decoder):
     # The demo decoder was pretrained as an autoencoder: the text encoder's embedding of a sentence
     # must decode back to that sentence, in English and in French.
-    from sonar_ft.text_encoder import FrozenTextEncoder
+    from sonar_ft.models.text_encoder import FrozenTextEncoder
 
     teacher = FrozenTextEncoder.load(tiny_demo.text_encoder_card)
     refs = tiny_demo.split_manifest("test").read_text(encoding="utf-8").splitlines()[1:6]

@@ -1,4 +1,4 @@
-"""Tests for sonar_ft.embed: the library function and the ``sonar-ft embed`` command."""
+"""Tests for sonar_ft.inference.embed: the library function and the ``sonar-ft embed`` command."""
 
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from sonar_ft import cli
-from sonar_ft.embed import embed_features
-from sonar_ft.encoder import SignT5Config, SignT5SonarEncoder, save_encoder
+from sonar_ft.inference.embed import embed_features
+from sonar_ft.models.encoder import SignT5Config, SignT5SonarEncoder, save_encoder
+from tests.numerics import assert_close_to_scale
 
 CONFIG = SignT5Config(
     feature_dim=12,
@@ -66,7 +67,7 @@ def test_embed_features_keeps_input_order_and_matches_single_clips(model: SignT5
     model.eval()
     assert out.shape == (len(clips), CONFIG.output_dim) and out.dtype == torch.float32
     for i, clip in enumerate(clips):
-        torch.testing.assert_close(out[i], alone(model, clip), atol=1e-5, rtol=0)
+        assert_close_to_scale(out[i], alone(model, clip))
 
 
 def test_embed_command_writes_one_embedding_per_clip_and_ids(
@@ -85,7 +86,7 @@ def test_embed_command_writes_one_embedding_per_clip_and_ids(
     assert embeddings.shape == (len(LENGTHS), CONFIG.output_dim) and embeddings.dtype == np.float32
     for row, clip_id in zip(embeddings, ids):
         expected = alone(model, np.load(features_dir / f"{clip_id}.npy"))
-        torch.testing.assert_close(torch.from_numpy(row), expected, atol=1e-5, rtol=0)
+        assert_close_to_scale(torch.from_numpy(row), expected)
     assert sorted(p.name for p in out.parent.iterdir()) == ["embeddings.ids.txt", "embeddings.npy"]
 
 
@@ -104,7 +105,7 @@ def test_embed_command_follows_the_manifest_order(
     assert (tmp_path / "emb.ids.txt").read_text() == "clip_d\nclip_b\n"
     embeddings = np.load(out)
     expected = alone(model, np.load(features_dir / "clip_b.npy"))
-    torch.testing.assert_close(torch.from_numpy(embeddings[1]), expected, atol=1e-5, rtol=0)
+    assert_close_to_scale(torch.from_numpy(embeddings[1]), expected)
 
 
 def test_embed_command_accepts_a_single_feature_file(
@@ -116,7 +117,7 @@ def test_embed_command_accepts_a_single_feature_file(
 
     assert code == 0
     assert (tmp_path / "one.ids.txt").read_text() == "clip_c\n"
-    torch.testing.assert_close(torch.from_numpy(np.load(out)[0]), alone(model, np.load(clip)), atol=1e-5, rtol=0)
+    assert_close_to_scale(torch.from_numpy(np.load(out)[0]), alone(model, np.load(clip)))
 
 
 def test_bad_checkpoint_path_exits_2_naming_the_path(

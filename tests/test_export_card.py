@@ -15,9 +15,11 @@ import pytest
 
 from sonar_ft.cli import main as cli
 from sonar_ft.errors import ConfigError
-from sonar_ft.export import build_export, translate
+from sonar_ft.export.pack import build_export
+from sonar_ft.inference.translate import translate
 from sonar_ft.scores import METRICS
-from sonar_ft.train import evaluate_checkpoint, train
+from sonar_ft.evaluate import evaluate_checkpoint
+from sonar_ft.training.recipe import fine_tune as train
 from tests.small_data import make_data
 
 

@@ -60,7 +60,7 @@ def test_stand_ins_have_the_official_layout_and_nllb_vocabulary(smoke) -> None:
 
 @pytest.mark.slow
 def test_every_planned_gpu_profile_ran_the_recipe(smoke) -> None:
-    from sonar_ft.plan import GPUS
+    from sonar_ft.plan.recommend import GPUS
 
     report, table, _ = smoke
     full = {r["gpu_profile"]: r for r in report["profiles"] if r["mode"] == "full"}

@@ -22,14 +22,17 @@ import numpy as np
 import pytest
 import torch
 
-from sonar_ft import cli, export, io, lock
+from sonar_ft import cli
+from sonar_ft.export import pack as export
+from sonar_ft.files import atomic
+from sonar_ft.files import lock
 from sonar_ft.data import features as features_mod
 from sonar_ft.data.features import load_feature_file
 from sonar_ft.data.manifest import ManifestRow, read_manifest, write_manifest
-from sonar_ft.embed import ids_path
-from sonar_ft.encoder import SignT5Config, SignT5SonarEncoder, save_encoder
+from sonar_ft.inference.embed import ids_path
+from sonar_ft.models.encoder import SignT5Config, SignT5SonarEncoder, save_encoder
 from sonar_ft.errors import CheckpointError, ConfigError, DataError, DiskFullError, OutputDirError
-from sonar_ft.paths import check_output_not_input
+from sonar_ft.files.guards import check_output_not_input
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = SignT5Config(feature_dim=6, d_model=16, d_kv=4, d_ff=24, num_heads=4, num_encoder_layers=1,
@@ -45,7 +48,7 @@ def _holder(folder: Path, *, folder_lock: bool = True) -> subprocess.Popen:
     """A child process that takes the lock, says so, and sleeps until killed."""
     proc = _python(f"""
         import time
-        from sonar_ft.lock import output_lock
+        from sonar_ft.files.lock import output_lock
         with output_lock({str(folder)!r}, command="holder", folder={folder_lock}):
             print("locked", flush=True)
             time.sleep(60)
@@ -76,7 +79,7 @@ def test_lock_of_a_killed_process_is_taken_over(tmp_path, caplog):
     holder.send_signal(signal.SIGKILL)
     holder.wait()
     assert lock.read_holder(lock.lock_path(tmp_path / "run")).pid == holder.pid  # its record stays behind
-    with caplog.at_level("INFO", logger="sonar_ft.lock"):
+    with caplog.at_level("INFO", logger="sonar_ft.files.lock"):
         with lock.output_lock(tmp_path / "run", command="next") as me:
             assert lock.read_holder(lock.lock_path(tmp_path / "run")) == me
     assert f"PID {holder.pid}" in caplog.text and "taking it over" in caplog.text
@@ -98,7 +101,7 @@ def test_many_processes_racing_for_one_lock_never_share_it(tmp_path):
         import os, time
         from pathlib import Path
         from sonar_ft.errors import OutputDirError
-        from sonar_ft.lock import output_lock
+        from sonar_ft.files.lock import output_lock
         got = 0
         deadline = time.time() + 2
         while time.time() < deadline:
@@ -240,16 +243,16 @@ def test_stride_zero_pt_within_the_budget_is_refused_too(tmp_path):
     path = tmp_path / "view.pt"
     torch.save({"features": torch.zeros(1, 4).expand(1000, 4)}, path)
     with pytest.raises(CheckpointError, match=r"\(features\) holds a tensor of shape \(1000, 4\) with strides \(0, 1\)"):
-        io.load_torch(path, what="feature file")
+        atomic.load_torch(path, what="feature file")
 
 
 def test_zip_records_over_the_budget_are_refused_before_torch_reads_them(tmp_path, monkeypatch):
     path = tmp_path / "big.pt"
     torch.save(torch.zeros(1000), path)
-    monkeypatch.setattr(io, "MAX_TENSOR_BYTES", 1000)
+    monkeypatch.setattr(atomic, "MAX_TENSOR_BYTES", 1000)
     monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("torch.load reached"))
     with pytest.raises(CheckpointError, match=rf"{path} declares [\d,]+ bytes of data"):
-        io.load_torch(path)
+        atomic.load_torch(path)
 
 
 def _members(tmp_path: Path, names: list[str]) -> Path:
@@ -298,7 +301,7 @@ def test_a_file_that_is_not_a_checkpoint_says_what_it_looks_like(tmp_path, conte
     path = tmp_path / "encoder.pth"
     path.write_bytes(content)
     with pytest.raises(CheckpointError) as err:
-        io.load_torch(path, what="encoder checkpoint")
+        atomic.load_torch(path, what="encoder checkpoint")
     wanted = f"it is {looks}" if looks.startswith("a plain") else f"it looks like {looks}"
     assert f"{path} is not a PyTorch checkpoint ({wanted}" in str(err.value)
     assert "Python objects that would have to be executed" not in str(err.value)
@@ -319,7 +322,7 @@ def test_corrupt_last_pt_says_how_to_go_on(tmp_path):
     torch.save({"encoder": torch.zeros(100)}, path)
     path.write_bytes(path.read_bytes()[:200])
     with pytest.raises(CheckpointError) as err:
-        io.load_torch(path, what="training state")
+        atomic.load_torch(path, what="training state")
     assert str(path) in str(err.value) and "--overwrite" in str(err.value) and "best_encoder.pt" in str(err.value)
 
 
@@ -328,7 +331,7 @@ def test_corrupt_last_pt_says_how_to_go_on(tmp_path):
 # ------------------------------------------------------------------------------------------------
 def test_full_disk_in_torch_save_names_the_folder_and_free_space_and_keeps_the_old_file(tmp_path, monkeypatch):
     path = tmp_path / "last.pt"
-    io.save_torch(path, {"step": 1})
+    atomic.save_torch(path, {"step": 1})
 
     def full(obj, f):
         Path(f).write_bytes(b"partial")
@@ -337,24 +340,24 @@ def test_full_disk_in_torch_save_names_the_folder_and_free_space_and_keeps_the_o
 
     monkeypatch.setattr(torch, "save", full)
     with pytest.raises(DiskFullError) as err:
-        io.save_torch(path, {"step": 2})
+        atomic.save_torch(path, {"step": 2})
     assert isinstance(err.value, OSError) and err.value.errno == errno.ENOSPC
     assert f"in {tmp_path}: the disk is full (" in str(err.value) and "MB free" in str(err.value)
     assert "enforce" not in str(err.value).split(";")[0]
     monkeypatch.undo()
-    assert io.load_torch(path) == {"step": 1} and sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]
+    assert atomic.load_torch(path) == {"step": 1} and sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]
 
 
 def test_enospc_from_a_plain_write_is_explained(tmp_path):
     with pytest.raises(DiskFullError, match=rf"cannot write m.tsv in {tmp_path}: the disk is full"):
-        with io.atomic_path(tmp_path / "m.tsv"):
+        with atomic.atomic_path(tmp_path / "m.tsv"):
             raise OSError(errno.ENOSPC, "No space left on device")
     assert list(tmp_path.iterdir()) == []
 
 
 def test_other_write_errors_are_not_called_a_full_disk(tmp_path):
     with pytest.raises(PermissionError):
-        with io.atomic_path(tmp_path / "m.tsv"):
+        with atomic.atomic_path(tmp_path / "m.tsv"):
             raise PermissionError(errno.EACCES, "Permission denied")
 
 
@@ -435,8 +438,8 @@ def silent_server():
 
 
 def _tune_settings(tmp_path: Path, storage: str, timeout: float):
-    from sonar_ft.train import TrainConfig
-    from sonar_ft.tune import TuneSettings
+    from sonar_ft.config import TrainConfig
+    from sonar_ft.tune.study import TuneSettings
 
     return TuneSettings(train=TrainConfig(output_dir=str(tmp_path / "study")), space=[], storage=storage,
                         storage_timeout=timeout, heartbeat_interval=0)
@@ -444,7 +447,7 @@ def _tune_settings(tmp_path: Path, storage: str, timeout: float):
 
 def test_postgresql_server_that_never_answers_is_an_error_not_a_hang(tmp_path, silent_server):
     pytest.importorskip("psycopg2")
-    from sonar_ft.tune import make_storage
+    from sonar_ft.tune.study import make_storage
 
     settings = _tune_settings(tmp_path, f"postgresql://user:secret@127.0.0.1:{silent_server}/db", 2)
     start = time.perf_counter()
@@ -457,7 +460,7 @@ def test_postgresql_server_that_never_answers_is_an_error_not_a_hang(tmp_path, s
 def test_postgresql_url_uses_the_installed_driver(monkeypatch):
     import importlib.util
 
-    from sonar_ft.tune import with_installed_driver
+    from sonar_ft.tune.study import with_installed_driver
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "psycopg" else real(name, *a))
@@ -468,7 +471,7 @@ def test_postgresql_url_uses_the_installed_driver(monkeypatch):
 
 
 def test_engine_options_bound_every_wait():
-    from sonar_ft.tune import engine_options
+    from sonar_ft.tune.study import engine_options
 
     pg = engine_options("postgresql+psycopg2://u@h/db", 5)
     assert pg["connect_args"] == {"connect_timeout": 5, "options": "-c statement_timeout=5000"}
@@ -478,7 +481,7 @@ def test_engine_options_bound_every_wait():
 def test_tuning_bounds_written_the_yaml_1_1_way_are_numbers():
     import yaml
 
-    from sonar_ft.tune import parse_search_space
+    from sonar_ft.tune.study import parse_search_space
 
     raw = yaml.safe_load("learning_rate: {type: float, low: 1e-5, high: 1e-3, log: true}")
     assert raw["learning_rate"]["low"] == "1e-5"  # what PyYAML gives
@@ -564,7 +567,7 @@ class _FakeTokenizer:
 
 
 def test_a_text_encoder_given_as_decoder_is_named():
-    from sonar_ft.decoder import FrozenTextDecoder
+    from sonar_ft.models.decoder import FrozenTextDecoder
 
     encoder_like = torch.nn.Sequential(torch.nn.Linear(4, 4))
     with pytest.raises(ConfigError, match=r"--decoder 'text_encoder.yaml' is not a SONAR text decoder \(it loads as a Sequential"):
@@ -574,7 +577,7 @@ def test_a_text_encoder_given_as_decoder_is_named():
 def test_a_reference_longer_than_the_decoder_reads_is_named_with_its_row(tmp_path):
     from sonar_ft.data import FeatureStore
     from sonar_ft.data.bad_samples import find_bad_samples
-    from sonar_ft.decoder import FrozenTextDecoder
+    from sonar_ft.models.decoder import FrozenTextDecoder
 
     decoder = FrozenTextDecoder(_FakeDecoderModel(), _FakeTokenizer(), langs=["eng_Latn"], source="dec")
     long_text = "one two three four five six"  # 9 tokens > 8
@@ -597,7 +600,7 @@ def test_a_reference_longer_than_the_decoder_reads_is_named_with_its_row(tmp_pat
 def test_run_folder_checks_for_the_recipe(tmp_path):
     from types import SimpleNamespace
 
-    from sonar_ft.paths import check_output_dir, recipe_inputs
+    from sonar_ft.files.guards import check_output_dir, recipe_inputs
 
     feats = tmp_path / "features"
     feats.mkdir()

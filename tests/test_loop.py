@@ -17,18 +17,21 @@ import pytest
 import torch
 
 import train_sonar_finetuning as recipe_cli
-from sonar_ft import io, plots
+from sonar_ft import plots
+from sonar_ft.files import atomic
 from sonar_ft.config import TrainConfig, make_config, maximize
 from sonar_ft.data import SignFeatureDataset, collate, read_manifest, FeatureStore
-from sonar_ft.decoder import FrozenTextDecoder
+from sonar_ft.models.decoder import FrozenTextDecoder
 from sonar_ft.device import resolve_device
-from sonar_ft.distributed import DistContext
-from sonar_ft.encoder import load_encoder
+from sonar_ft.training.distributed import DistContext
+from sonar_ft.models.encoder import load_encoder
 from sonar_ft.errors import ConfigError, OutputDirError
-from sonar_ft.recipe import EpochSums, FineTuneRecipe
-from sonar_ft.run_log import STEP_TAGS, Progress, StepRecorder, read_steps
-from sonar_ft.train import LAST_STATE, target_tokens, train
-from sonar_ft.demo.build import DemoConfig, DemoPaths, build_demo
+from sonar_ft.training.recipe import EpochSums, FineTuneRecipe
+from sonar_ft.training.logs import STEP_TAGS, Progress, StepRecorder, read_steps
+from sonar_ft.run_files import LAST_STATE
+from sonar_ft.training.recipe import fine_tune as train
+from sonar_ft.demo.build import DemoConfig, build_demo
+from sonar_ft.demo.paths import DemoPaths
 from sonar_ft.demo.text_models import TextModelConfig
 from tests.small_data import make_data
 
@@ -51,7 +54,7 @@ def micro_demo(tmp_path_factory) -> DemoPaths:
 # Settings
 # ------------------------------------------------------------------------------------------------
 def test_importing_the_settings_does_not_import_torch():
-    code = "import sys, sonar_ft.config, sonar_ft.train_cli, sonar_ft.tune_cli, sonar_ft.cli; print('torch' in sys.modules)"
+    code = "import sys, sonar_ft.config, sonar_ft.training.cli, sonar_ft.tune.cli, sonar_ft.cli; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(REPO)))
     assert out.stdout.strip() == "False", out.stderr
 
@@ -179,7 +182,7 @@ def test_accumulated_gradient_equals_one_batch_with_unequal_token_counts(micro_d
     tiny_demo = micro_demo
     encoder, decoder = _models(tiny_demo)
     batches = _micro_batches(tiny_demo, decoder, [4, 4, 3])  # windows of 2 + the short window at the epoch's end
-    tokens = [target_tokens(decoder, b.texts, "eng_Latn") for b in batches]
+    tokens = [int(decoder.scored_tokens(b.texts, "eng_Latn").sum()) for b in batches]
     assert tokens[0] != tokens[1]  # the case the old 1/grad_accum weighting got wrong
     got = recipe_step_gradients(encoder, decoder, batches, grad_accum=2)
     assert len(got) == 2
@@ -196,9 +199,9 @@ DDP_SCRIPT = textwrap.dedent('''
     import sys, torch
     sys.path.insert(0, sys.argv[1])
     from pathlib import Path
-    from sonar_ft import distributed
+    from sonar_ft.training import distributed
     from tests.test_loop import _models, _micro_batches, recipe_step_gradients
-    from sonar_ft.demo.build import DemoPaths
+    from sonar_ft.demo.paths import DemoPaths
     demo = DemoPaths(Path(sys.argv[2]))
     ddp = distributed.setup("cpu")
     encoder, decoder = _models(demo)
@@ -317,8 +320,7 @@ def io_sha256(path) -> str:
 
 
 def test_finished_run_rerun_does_no_work(logged_run, monkeypatch, caplog):
-    import sonar_ft.recipe as recipe_mod
-    import sonar_ft.train as train_mod
+    import sonar_ft.training.recipe as recipe_mod
 
     cfg, result = logged_run
     before = {p.name: p.stat().st_mtime_ns for p in Path(cfg.output_dir).iterdir()}
@@ -326,7 +328,7 @@ def test_finished_run_rerun_does_no_work(logged_run, monkeypatch, caplog):
     def forbidden(*args, **kwargs):
         raise AssertionError("a finished run read clips or loaded a model")
 
-    monkeypatch.setattr(train_mod, "load_split", forbidden)
+    monkeypatch.setattr(recipe_mod, "load_split", forbidden)
     monkeypatch.setattr(recipe_mod, "load_encoder", forbidden)
     with caplog.at_level("INFO", logger="sonar_ft"):
         again = train(cfg)
@@ -381,10 +383,10 @@ def _rss_mib() -> float:
 
 @pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="reads /proc")
 def test_resumed_run_keeps_nothing_of_the_loaded_state(logged_run, data, monkeypatch):
-    import sonar_ft.recipe as recipe_mod
+    import sonar_ft.training.recipe as recipe_mod
 
     cfg, _ = logged_run
-    real, loaded = io.load_torch, []
+    real, loaded = atomic.load_torch, []
 
     def load_with_ballast(path, **kwargs):
         state = real(path, **kwargs)
@@ -392,7 +394,7 @@ def test_resumed_run_keeps_nothing_of_the_loaded_state(logged_run, data, monkeyp
         loaded.append(weakref.ref(state["ballast"]))
         return state
 
-    monkeypatch.setattr(recipe_mod.io, "load_torch", load_with_ballast)
+    monkeypatch.setattr(recipe_mod.atomic, "load_torch", load_with_ballast)
     r = FineTuneRecipe(data.config(cfg.output_dir, batch_size=2, grad_accum=2, epochs=3, log_every_steps=1,
                                    report_to="jsonl,tensorboard", progress="plain", resume=True), DistContext())
     gc.collect()
@@ -418,7 +420,7 @@ def test_state_dir_keeps_last_pt_local_mirrors_it_and_brings_it_back_after_a_dis
 
 
 def test_a_second_training_on_a_locked_run_folder_is_refused_naming_the_holder(data, tmp_path):
-    from sonar_ft.lock import output_lock
+    from sonar_ft.files.lock import output_lock
 
     out = tmp_path / "run"
     with output_lock(out, command="another training"):

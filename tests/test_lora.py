@@ -21,11 +21,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from sonar_ft.demo.build import DemoPaths, SourceDomain, build_demo
-from sonar_ft.encoder import SignT5Config, SignT5SonarEncoder, load_encoder
+from sonar_ft.demo.paths import DemoPaths
+from sonar_ft.demo.build import SourceDomain, build_demo
+from sonar_ft.models.encoder import SignT5Config, SignT5SonarEncoder, load_encoder
 from sonar_ft.errors import CheckpointError, ConfigError
-from sonar_ft.io import load_torch
+from sonar_ft.files.atomic import load_torch
 from tests.conftest import TINY_DEMO, recipe_args
+from tests.numerics import assert_close_to_scale
 
 RECIPE = Path(__file__).resolve().parents[1] / "train_sonar_finetuning.py"
 LORA_FLAGS = ["--lora_rank", "4", "--lora_alpha", "8", "--lora_dropout", "0.1"]
@@ -102,7 +104,7 @@ def _val_batch(demo: DemoPaths, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
 @pytest.mark.slow
 def test_lora_trains_and_beats_the_pretrained_start(pretrained_demo, lora_run, tmp_path):
     from sonar_ft.config import make_config
-    from sonar_ft.train import evaluate_checkpoint
+    from sonar_ft.evaluate import evaluate_checkpoint
 
     start = evaluate_checkpoint(make_config(dict(
         encoder_checkpoint=str(pretrained_demo.encoder_checkpoint), val_features=str(pretrained_demo.split_features("val")),
@@ -124,7 +126,7 @@ def test_merged_best_encoder_equals_start_plus_adapter(pretrained_demo, lora_run
     feats, mask = _val_batch(pretrained_demo, config.feature_dim)
     with torch.no_grad():
         ours, theirs = merged(feats, mask), with_adapter(feats, mask)
-    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+    assert_close_to_scale(ours, theirs)
     original, _ = load_encoder(pretrained_demo.encoder_checkpoint)  # (from_pretrained changed `start` in place)
     with torch.no_grad():
         assert (original(feats, mask) - ours).abs().max() > 1e-3  # the adapter changed something
@@ -172,7 +174,7 @@ def test_lora_run_resumes_exactly_after_sigkill(pretrained_demo, tmp_path):
 
 
 def test_last_pt_of_other_lora_settings_is_a_clear_error():
-    from sonar_ft import lora
+    from sonar_ft.models import lora
 
     config = SignT5Config(feature_dim=8, d_model=16, d_kv=4, d_ff=24, num_heads=4, num_encoder_layers=1, num_decoder_layers=1,
                           vocab_size=4, output_dim=16)
@@ -203,7 +205,7 @@ def test_bad_lora_settings_name_the_flag(flags, needle):
 
 
 def test_unknown_lora_target_is_a_clear_error():
-    from sonar_ft import lora
+    from sonar_ft.models import lora
 
     settings = types.SimpleNamespace(lora_rank=2, lora_alpha=4.0, lora_dropout=0.0, lora_targets="q,query",
                                      lora_trainable="", freeze_encoder_layers=0, compile=False)
@@ -218,7 +220,9 @@ def test_unknown_lora_target_is_a_clear_error():
 # ------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("gpu", ["t4", "l4", "a100", "h100"])
 def test_planner_has_a_lora_estimate_for_each_gpu(gpu):
-    from sonar_ft.plan import disk_estimate, estimate_memory, recommend, recommend_lora
+    from sonar_ft.plan.disk import disk_estimate
+    from sonar_ft.plan.memory import estimate_memory
+    from sonar_ft.plan.recommend import recommend, recommend_lora
 
     plan = recommend_lora(gpu, 32, rank=16)
     assert plan.fits and plan.settings["lora_rank"] == 16 and "--lora_rank" in plan.flags()
@@ -236,7 +240,7 @@ def test_planner_has_a_lora_estimate_for_each_gpu(gpu):
 
 
 def test_planner_on_a_t4_picks_plain_adamw_and_a_larger_micro_batch_with_lora():
-    from sonar_ft.plan import recommend, recommend_lora
+    from sonar_ft.plan.recommend import recommend, recommend_lora
 
     full, lora_plan = recommend("t4", 32), recommend_lora("t4", 32, rank=16)
     assert full.settings["optimizer"] == "adamw8bit"  # full fine-tuning needs 8-bit AdamW on a T4
@@ -255,8 +259,8 @@ def test_plan_command_prints_the_lora_plan_and_file_sizes(capsys):
 
 
 def test_lora_counts_match_peft():
-    from sonar_ft import lora
-    from sonar_ft.plan import lora_counts
+    from sonar_ft.models import lora
+    from sonar_ft.plan.memory import lora_counts
 
     config = SignT5Config(feature_dim=8, d_model=16, d_kv=4, d_ff=24, num_heads=4, num_encoder_layers=2, num_decoder_layers=2,
                           vocab_size=4, output_dim=16)
@@ -275,7 +279,7 @@ def test_lora_counts_match_peft():
 @pytest.mark.slow
 def test_tuning_study_searches_lora_rank(pretrained_demo, tmp_path):
     from sonar_ft.cli import main as cli
-    from sonar_ft.tune import load_settings, open_study
+    from sonar_ft.tune.study import load_settings, open_study
     from tests.test_tune import write_tuning_yaml
 
     space = {

@@ -26,8 +26,8 @@ from typing import Any
 import nbformat
 import pytest
 
-from sonar_ft import colab
-from sonar_ft.demo.build import DemoPaths
+from sonar_ft.notebook import colab
+from sonar_ft.demo.paths import DemoPaths
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK_DIR = ROOT / "notebooks"
@@ -139,13 +139,13 @@ def test_the_kernel_side_of_the_notebooks_imports_no_torch() -> None:
                     modules |= {a.name for a in node.names}
     assert not modules & {"torch", "fairseq2", "sonar"} and {"sonar_ft.plots"} <= modules
     code = ("import importlib, sys\nfor m in ('torch', 'fairseq2', 'sonar'): sys.modules[m] = None\n"
-            f"for m in {sorted(m for m in modules if m.startswith('sonar_ft'))!r} + ['sonar_ft.colab']:\n"
+            f"for m in {sorted(m for m in modules if m.startswith('sonar_ft'))!r} + ['sonar_ft.notebook.colab']:\n"
             "    importlib.import_module(m)\n")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
 
 
 # ------------------------------------------------------------------------------------------------
-# sonar_ft.colab helpers
+# sonar_ft.notebook.colab helpers
 # ------------------------------------------------------------------------------------------------
 def _fake_colab(monkeypatch: pytest.MonkeyPatch, **attributes: Any) -> None:
     module = types.ModuleType("google.colab")
@@ -297,7 +297,7 @@ def test_01_verifies_every_split_with_a_table_and_a_histogram(series: dict[str, 
 
 @pytest.mark.slow
 def test_02_shows_the_encoder_architecture_and_parameter_count(series: dict[str, Any]) -> None:
-    from sonar_ft.encoder import count_parameters, load_encoder
+    from sonar_ft.models.encoder import count_parameters, load_encoder
 
     nb = _ran(series, "02_download_sonar_encoder")
     encoder, _ = load_encoder(series["demo"].encoder_checkpoint)

@@ -14,11 +14,13 @@ import torch
 import torch.nn.functional as F
 
 import train_sonar_finetuning as recipe
-from sonar_ft import perf
+from sonar_ft import device as device_mod
+from sonar_ft.data import splits
+from sonar_ft.training import perf
 from sonar_ft.config import config_from_sources
 from sonar_ft.data import FeatureStore, SignFeatureDataset, read_manifest
-from sonar_ft.decoder import FrozenTextDecoder, chunked_cross_entropy
-from sonar_ft.encoder import SignT5Config, SignT5SonarEncoder, load_encoder
+from sonar_ft.models.decoder import FrozenTextDecoder, chunked_cross_entropy
+from sonar_ft.models.encoder import SignT5Config, SignT5SonarEncoder, load_encoder
 from sonar_ft.errors import ConfigError
 from tests.conftest import recipe_args
 
@@ -108,7 +110,7 @@ def test_decoder_checkpointing_gives_same_loss_gradient_and_generation(tiny_demo
 
 # -- batched beam search ------------------------------------------------------------------------
 def test_batched_decoding_equals_one_clip_at_a_time(tiny_demo, decoder):
-    from sonar_ft.text_encoder import FrozenTextEncoder
+    from sonar_ft.models.text_encoder import FrozenTextEncoder
 
     refs = [row.text for row in read_manifest(tiny_demo.split_manifest("val"))]
     emb = FrozenTextEncoder.load(tiny_demo.text_encoder_card).embed(refs)
@@ -126,15 +128,15 @@ def test_recipe_feature_cache_returns_the_same_features(tiny_demo):
     plain = SignFeatureDataset(store, rows, progress=False)
     cfg32 = config_from_sources({"cache_features": True})
     cfg16 = config_from_sources({"cache_features": True, "cache_dtype": "fp16"})
-    cached32 = SignFeatureDataset(store, rows, progress=False, **perf.feature_cache(cfg32))
-    cached16 = SignFeatureDataset(store, rows, progress=False, **perf.feature_cache(cfg16))
+    cached32 = SignFeatureDataset(store, rows, progress=False, **splits.feature_cache(cfg32))
+    cached16 = SignFeatureDataset(store, rows, progress=False, **splits.feature_cache(cfg16))
     for i in range(len(rows)):
         ref = plain[i].features
         for _ in range(2):  # first read fills the cache, the second is served from it
             assert torch.equal(cached32[i].features, ref)
             torch.testing.assert_close(cached16[i].features, ref, rtol=1e-3, atol=1e-3)
     assert len(cached16._cache) == len(rows) and cached16._cache[0].dtype == torch.float16
-    assert perf.feature_cache(config_from_sources({})) == {}
+    assert splits.feature_cache(config_from_sources({})) == {}
 
 
 @pytest.mark.parametrize("cache", [True, False])
@@ -156,7 +158,7 @@ def test_recipe_reads_each_feature_file_once_with_the_cache(tiny_demo, tmp_path,
 
 # -- frozen decoder in bf16 ---------------------------------------------------------------------
 def test_bf16_decoder_loss_is_close_to_fp32_and_encoder_still_learns(tiny_demo, decoder):
-    half = FrozenTextDecoder.load(tiny_demo.decoder_card, dtype=perf.decoder_dtype("bf16", torch.device("cpu")))
+    half = FrozenTextDecoder.load(tiny_demo.decoder_card, dtype=device_mod.decoder_dtype("bf16", torch.device("cpu")))
     assert half.dtype == torch.bfloat16
     encoder, _ = load_encoder(tiny_demo.encoder_checkpoint)
     encoder.train()
@@ -229,7 +231,7 @@ def test_adamw_steps_leave_unused_embedding_rows_exactly_as_loaded():
 # -- the flags' errors --------------------------------------------------------------------------
 def test_fp16_decoder_is_refused_on_cpu():
     with pytest.raises(ConfigError, match="--decoder_dtype fp16 .*bf16"):
-        perf.decoder_dtype("fp16", torch.device("cpu"))
+        device_mod.decoder_dtype("fp16", torch.device("cpu"))
 
 
 def test_8bit_adamw_needs_cuda():

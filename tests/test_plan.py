@@ -6,17 +6,10 @@ import pytest
 import torch
 
 from sonar_ft import cli
-from sonar_ft.encoder import SignT5Config, SignT5SonarEncoder
+from sonar_ft.models.encoder import SignT5Config, SignT5SonarEncoder
 from sonar_ft.errors import ConfigError
-from sonar_ft.plan import (
-    GIB,
-    GPUS,
-    encoder_activation_bytes,
-    estimate_memory,
-    measure_saved_bytes,
-    recommend,
-    sonar_decoder_spec,
-)
+from sonar_ft.plan.memory import GIB, encoder_activation_bytes, estimate_memory, measure_saved_bytes, sonar_decoder_spec
+from sonar_ft.plan.recommend import GPUS, recommend
 
 SMALL = SignT5Config(feature_dim=64, d_model=128, d_kv=16, d_ff=352, num_heads=8, num_encoder_layers=4, num_decoder_layers=4, dropout=0.0)
 
@@ -117,7 +110,8 @@ def test_a_plan_that_cannot_fit_says_so():
 # ------------------------------------------------------------------------------------------------
 # --gpu auto, the Colab GPUs, the disk plan
 # ------------------------------------------------------------------------------------------------
-from sonar_ft.plan import GB, DRIVE_FREE_BYTES, checkpoint_sizes, detect_gpu, disk_plan  # noqa: E402
+from sonar_ft.plan.disk import GB, DRIVE_FREE_BYTES, checkpoint_sizes, disk_plan
+from sonar_ft.plan.recommend import detect_gpu  # noqa: E402
 
 ROOT_DIR = __import__("pathlib").Path(__file__).resolve().parents[1]
 
@@ -186,7 +180,7 @@ def test_plan_command_prints_the_disk_plan_and_writes_json(tmp_path, capsys):
 
 def test_plan_command_gpu_auto_on_cpu_is_one_line(monkeypatch, capsys):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr("sonar_ft.plan._nvidia_smi", lambda cmd: "")
+    monkeypatch.setattr("sonar_ft.plan.recommend._nvidia_smi", lambda cmd: "")
     assert cli.main(["plan", "--gpu", "auto"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "found no GPU" in err[0]

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import train_sonar_finetuning as recipe
-from sonar_ft.encoder import load_encoder
+from sonar_ft.models.encoder import load_encoder
 from tests.conftest import recipe_args
 
 QUICK = ["--batch_size", "8", "--epochs", "2", "--learning_rate", "1e-3", "--freeze_decoder", "--eval_every", "1", "--max_samples", "24"]
@@ -140,7 +140,7 @@ def test_export_translate_round_trip(quick_run, tiny_demo, tmp_path):
     history = [json.loads((quick_run / f"metrics_epoch{i}.json").read_text()) for i in (1, 2)]
     best = max(history, key=lambda h: (h["val_bleu"], -h["val_loss"]))["epoch"]
     preds = json.loads((quick_run / f"predictions_epoch{best}.json").read_text())["samples"][:4]
-    from sonar_ft.export import translate
+    from sonar_ft.inference.translate import translate
 
     rows = translate(tarball, tiny_demo.split_features("val"), ["eng_Latn", "fra_Latn"], ids=[s["id"] for s in preds], beam_size=2, device="cpu")
     assert [r["eng_Latn"] for r in rows] == [s["prediction"] for s in preds]

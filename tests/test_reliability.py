@@ -22,15 +22,17 @@ from pathlib import Path
 import pytest
 import torch
 
-import sonar_ft.train as train_mod
+import sonar_ft.training.failures as failures_mod
 import train_sonar_finetuning as recipe
-from sonar_ft import io
+from sonar_ft.files import atomic
 from sonar_ft.data import FeatureStore, LengthBucketSampler
-from sonar_ft.decoder import FrozenTextDecoder
-from sonar_ft.encoder import SignT5SonarEncoder
+from sonar_ft.models.decoder import FrozenTextDecoder
+from sonar_ft.models.encoder import SignT5SonarEncoder
 from sonar_ft.errors import TrainingError
-from sonar_ft.export import _latest_metrics
-from sonar_ft.train import BEST_ENCODER, LAST_STATE, prepare_output_dir, train
+from sonar_ft.run_files import read_history as _latest_metrics
+from sonar_ft.run_files import BEST_ENCODER, LAST_STATE
+from sonar_ft.training.recipe import fine_tune as train
+from sonar_ft.training.run_dir import prepare_output_dir
 from tests.small_data import Data, make_data
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,11 +52,11 @@ def _sha(path: Path) -> str:
 # ------------------------------------------------------------------------------------------------
 WRITER = """
 import sys, torch
-from sonar_ft import io
+from sonar_ft.files import atomic
 path, i = sys.argv[1], 0
 while True:
     i += 1
-    io.save_torch(path, {"i": i, "x": torch.full((400_000,), float(i))})
+    atomic.save_torch(path, {"i": i, "x": torch.full((400_000,), float(i))})
     print(i, flush=True)
 """
 
@@ -73,15 +75,15 @@ def test_sigkill_during_writes_never_leaves_a_truncated_file(tmp_path):
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
         proc.stdout.close()
-        state = io.load_torch(target)
+        state = atomic.load_torch(target)
         assert torch.equal(state["x"], torch.full((400_000,), float(state["i"])))
 
 
 def test_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
     target = tmp_path / "metrics.json"
-    io.write_json(target, {"old": True})
+    atomic.write_json(target, {"old": True})
     with pytest.raises(RuntimeError):
-        with io.atomic_path(target) as tmp:
+        with atomic.atomic_path(target) as tmp:
             tmp.write_text('{"half": ')
             raise RuntimeError("killed mid-write")
     assert json.loads(target.read_text()) == {"old": True}
@@ -89,7 +91,7 @@ def test_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
 
 
 def test_atomic_files_get_normal_permissions(tmp_path):
-    io.write_text(tmp_path / "a.txt", "x")
+    atomic.write_text(tmp_path / "a.txt", "x")
     umask = os.umask(0)
     os.umask(umask)
     assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o666 & ~umask
@@ -103,7 +105,7 @@ def test_half_written_temporaries_are_ignored_by_readers(tmp_path):
     assert FeatureStore.open(feats).ids() == ["clip"]
     run = tmp_path / "run"
     run.mkdir()
-    io.write_json(run / "metrics_epoch1.json", {"epoch": 1})
+    atomic.write_json(run / "metrics_epoch1.json", {"epoch": 1})
     (run / ".tmp-metrics_epoch2.json.abc").write_text('{"epo')
     assert _latest_metrics(run) == [{"epoch": 1}]
 
@@ -120,14 +122,14 @@ def test_starting_a_run_removes_stale_temporaries(data, tmp_path):
 def test_same_command_after_a_kill_before_the_first_checkpoint_starts_again(data, tmp_path):
     cfg = data.config(tmp_path / "out")
     (tmp_path / "out").mkdir()
-    io.write_json(tmp_path / "out" / "config.json", {"settings": asdict(cfg)})  # all a killed start left
+    atomic.write_json(tmp_path / "out" / "config.json", {"settings": asdict(cfg)})  # all a killed start left
     assert prepare_output_dir(cfg) == (tmp_path / "out", False)
 
 
 def _direct_writes(path: Path) -> list[tuple[int, str]]:
-    """Calls in ``path`` that write a file themselves instead of through sonar_ft.io."""
+    """Calls in ``path`` that write a file themselves instead of through sonar_ft.files.atomic."""
     tree = ast.parse(path.read_text())
-    from_io = {a.asname or a.name for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module == "sonar_ft.io"
+    from_io = {a.asname or a.name for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module == "sonar_ft.files.atomic"
                for a in n.names}
     inside_atomic: set[int] = set()  # writing to an atomic_path temporary is the point of it
     for node in ast.walk(tree):
@@ -138,7 +140,7 @@ def _direct_writes(path: Path) -> list[tuple[int, str]]:
         if not isinstance(node, ast.Call) or id(node) in inside_atomic:
             continue
         name = ast.unparse(node.func)
-        if name.startswith("io.") or name in from_io:
+        if name.startswith("atomic.") or name in from_io:
             continue
         target = ast.unparse(node.args[0]) if node.args else ""
         mode = "".join(ast.unparse(a) for a in node.args[1:2]) + "".join(ast.unparse(k.value) for k in node.keywords if k.arg == "mode")
@@ -152,12 +154,12 @@ def _direct_writes(path: Path) -> list[tuple[int, str]]:
 
 
 def test_writers_go_through_sonar_ft_io():
-    """Every file the package writes goes through sonar_ft.io or into an ``atomic_path`` temporary."""
+    """Every file the package writes goes through sonar_ft.files.atomic or into an ``atomic_path`` temporary."""
     allowed = {("sonar_ft/train.py", "probe.write_text"),  # the output folder's .write-test probe, deleted at once
-               ("sonar_ft/download.py", "open")}  # DEST.part, renamed into place by io.commit_file once verified
+               ("sonar_ft/download.py", "open")}  # DEST.part, renamed into place by atomic.commit_file once verified
     offenders = [f"{p.relative_to(ROOT)}:{line}: {name}"
                  for p in sorted((ROOT / "sonar_ft").rglob("*.py")) + [ROOT / "train_sonar_finetuning.py"]
-                 if p.name != "io.py" or p.parent.name != "sonar_ft"
+                 if p.name != "atomic.py" or p.parent.name != "sonar_ft"
                  for line, name in _direct_writes(p) if (str(p.relative_to(ROOT)), name) not in allowed]
     assert offenders == []
 
@@ -229,19 +231,19 @@ def _nan_grad_on(monkeypatch, bad: set[int]) -> _Countdown:
 
 def test_non_finite_loss_skips_the_step_with_a_warning(data, tmp_path, monkeypatch, caplog):
     _nan_loss_on(monkeypatch, {2})
-    with caplog.at_level(logging.WARNING, logger="sonar_ft.train"):
+    with caplog.at_level(logging.WARNING, logger="sonar_ft.training.failures"):
         result = train(data.config(tmp_path / "out", batch_size=2))  # 4 batches
     assert "non-finite loss at epoch 1, batch 2" in caplog.text and "step skipped" in caplog.text
-    state = io.load_torch(tmp_path / "out" / LAST_STATE)
+    state = atomic.load_torch(tmp_path / "out" / LAST_STATE)
     assert state["step"] == 3 and math.isfinite(result.history[0].train_loss)
 
 
 def test_non_finite_gradient_skips_the_step_with_a_warning(data, tmp_path, monkeypatch, caplog):
     _nan_grad_on(monkeypatch, {3})
-    with caplog.at_level(logging.WARNING, logger="sonar_ft.train"):
+    with caplog.at_level(logging.WARNING, logger="sonar_ft.training.failures"):
         train(data.config(tmp_path / "out", batch_size=2, grad_clip=0.0))  # clipping off: the norm is still checked
     assert "non-finite gradient at epoch 1, batch 3" in caplog.text
-    state = io.load_torch(tmp_path / "out" / LAST_STATE)
+    state = atomic.load_torch(tmp_path / "out" / LAST_STATE)
     assert state["step"] == 3 and all(torch.isfinite(t).all() for t in state["encoder"].values())
 
 
@@ -249,7 +251,7 @@ def test_repeated_non_finite_steps_stop_naming_the_last_good_checkpoint(data, tm
     out = tmp_path / "out"
     train(data.config(out, batch_size=2))
     saved = {name: _sha(out / name) for name in (LAST_STATE, BEST_ENCODER)}
-    monkeypatch.setattr(train_mod, "MAX_BAD_STEPS", 3)
+    monkeypatch.setattr(failures_mod, "MAX_BAD_STEPS", 3)
     _nan_loss_on(monkeypatch, set(range(1, 100)))
     with pytest.raises(TrainingError) as err:
         train(data.config(out, batch_size=2, epochs=2))  # the same run, resumed for one more epoch
@@ -260,7 +262,7 @@ def test_repeated_non_finite_steps_stop_naming_the_last_good_checkpoint(data, tm
 
 
 def test_diverging_recipe_is_one_error_line(data, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(train_mod, "MAX_BAD_STEPS", 2)
+    monkeypatch.setattr(failures_mod, "MAX_BAD_STEPS", 2)
     _nan_loss_on(monkeypatch, set(range(1, 100)))
     assert recipe.main(data.recipe_args(tmp_path / "out", "--batch_size", "2")) == 2
     err = capsys.readouterr().err
@@ -281,7 +283,7 @@ def test_broken_weights_are_never_written(data, tmp_path, monkeypatch):
     monkeypatch.setattr(torch.optim.AdamW, "step", step)
     with pytest.raises(TrainingError, match=rf"NaN/Inf at epoch 1, step 3; not writing them to {out / LAST_STATE}"):
         train(data.config(out, batch_size=2, checkpoint_every_steps=1))
-    state = io.load_torch(out / LAST_STATE)
+    state = atomic.load_torch(out / LAST_STATE)
     assert state["step"] == 2 and all(torch.isfinite(t).all() for t in state["encoder"].values())
 
 

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from tests.conftest import recipe_args
-from sonar_ft.io import load_torch
+from sonar_ft.files.atomic import load_torch
 
 RECIPE = Path(__file__).resolve().parents[1] / "train_sonar_finetuning.py"
 COMPARED = ("epoch", "train_loss", "val_loss", "val_bleu", "val_chrf", "lr", "is_best")

@@ -19,9 +19,9 @@ import torch
 
 from sonar_ft.cli import main as sonar_ft_cli
 from sonar_ft.data import FeatureStore, load_feature_file
-from sonar_ft.encoder import load_encoder
+from sonar_ft.models.encoder import load_encoder
 from sonar_ft.errors import CheckpointError, DataError
-from sonar_ft.export import REQUIRED_MEMBERS, open_export
+from sonar_ft.export.load import REQUIRED_MEMBERS, open_export
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -101,7 +101,7 @@ def test_pickled_checkpoint_is_refused_by_embed_cli(tiny_demo, tmp_path, marker,
 
 
 def test_decoder_card_cannot_switch_off_safe_loading(tiny_demo, tmp_path, marker):
-    from sonar_ft.decoder import FrozenTextDecoder
+    from sonar_ft.models.decoder import FrozenTextDecoder
     from sonar_ft.errors import ConfigError
 
     assets = tmp_path / "assets"

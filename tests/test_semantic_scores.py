@@ -8,7 +8,9 @@ import json
 import pytest
 
 from sonar_ft.scores import chance_r_at
-from sonar_ft.train import TrainConfig, evaluate_checkpoint, train
+from sonar_ft.config import TrainConfig
+from sonar_ft.evaluate import evaluate_checkpoint
+from sonar_ft.training.recipe import fine_tune as train
 
 EPOCHS = 8  # measured: R@1 25% (chance 6.25%), R@5 75% (chance 31%) after; R@1 0%, R@5 37.5% before
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from sonar_ft.state_mirror import mirror_state, restore_state
+from sonar_ft.training.state_mirror import mirror_state, restore_state
 
 
 def test_mirror_copies_and_replaces_the_old_copy(tmp_path: Path) -> None:

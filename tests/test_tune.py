@@ -1,7 +1,7 @@
 """Optuna tuning: search-space parsing, a quick study's outputs, pruning, failures, resume, parallel
 workers on a real PostgreSQL server, and a worker killed mid-trial.
 
-Every study runs the real recipe training (``sonar_ft.train.train``) on the tiny demo, with trials of
+Every study runs the real recipe training (``sonar_ft.training.run_dir.train``) on the tiny demo, with trials of
 1-2 epochs on a few clips and beam size 1.
 """
 
@@ -26,9 +26,9 @@ import yaml
 
 from sonar_ft.cli import main as cli
 from sonar_ft.config import config_from_sources
-from sonar_ft.demo.build import DemoPaths
+from sonar_ft.demo.paths import DemoPaths
 from sonar_ft.errors import ConfigError
-from sonar_ft.tune import (
+from sonar_ft.tune.study import (
     BEST_CONFIG_FILE,
     BEST_PARAMS_FILE,
     FAIL_KIND,
@@ -44,7 +44,7 @@ from sonar_ft.tune import (
     suggest,
     trial_dir,
 )
-from sonar_ft.tune_report import PLOT_NAMES
+from sonar_ft.tune.report import PLOT_NAMES
 
 REPO = Path(__file__).resolve().parents[1]
 SPACE = {
@@ -127,7 +127,7 @@ def test_condition_operators_on_numeric_parents():
 
 
 def test_trials_are_seeded_by_study_seed_and_number():
-    from sonar_ft.tune import TrialSeededSampler
+    from sonar_ft.tune.study import TrialSeededSampler
 
     def first_draws(seed: int) -> list[float]:
         study = optuna.create_study(sampler=TrialSeededSampler(lambda s: optuna.samplers.RandomSampler(seed=s), seed))
@@ -326,7 +326,7 @@ def test_diverging_trial_is_recorded_failed_and_the_study_goes_on(tiny_demo, tmp
 
 @pytest.mark.slow
 def test_unexpected_error_in_a_trial_is_recorded_with_its_traceback(tiny_demo, tmp_path, monkeypatch):
-    from sonar_ft import tune
+    from sonar_ft.tune import study as tune
 
     real_train = tune.train
 
@@ -353,7 +353,7 @@ def test_unexpected_error_in_a_trial_is_recorded_with_its_traceback(tiny_demo, t
 def test_trial_that_runs_out_of_gpu_memory_is_recorded_failed_and_the_study_goes_on(tiny_demo, tmp_path, monkeypatch):
     import torch
 
-    from sonar_ft.decoder import FrozenTextDecoder
+    from sonar_ft.models.decoder import FrozenTextDecoder
 
     real_loss = FrozenTextDecoder.loss
 
@@ -382,7 +382,7 @@ def test_trial_that_runs_out_of_gpu_memory_is_recorded_failed_and_the_study_goes
 # Storage
 # ------------------------------------------------------------------------------------------------
 def test_storage_settings_resolve_to_sqlite_url_or_journal_file(tmp_path):
-    from sonar_ft.tune import describe_storage, resolve_storage
+    from sonar_ft.tune.study import describe_storage, resolve_storage
 
     assert resolve_storage(None, tmp_path) == ("rdb", f"sqlite:///{tmp_path.resolve() / 'study.db'}")
     assert resolve_storage(str(tmp_path / "s.db"), tmp_path) == ("rdb", f"sqlite:///{tmp_path.resolve() / 's.db'}")
@@ -413,7 +413,7 @@ def test_study_in_a_journal_file(tiny_demo, tmp_path):
 # ------------------------------------------------------------------------------------------------
 # Loaded by a worker started with ``_worker_env(tmp_path, signal_at=(suffix, "SIGINT"))``: the worker
 # signals itself right after it writes a file whose path ends with ``suffix`` (every project write
-# ends with os.replace, see sonar_ft.io): the signal lands at a known point of a known trial, however
+# ends with os.replace, see sonar_ft.files.atomic): the signal lands at a known point of a known trial, however
 # fast the tiny demo's trials run.
 SIGNAL_SELF = '''
 import os, signal

@@ -10,7 +10,7 @@ What the rest of sonar-ft sees:
   same object keeps working for forward, evaluation, DDP) and returns peft's wrapper and the
   trainable parameters;
 - ``merged_state_dict(encoder)``: the official-layout state dict with every update folded into its
-  weight, so ``best_encoder.pt`` loads with :func:`sonar_ft.encoder.load_encoder` as before;
+  weight, so ``best_encoder.pt`` loads with :func:`sonar_ft.models.encoder.load_encoder` as before;
 - ``save_adapter(model, folder)``: the adapter alone in peft's format (``adapter_config.json`` +
   ``adapter_model.safetensors``, loadable with ``peft.PeftModel.from_pretrained``);
 - ``trainable_state_dict`` / ``load_trainable_state_dict``: what ``last.pt`` holds under LoRA,
@@ -30,15 +30,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from sonar_ft import io
+from sonar_ft.files import atomic
 from sonar_ft.config import TrainConfig, parse_names
 from sonar_ft.errors import CheckpointError, ConfigError
 
 log = logging.getLogger(__name__)
 
 ADAPTER_NAME = "default"
-ADAPTER_DIR = "adapter"
-"""Sub-folder of the output folder holding the best epoch's adapter in peft's format."""
 
 DEFAULT_TARGETS = TrainConfig.lora_targets
 DEFAULT_TRAINABLE = TrainConfig.lora_trainable
@@ -161,11 +159,11 @@ def save_adapter(model: nn.Module, folder: str | Path) -> Path:
     config = peft_model.peft_config[ADAPTER_NAME]
     state = get_peft_model_state_dict(peft_model, adapter_name=ADAPTER_NAME)
     state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
-    with io.atomic_path(folder / "adapter_model.safetensors") as tmp:
+    with atomic.atomic_path(folder / "adapter_model.safetensors") as tmp:
         save_file(state, str(tmp), metadata={"format": "pt"})
     record = config.to_dict()
     record["target_modules"] = sorted(record["target_modules"]) if record.get("target_modules") else None
-    io.write_text(folder / "adapter_config.json", json.dumps(record, indent=2, sort_keys=True, default=str))
+    atomic.write_text(folder / "adapter_config.json", json.dumps(record, indent=2, sort_keys=True, default=str))
     return folder
 
 

@@ -67,9 +67,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def run_recipe(flags: dict[str, Any], config_file: str | None) -> int:
     cfg = config_from_sources(flags, config_file)
-    from sonar_ft.distributed import is_main_process, world_size_from_env
     from sonar_ft.errors import ConfigError
-    from sonar_ft.train import BEST_ENCODER, TEST_RESULTS, evaluate_checkpoint, train
+    from sonar_ft.evaluate import evaluate_checkpoint
+    from sonar_ft.run_files import BEST_ENCODER, TEST_RESULTS
+    from sonar_ft.training.distributed import is_main_process, world_size_from_env
+    from sonar_ft.training.recipe import fine_tune
 
     if cfg.eval_only:
         if world_size_from_env() > 1:
@@ -81,7 +83,7 @@ def run_recipe(flags: dict[str, Any], config_file: str | None) -> int:
         )
         return 0
 
-    result = train(cfg)
+    result = fine_tune(cfg)
     if not is_main_process():
         return 0  # under torchrun, rank 0 prints the summary
     print("\n" + "=" * 72)

@@ -19,7 +19,7 @@ from typing import Any, Callable, Mapping
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from sonar_ft import io
+from sonar_ft.files import atomic
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ def write_trials_csv(path: Path, trials: list[FrozenTrial], param_names: list[st
     rows = trial_rows(trials, param_names)
     columns = list(CSV_COLUMNS) + sorted({k for r in rows for k in r if k.startswith("param_")},
                                          key=lambda k: _order(k, param_names)) + ["intermediate_values"]
-    with io.atomic_path(path) as tmp:
+    with atomic.atomic_path(path) as tmp:
         with open(tmp, "w", newline="", encoding="utf-8") as f:
             writer = csv.DictWriter(f, fieldnames=columns)
             writer.writeheader()
@@ -83,7 +83,7 @@ def _order(column: str, param_names: list[str]) -> tuple[int, str]:
 
 
 def _ran_with(t: FrozenTrial) -> Mapping[str, Any]:
-    """The recipe settings a trial recorded (``sonar_ft.tune.TRIAL_SETTINGS``); empty for older trials."""
+    """The recipe settings a trial recorded (``sonar_ft.tune.study.TRIAL_SETTINGS``); empty for older trials."""
     recorded = t.user_attrs.get("settings")
     return recorded if isinstance(recorded, Mapping) else {}
 
@@ -192,7 +192,7 @@ def write_plots(study: optuna.Study, out_dir: Path, *, metric: str = "value") ->
     out_dir.mkdir(parents=True, exist_ok=True)
     bundle = out_dir / "plotly.min.js"
     if not bundle.is_file():
-        io.write_text(bundle, get_plotlyjs())
+        atomic.write_text(bundle, get_plotlyjs())
     for name, (html_plot, png_plot) in makers.items():
         if name == "param_importances" and (len(completed) < 2 or not _varied_params(completed)):
             log.info("skipping the %s plot: it needs two completed trials with different parameters", name)
@@ -207,7 +207,7 @@ def write_plots(study: optuna.Study, out_dir: Path, *, metric: str = "value") ->
                 elif name == "optimization_history":
                     fig.update_layout(yaxis_title=metric)
                 html = out_dir / f"{name}.html"
-                io.write_text(html, fig.to_html(include_plotlyjs="directory", full_html=True))
+                atomic.write_text(html, fig.to_html(include_plotlyjs="directory", full_html=True))
                 paths.append(html)
                 ax = png_plot(study)
                 first = ax.flat[0] if hasattr(ax, "flat") else ax
@@ -218,7 +218,7 @@ def write_plots(study: optuna.Study, out_dir: Path, *, metric: str = "value") ->
                     first.set_ylabel(metric)
                 figure = first.figure
                 png = out_dir / f"{name}.png"
-                with io.atomic_path(png) as tmp:
+                with atomic.atomic_path(png) as tmp:
                     figure.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
                 plt.close(figure)
                 paths.append(png)

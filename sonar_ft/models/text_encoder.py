@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from sonar_ft import assets
+from sonar_ft.models import assets
 
 
 class FrozenTextEncoder:

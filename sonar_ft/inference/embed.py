@@ -19,12 +19,12 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from sonar_ft.data import FeatureStore, load_feature_file, read_manifest
-from sonar_ft.encoder import SignT5SonarEncoder
+from sonar_ft.models.encoder import SignT5SonarEncoder
 from sonar_ft.errors import ConfigError, DataError
-from sonar_ft.export import load_any_encoder
-from sonar_ft.io import atomic_path, write_text
-from sonar_ft.lock import output_lock
-from sonar_ft.paths import check_not_folder, check_output_not_input
+from sonar_ft.export.load import load_any_encoder
+from sonar_ft.files.atomic import atomic_path, write_text
+from sonar_ft.files.lock import output_lock
+from sonar_ft.files.guards import check_not_folder, check_output_not_input
 
 log = logging.getLogger(__name__)
 

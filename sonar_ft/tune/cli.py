@@ -71,7 +71,7 @@ def _bool(text: str) -> bool:
 
 
 def _cmd_tune(args: argparse.Namespace) -> int:
-    from sonar_ft.tune import BEST_CONFIG_FILE, TRIALS_CSV, load_settings, run_study
+    from sonar_ft.tune.study import BEST_CONFIG_FILE, TRIALS_CSV, load_settings, run_study
 
     flags = {k: v for k, v in vars(args).items() if k not in ("func", "command", "config", "no_progress")}
     settings = load_settings(getattr(args, "config", None), flags)
@@ -88,8 +88,8 @@ def _cmd_tune(args: argparse.Namespace) -> int:
 
 
 def _cmd_train_from_tuning(args: argparse.Namespace) -> int:
-    from sonar_ft.tune import best_config_path, train_from_tuning
-    from sonar_ft.train import BEST_ENCODER
+    from sonar_ft.tune.study import best_config_path, train_from_tuning
+    from sonar_ft.run_files import BEST_ENCODER
 
     flags = {k: v for k, v in vars(args).items() if k not in ("func", "command", "study_dir")}
     path = best_config_path(args.study_dir)

@@ -28,20 +28,33 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from sonar_ft import distributed, io, perf, plan
-from sonar_ft import train as components
 from sonar_ft.config import TrainConfig, maximize
 from sonar_ft.data.bad_samples import BadSample
-from sonar_ft.decoder import FrozenTextDecoder
-from sonar_ft.device import resolve_device, resolve_precision
-from sonar_ft.encoder import load_encoder, save_encoder
+from sonar_ft.data.dataset import make_loader
+from sonar_ft.data.splits import check_feature_dim, load_split
+from sonar_ft.device import decoder_dtype, resolve_device, resolve_precision
 from sonar_ft.errors import ConfigError, DataError, OutputDirError
-from sonar_ft.evaluate import EvalResult, autocast_context, embedding_gatherer, empty_epoch_fields, evaluate
-from sonar_ft.state_mirror import mirror_state
-from sonar_ft.run_log import Progress, StepRecorder, progress_mode
-from sonar_ft.train_state import EpochMetrics, TrainState, seed_everything, set_rng_state
+from sonar_ft.evaluate import EvalResult, autocast_context, embedding_gatherer, empty_epoch_fields, evaluate, load_scorer
+from sonar_ft.files import atomic
+from sonar_ft.files.guards import check_output_dir, recipe_inputs
+from sonar_ft.files.lock import output_lock
+from sonar_ft.models.decoder import FrozenTextDecoder
+from sonar_ft.models.encoder import load_encoder, save_encoder
+from sonar_ft.plan.recommend import longest_target, startup_check
+from sonar_ft.run_files import ADAPTER_DIR, BAD_SAMPLES, BEST_ENCODER, LAST_STATE, metrics_file, predictions_file
+from sonar_ft.training import distributed, perf
+from sonar_ft.training.failures import (
+    count_bad_step, out_of_memory_error, refuse_broken_weights, screen_bad_samples,
+)
+from sonar_ft.training.logs import Progress, StepRecorder, attach_train_log, epoch_line, progress_mode
+from sonar_ft.training import records
+from sonar_ft.training.run_dir import (
+    check_inputs, clear_run_files, finished_run, last_state_path, prepare_output_dir, write_run_summary,
+)
+from sonar_ft.training.state import EpochMetrics, TrainResult, TrainState, seed_everything, set_rng_state
+from sonar_ft.training.state_mirror import mirror_state
 
-log = logging.getLogger("sonar_ft.train")  # one logger name for the loop, as before the split
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -77,7 +90,7 @@ class FineTuneRecipe:
         cfg, ddp = self.cfg, self.ddp
         self.device = ddp.device if ddp.active else resolve_device(cfg.device)
         self.precision = resolve_precision(cfg.precision, self.device)
-        components.check_inputs(cfg)
+        check_inputs(cfg)
         self.out, self.resuming, self.clear_previous = ddp.on_main(self.claim_output_dir)
         seed_everything(cfg.seed)
         if not ddp.is_main:
@@ -88,7 +101,7 @@ class FineTuneRecipe:
         self.build_models()
         self.build_optimizer()
         if self.clear_previous:
-            ddp.on_main(lambda: components.clear_run_files(self.out, components.last_state_path(cfg)))
+            ddp.on_main(lambda: clear_run_files(self.out, last_state_path(cfg)))
         if ddp.is_main:
             self.write_run_records()
         if self.resuming:
@@ -105,26 +118,26 @@ class FineTuneRecipe:
     def claim_output_dir(self) -> tuple[Path, bool, bool]:
         """The output folder (created), whether this run resumes the one in it, and whether another run's
         files must be removed once this one is known to start (``--overwrite``). The place for a folder lock."""
-        out, resuming = components.prepare_output_dir(self.cfg)
+        out, resuming = prepare_output_dir(self.cfg)
         return out, resuming, self.cfg.overwrite and not resuming
 
     def load_data(self) -> None:
         cfg, ddp = self.cfg, self.ddp
         bad: list[BadSample] = []  # every unusable clip of both splits, reported together
-        self.train_set = components.load_split(cfg.train_features, cfg.train_manifest, cfg=cfg, split="training",
+        self.train_set = load_split(cfg.train_features, cfg.train_manifest, cfg=cfg, split="training",
                                                fraction=cfg.subset_fraction, bad=bad, reuse=self.reuse_data)
-        self.val_set = components.load_split(cfg.val_features, cfg.val_manifest, cfg=cfg, split="validation", bad=bad,
+        self.val_set = load_split(cfg.val_features, cfg.val_manifest, cfg=cfg, split="validation", bad=bad,
                                              reuse=self.reuse_data)
-        ddp.on_main(lambda: components.screen_bad_samples(self.out, cfg, bad))
+        ddp.on_main(lambda: screen_bad_samples(self.out, cfg, bad))
         for split, dataset, manifest in (("training", self.train_set, cfg.train_manifest), ("validation", self.val_set, cfg.val_manifest)):
             if len(dataset) == 0:
                 raise DataError(f"the {split} manifest {manifest} has no usable clips"
-                                + (f" (all listed in {self.out / components.BAD_SAMPLES})" if bad else ""))
+                                + (f" (all listed in {self.out / BAD_SAMPLES})" if bad else ""))
         if cfg.batch_size > len(self.train_set):
             log.warning("--batch_size %d is larger than the %d training clips: every batch holds all of them", cfg.batch_size, len(self.train_set))
-        self.train_batches = components.make_batches(self.train_set, cfg.batch_size, shuffle=True, seed=cfg.seed,
+        self.train_batches = make_loader(self.train_set, cfg.batch_size, shuffle=True, seed=cfg.seed,
                                                      num_workers=cfg.num_workers, num_replicas=ddp.world_size, rank=ddp.rank)
-        self.val_batches = components.make_batches(ddp.shard(self.val_set), cfg.batch_size, shuffle=False, seed=cfg.seed,
+        self.val_batches = make_loader(ddp.shard(self.val_set), cfg.batch_size, shuffle=False, seed=cfg.seed,
                                                    num_workers=cfg.num_workers)
 
     def build_models(self) -> None:
@@ -132,7 +145,7 @@ class FineTuneRecipe:
         cfg = self.cfg
         self.encoder, self.arch = self.build_encoder()
         self.decoder = FrozenTextDecoder.load(cfg.decoder, cfg.tokenizer, device=self.device,
-                                              dtype=perf.decoder_dtype(cfg.decoder_dtype, self.device))
+                                              dtype=decoder_dtype(cfg.decoder_dtype, self.device))
         if cfg.gradient_checkpointing:
             perf.checkpoint_decoder_layers(self.decoder.model)
         self.decoder.check_lang(cfg.tgt_lang)
@@ -142,14 +155,14 @@ class FineTuneRecipe:
                 f"reads {self.decoder.embedding_dim}-d ones: they do not belong together"
             )
         for features, dataset in ((cfg.train_features, self.train_set), (cfg.val_features, self.val_set)):
-            components.check_feature_dim(dataset, self.arch.feature_dim, features=features, encoder=cfg.encoder_checkpoint)
+            check_feature_dim(dataset, self.arch.feature_dim, features=features, encoder=cfg.encoder_checkpoint)
         self.teacher = None
         if cfg.distill_weight > 0:
-            from sonar_ft.text_encoder import FrozenTextEncoder
+            from sonar_ft.models.text_encoder import FrozenTextEncoder
 
             self.teacher = FrozenTextEncoder.load(cfg.text_encoder or "text_sonar_basic_encoder", cfg.tokenizer, device=self.device)
         # Semantic scores only with a text encoder that is given (or loaded for distillation anyway): never a silent download.
-        self.scorer = self.teacher if self.teacher is not None else components.load_scorer(cfg, self.device)
+        self.scorer = self.teacher if self.teacher is not None else load_scorer(cfg, self.device)
         self.model = self.ddp.wrap(self.encoder)  # DDP under torchrun; `encoder` stays the module saved and evaluated
 
     def build_encoder(self) -> tuple[torch.nn.Module, Any]:
@@ -158,7 +171,7 @@ class FineTuneRecipe:
         perf.configure_encoder(encoder, self.cfg)  # --freeze_encoder_layers, --gradient_checkpointing, --compile
         self.peft_model = None
         if self.cfg.lora_rank:  # adapters injected into `encoder` itself; its base weights frozen
-            from sonar_ft import lora
+            from sonar_ft.models import lora
 
             self.peft_model = lora.apply_lora(encoder, self.cfg)[0]
         return encoder, arch
@@ -180,17 +193,17 @@ class FineTuneRecipe:
 
     def write_run_records(self) -> None:
         cfg = self.cfg
-        components.write_run_records(self.out, cfg, asdict(self.arch), self.decoder, self.device, self.precision,
-                                     world_size=self.ddp.world_size)
-        plan.startup_check(cfg, self.arch, frames=max(self.train_set.lengths), device=self.device, precision=self.precision,
-                           target_tokens=plan.longest_target(self.decoder, [r.text for r in self.train_set.rows], cfg.tgt_lang))
+        records.write_run_records(self.out, cfg, asdict(self.arch), self.decoder, self.device, self.precision,
+                                  world_size=self.ddp.world_size)
+        startup_check(cfg, self.arch, frames=max(self.train_set.lengths), device=self.device, precision=self.precision,
+                      target_tokens=longest_target(self.decoder, [r.text for r in self.train_set.rows], cfg.tgt_lang))
 
     def load_last(self) -> None:
         """Continue from ``last.pt``; the loaded file is released before training goes on."""
-        path = components.last_state_path(self.cfg)
-        state = io.load_torch(path, what="training state")
+        path = last_state_path(self.cfg)
+        state = atomic.load_torch(path, what="training state")
         if self.peft_model is not None:  # LoRA: last.pt holds only the trainable tensors
-            from sonar_ft import lora
+            from sonar_ft.models import lora
 
             lora.load_trainable_state_dict(self.encoder, state.pop("encoder"), source=str(path))
         else:
@@ -219,7 +232,7 @@ class FineTuneRecipe:
     # =============================================================================================
     # Training
     # =============================================================================================
-    def train(self) -> components.TrainResult:
+    def train(self) -> TrainResult:
         """Epochs of steps; after each, validation (every ``eval_every``), records and checkpoints."""
         cfg, st = self.cfg, self.state
         log.info("training %d clips, validating on %d | device %s, %s | encoder %s | effective batch %d",
@@ -243,7 +256,7 @@ class FineTuneRecipe:
             self.progress.close()
             self.recorder.close()
         if self.ddp.is_main:
-            components.write_run_summary(self.out, cfg, st, self.stopped_early)
+            write_run_summary(self.out, cfg, st, self.stopped_early)
         return self.result()
 
     _resumed_seconds = 0.0
@@ -304,7 +317,7 @@ class FineTuneRecipe:
         of the window on every rank.
         """
         cfg, ddp = self.cfg, self.ddp
-        tokens = [components.target_tokens(self.decoder, b.texts, cfg.tgt_lang) for b in window]
+        tokens = [int(self.decoder.scored_tokens(b.texts, cfg.tgt_lang).sum()) for b in window]
         clips = [len(b) for b in window]
         total_tokens, total_clips = ddp.sum(float(sum(tokens)), float(sum(clips)))  # the one reduction of the window
         local = {"ce_sum": 0.0, "tokens": 0, "distill_sum": 0.0, "clips": 0}
@@ -324,7 +337,7 @@ class FineTuneRecipe:
                     loss = out.loss * (out.num_tokens / max(total_tokens, 1.0))
                     distill = None
                     if self.teacher is not None:
-                        from sonar_ft.text_encoder import distillation_loss
+                        from sonar_ft.models.text_encoder import distillation_loss
 
                         distill = distillation_loss(emb, self.teacher.embed(batch.texts, cfg.tgt_lang), cfg.distill_loss)
                         loss = loss + cfg.distill_weight * distill * (len(batch) / max(total_clips, 1.0))
@@ -332,7 +345,7 @@ class FineTuneRecipe:
                     # together); skipping backward on one rank would leave the others waiting forever.
                     self.scaler.scale(loss * ddp.world_size).backward()
             except torch.cuda.OutOfMemoryError:
-                raise components.out_of_memory_error(cfg) from None
+                raise out_of_memory_error(cfg) from None
             ce = float(out.loss.detach())
             if math.isfinite(ce) and (distill is None or math.isfinite(float(distill.detach()))):
                 sums.loss_sum += ce * out.num_tokens
@@ -350,7 +363,7 @@ class FineTuneRecipe:
             self.bad_steps = 0
         else:
             what, where = ("loss", bad_loss_at) if bad_loss_at else ("gradient", f"epoch {epoch}, batch {done}")
-            self.bad_steps = components.count_bad_step(self.bad_steps, self.out, cfg, what, where)
+            self.bad_steps = count_bad_step(self.bad_steps, self.out, cfg, what, where)
         self.record_step(epoch, window, local, norm, stepped)
         return stepped
 
@@ -377,7 +390,7 @@ class FineTuneRecipe:
         try:
             optimizer.step()  # the first step allocates AdamW's two moments: a common place to run out of memory
         except torch.cuda.OutOfMemoryError:
-            raise components.out_of_memory_error(cfg) from None
+            raise out_of_memory_error(cfg) from None
         self.scaler.update()
         optimizer.zero_grad(set_to_none=True)
         st.step += 1
@@ -410,7 +423,7 @@ class FineTuneRecipe:
                 gather_embeddings=embedding_gatherer(self.ddp.gather) if self.ddp.active else None,
             )
         except torch.cuda.OutOfMemoryError:
-            raise components.out_of_memory_error(cfg) from None
+            raise out_of_memory_error(cfg) from None
 
     def score(self, result: EvalResult) -> float:
         """``select_metric`` of ``result``."""
@@ -445,14 +458,14 @@ class FineTuneRecipe:
             else:
                 st.evals_without_improvement += 1
             if cfg.write_predictions:
-                io.write_json(self.out / f"predictions_epoch{metrics.epoch}.json", result.predictions_record(metrics.epoch))
+                atomic.write_json(self.out / predictions_file(metrics.epoch), result.predictions_record(metrics.epoch))
         st.history.append(metrics)
         st.epoch = metrics.epoch
         if self.ddp.is_main:
-            io.write_json(self.out / f"metrics_epoch{metrics.epoch}.json", asdict(metrics))
+            atomic.write_json(self.out / metrics_file(metrics.epoch), asdict(metrics))
         self.recorder.record_epoch(asdict(metrics), st.step)
         self.save_last()
-        self.progress.epoch_end(components.epoch_line(metrics, cfg.epochs))
+        self.progress.epoch_end(epoch_line(metrics, cfg.epochs))
         if result is not None and self.on_evaluation is not None:
             self.on_evaluation(metrics)
         if result is not None and cfg.early_stopping_patience and st.evals_without_improvement >= cfg.early_stopping_patience:
@@ -463,22 +476,22 @@ class FineTuneRecipe:
         """``best_encoder.pt`` in the official layout (the place LoRA writes the merged encoder)."""
         if not self.cfg.save_checkpoints:
             return
-        path = self.out / components.BEST_ENCODER
-        components.refuse_broken_weights(self.encoder, path, f"epoch {epoch}")
+        path = self.out / BEST_ENCODER
+        refuse_broken_weights(self.encoder, path, f"epoch {epoch}")
         extra = {"epoch": epoch, "val_bleu": result.bleu, "val_loss": result.loss}
         if self.peft_model is None:
             save_encoder(self.encoder, path, extra=extra)
             return
-        from sonar_ft import lora  # the merged encoder in the official layout, and the adapter alone in peft's format
+        from sonar_ft.models import lora  # the merged encoder in the official layout, and the adapter alone in peft's format
 
         save_encoder(self.encoder, path, extra=extra, state_dict=lora.merged_state_dict(self.encoder))
-        lora.save_adapter(self.peft_model, self.out / lora.ADAPTER_DIR)
+        lora.save_adapter(self.peft_model, self.out / ADAPTER_DIR)
 
     def encoder_state_for_last(self) -> dict[str, torch.Tensor]:
         """The encoder tensors ``last.pt`` keeps (LoRA: the trainable ones only)."""
         if self.peft_model is None:
             return self.encoder.state_dict()
-        from sonar_ft import lora
+        from sonar_ft.models import lora
 
         return lora.trainable_state_dict(self.encoder)
 
@@ -490,19 +503,19 @@ class FineTuneRecipe:
         if not self.cfg.save_checkpoints:
             return
         st = self.state
-        path = components.last_state_path(self.cfg)
-        components.refuse_broken_weights(self.encoder, path, f"epoch {st.epoch + 1 if position else st.epoch}, step {st.step}")
+        path = last_state_path(self.cfg)
+        refuse_broken_weights(self.encoder, path, f"epoch {st.epoch + 1 if position else st.epoch}, step {st.step}")
         saved = replace(st, position=position)
-        io.save_torch(path, {
+        atomic.save_torch(path, {
             "encoder": self.encoder_state_for_last(), "optimizer": self.optimizer.state_dict(), "plateau": self.plateau.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None, **saved.state_dict(),
         })
         if self.cfg.state_dir and position is None:  # epoch end: the copy in the run folder (room for one copy only)
-            mirror_state(path, self.out / components.LAST_STATE, replace=True)
+            mirror_state(path, self.out / LAST_STATE, replace=True)
 
-    def result(self) -> components.TrainResult:
+    def result(self) -> TrainResult:
         best = self.state.best
-        return components.TrainResult(
+        return TrainResult(
             best_epoch=best["epoch"], best_score=best["score"], best_val_bleu=best["bleu"], best_val_loss=best["loss"],
             history=list(self.state.history), stopped_early=self.stopped_early, output_dir=str(self.out),
         )
@@ -514,3 +527,50 @@ def peak_memory_gib(device: torch.device) -> float:
         return torch.cuda.max_memory_allocated(device) / 2**30
     kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
     return kib / (2**30 if sys.platform == "darwin" else 2**20)
+
+
+def fine_tune(
+    cfg: TrainConfig, *, on_evaluation: Callable[[EpochMetrics], None] | None = None, reuse_data: dict[tuple, Any] | None = None,
+) -> TrainResult:
+    """Fine-tune the encoder as configured; ``on_evaluation`` is called after each evaluation (tuning prunes there).
+
+    ``reuse_data``: a dict kept between runs of one process (tuning trials), so that a later run with
+    the same data settings reuses the earlier datasets, their bad-clip scan and feature cache
+    (see :func:`sonar_ft.data.splits.load_split`).
+
+    Under ``torchrun`` (``WORLD_SIZE`` > 1) every process runs this data-parallel: ``--batch_size``
+    is per process, only rank 0 writes files. A run whose output folder already holds it, finished,
+    returns at once (``already_finished``) without reading a clip or loading a model.
+    """
+    from sonar_ft.training.recipe import FineTuneRecipe
+
+    cfg.validate()
+    done = finished_run(cfg)
+    if done is not None:
+        best = f", best epoch {done.best_epoch}" if done.best_epoch is not None else ""
+        log.info("%s already holds this run, finished (%d epochs%s): nothing to do. Raise --epochs to continue it, "
+                 "or pass --overwrite to train it again.", cfg.output_dir, cfg.epochs, best)
+        return done
+    check_output_dir(cfg.output_dir, recipe_inputs(cfg))  # never a run folder that is, or holds, one of its inputs
+    ddp = distributed.setup(cfg.device)
+    main_out = Path(cfg.output_dir) if ddp.is_main else None
+    if main_out is not None:
+        try:
+            main_out.mkdir(parents=True, exist_ok=True)
+        except OSError:
+            main_out = None  # prepare_output_dir says what is wrong with it
+    # One writer per run folder for the whole run (rank 0 writes every file): a second copy is refused, naming this one.
+    lock = output_lock(cfg.output_dir, command="sonar-ft train") if main_out is not None else contextlib.nullcontext()
+    try:
+        with lock, attach_train_log(main_out):
+            recipe = FineTuneRecipe(cfg, ddp, on_evaluation=on_evaluation, reuse_data=reuse_data)
+            recipe.setup()
+            result = recipe.train()
+            if result.best_epoch is not None:
+                log.info("run finished; the best evaluation was epoch %d (val BLEU %.2f, val loss %.4f)%s", result.best_epoch, result.best_val_bleu,
+                         result.best_val_loss, " (stopped early)" if result.stopped_early else "")
+    except BaseException:
+        ddp.shutdown(finished=False)
+        raise
+    ddp.shutdown(finished=True)
+    return result

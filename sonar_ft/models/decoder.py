@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from sonar_ft import assets
+from sonar_ft.models import assets
 from sonar_ft.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -210,6 +210,14 @@ class FrozenTextDecoder(nn.Module):
         for i, s in enumerate(seqs):
             out[i, : len(s)] = s
         return out, lens
+
+    def scored_tokens(self, texts: Sequence[str], lang: str) -> Tensor:
+        """Per text, the target tokens the loss scores (B,): ``</s>`` and the language token are read, not scored.
+
+        The one rule for what a clip weighs in its accumulation window and what the memory plan counts.
+        """
+        _, lens = self.tokenize(texts, lang)
+        return (lens - 2).clamp(min=0)
 
     # -- training loss ---------------------------------------------------------------------------
     def decoder_states(self, embeddings: Tensor, tokens: Tensor, lens: Tensor) -> Tensor:

@@ -22,13 +22,11 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from sonar_ft import io
+from sonar_ft.files import atomic
+from sonar_ft.run_files import STEPS_FILE, TENSORBOARD_DIR, TRAIN_LOG
 
 log = logging.getLogger(__name__)
 
-STEPS_FILE = "steps.jsonl"
-TENSORBOARD_DIR = "tensorboard"
-TRAIN_LOG = "train.log"
 LINES_PER_EPOCH = 40
 """At most this many plain progress lines per epoch (plus its summary line)."""
 
@@ -73,7 +71,7 @@ class Progress:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.mode, self.epochs, self.every, self.clock = mode, epochs, every_seconds, clock
-        self.emit = emit or logging.getLogger("sonar_ft.train").info  # the loop's logger (tuning quiets it)
+        self.emit = emit or logging.getLogger("sonar_ft.training.run_dir").info  # the loop's logger (tuning quiets it)
         self._bar: Any = None
         self._epoch_bar: Any = None
         self._epoch = 0
@@ -159,7 +157,7 @@ class StepRecorder:
         if self.jsonl is not None and resumed_step is not None and self.jsonl.is_file():
             # Records written after the checkpoint this run resumes from are written again: drop the old ones.
             kept = [json.dumps(r) for r in read_steps(self.jsonl) if r.get("step", 0) <= resumed_step]
-            io.write_text(self.jsonl, "".join(line + "\n" for line in kept))
+            atomic.write_text(self.jsonl, "".join(line + "\n" for line in kept))
         self.writer: Any = None
         if out is not None and "tensorboard" in reporters:
             self.writer = _tensorboard_writer(out / TENSORBOARD_DIR, None if resumed_step is None else resumed_step + 1)
@@ -197,7 +195,7 @@ class StepRecorder:
         }
         self._norms, self._started = [], now
         if self.jsonl is not None:
-            io.append_lines(self.jsonl, [json.dumps(rec)])
+            atomic.append_lines(self.jsonl, [json.dumps(rec)])
         if self.writer is not None:
             for key, tag in STEP_TAGS.items():
                 if rec.get(key) is not None:
@@ -273,3 +271,12 @@ class attach_train_log:
 def iter_lines(path: str | Path) -> Iterator[str]:
     """Lines of ``train.log`` (for notebooks showing the tail of a running job)."""
     yield from Path(path).read_text(encoding="utf-8").splitlines()
+
+
+def epoch_line(m: Any, epochs: int) -> str:
+    """One line per epoch: losses, BLEU, chrF, learning rate, seconds, and whether it is the best so far."""
+    val = (
+        f"val_loss {m.val_loss:.4f} | BLEU {m.val_bleu:.2f} | chrF {m.val_chrf:.2f}" if m.val_bleu is not None else "no evaluation"
+    )
+    star = " *best*" if m.is_best else ""
+    return f"epoch {m.epoch}/{epochs} | train_loss {m.train_loss:.4f} | {val} | lr {m.lr:.2e} | {m.seconds:.1f}s{star}"

@@ -3,8 +3,8 @@
 Run by the stack environment's Python (see :mod:`sonar_ft.stack_env`), never in a notebook kernel;
 each writes what the notebook shows as JSON:
 
-    python -m sonar_ft.notebook_steps demo --demo_dir demo_runs
-    python -m sonar_ft.notebook_steps encoder-info --checkpoint enc.pth --json info.json
+    python -m sonar_ft.notebook.steps demo --demo_dir demo_runs
+    python -m sonar_ft.notebook.steps encoder-info --checkpoint enc.pth --json info.json
 """
 
 from __future__ import annotations
@@ -16,12 +16,13 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from sonar_ft import io
+from sonar_ft.files import atomic
 from sonar_ft.errors import SonarFtError
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from sonar_ft.demo.build import BUILD_VERSION, DemoConfig, DemoPaths, build_demo
+    from sonar_ft.demo.build import BUILD_VERSION, DemoConfig, build_demo
+    from sonar_ft.demo.paths import DemoPaths
 
     cfg = DemoConfig()
     root = Path(args.demo_dir)
@@ -36,7 +37,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _encoder_info(args: argparse.Namespace) -> int:
-    from sonar_ft.encoder import count_parameters, load_encoder
+    from sonar_ft.models.encoder import count_parameters, load_encoder
 
     encoder, architecture = load_encoder(args.checkpoint)
     record = {
@@ -45,7 +46,7 @@ def _encoder_info(args: argparse.Namespace) -> int:
         "parameters": count_parameters(encoder),
         "distinct_parameters": count_parameters(encoder, include_tied_copies=False),
     }
-    io.write_json(args.json, record)
+    atomic.write_json(args.json, record)
     print(f"{record['parameters']:,} parameters ({record['distinct_parameters']:,} distinct) -> {args.json}")
     return 0
 

@@ -3,7 +3,7 @@
 A study is configured by one YAML file (``configs/tuning/*.yaml``): tuning keys (``study_name``,
 ``storage``, ``n_trials``, ``sampler``, ``pruner``, ``search_space``...) next to fixed recipe settings
 (features, manifests, encoder checkpoint, ``epochs`` per trial, ``subset_fraction``...). Each trial is
-``sonar_ft.train.train`` with the sampled settings, in a lighter mode (no per-epoch checkpoints, no
+``sonar_ft.training.run_dir.train`` with the sampled settings, in a lighter mode (no per-epoch checkpoints, no
 prediction files) and its own folder ``STUDY_DIR/trials/trial_NNNN``. The validation metric of every
 evaluation is reported to Optuna, which may prune the trial there.
 
@@ -43,10 +43,14 @@ from optuna.distributions import BaseDistribution, CategoricalDistribution, Floa
 from optuna.samplers import BaseSampler
 from optuna.trial import FrozenTrial, TrialState
 
-from sonar_ft import io
+from sonar_ft.files import atomic
 from sonar_ft.config import make_config, read_yaml
 from sonar_ft.errors import CheckpointError, ConfigError, DataError, OutputDirError, SonarFtError
-from sonar_ft.train import LAST_STATE, EpochMetrics, TrainConfig, load_split, train
+from sonar_ft.config import TrainConfig
+from sonar_ft.data.splits import load_split
+from sonar_ft.run_files import LAST_STATE
+from sonar_ft.training.recipe import fine_tune
+from sonar_ft.training.state import EpochMetrics
 
 log = logging.getLogger(__name__)
 
@@ -959,7 +963,7 @@ def make_objective(settings: TuneSettings, worker: str) -> Callable[[optuna.Tria
             # What this trial ran with: the study's records describe it from this, never from a later command's flags.
             trial.set_user_attr(TRIAL_SETTINGS, dataclasses.asdict(cfg))
             cfg.validate()
-            result = train(cfg, on_evaluation=on_evaluation, reuse_data=datasets)
+            result = fine_tune(cfg, on_evaluation=on_evaluation, reuse_data=datasets)
         except optuna.TrialPruned:
             raise
         except (DataError, CheckpointError, OutputDirError) as exc:
@@ -977,7 +981,7 @@ def make_objective(settings: TuneSettings, worker: str) -> Callable[[optuna.Tria
             reason = failure_reason(exc)
             _fail(trial, "trial", reason)
             if not isinstance(exc, (TrialFailed, SonarFtError)):
-                io.write_text(folder / TRIAL_ERROR_FILE, traceback.format_exc())
+                atomic.write_text(folder / TRIAL_ERROR_FILE, traceback.format_exc())
             raise TrialFailed(reason) from None
         finally:
             _after_trial(folder, settings, device_is_cuda=torch.cuda.is_available())
@@ -1176,7 +1180,7 @@ def _best_trial(study: optuna.Study) -> FrozenTrial | None:
 
 def write_study_outputs(study: optuna.Study, settings: TuneSettings) -> dict[str, Path]:
     """Write ``trials.csv``, ``study_summary.json``, the best-trial files and the plots; return their paths."""
-    from sonar_ft import tune_report
+    from sonar_ft.tune import report as tune_report
 
     out = settings.study_dir
     shown = describe_storage(settings.storage, out)
@@ -1192,7 +1196,7 @@ def write_study_outputs(study: optuna.Study, settings: TuneSettings) -> dict[str
         fixed=dataclasses.asdict(settings.train), compared=_COMPARABILITY,
     )
     written["summary"] = out / SUMMARY_FILE
-    io.write_json(written["summary"], summary)
+    atomic.write_json(written["summary"], summary)
     if best is not None:
         ran = trial_ran_with(best, settings)
         cfg = final_config(settings, best.params, ran=ran)
@@ -1208,9 +1212,9 @@ def write_study_outputs(study: optuna.Study, settings: TuneSettings) -> dict[str
             "best_epoch": best.user_attrs.get("best_epoch"),
         }
         written["best_hyperparameters"] = out / BEST_PARAMS_FILE
-        io.write_json(written["best_hyperparameters"], record)
+        atomic.write_json(written["best_hyperparameters"], record)
         written["best_config"] = out / BEST_CONFIG_FILE
-        io.write_text(written["best_config"], best_config_text(cfg, settings, best, shown, ran=ran))
+        atomic.write_text(written["best_config"], best_config_text(cfg, settings, best, shown, ran=ran))
     else:
         log.info("no trial has completed yet: %s and %s are written once one does", BEST_PARAMS_FILE, BEST_CONFIG_FILE)
     if settings.plots:
@@ -1268,7 +1272,7 @@ def train_from_tuning(study_dir: str | Path, overrides: Mapping[str, Any] | None
     from sonar_ft.config import config_from_sources
 
     cfg = config_from_sources(dict(overrides or {}), best_config_path(study_dir))
-    return train(cfg, on_evaluation=on_evaluation)
+    return fine_tune(cfg, on_evaluation=on_evaluation)
 
 
 # ================================================================================================
@@ -1293,8 +1297,8 @@ def _optuna_verbosity(level: int) -> Iterator[None]:
         optuna.logging.set_verbosity(saved)
 
 
-_CHATTY_LOGGERS = ("sonar_ft.train", "sonar_ft.data", "sonar_ft.encoder", "sonar_ft.decoder", "sonar_ft.evaluate",
-                   "sonar_ft.text_encoder", "fairseq2", "sonar")
+_CHATTY_LOGGERS = ("sonar_ft.training.run_dir", "sonar_ft.data", "sonar_ft.models.encoder", "sonar_ft.models.decoder", "sonar_ft.evaluate",
+                   "sonar_ft.models.text_encoder", "fairseq2", "sonar")
 
 
 @contextlib.contextmanager

@@ -18,34 +18,7 @@ from sonar_ft.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-DECODER_DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-CACHE_DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16}
 OPTIMIZERS = ("adamw", "adamw8bit")
-
-
-def decoder_dtype(name: str, device: torch.device) -> torch.dtype:
-    """The dtype the frozen decoder's weights are held in for ``--decoder_dtype name``.
-
-    fp16 is only for GPUs without bf16 (a T4): bf16 keeps fp32's range and is the safer half type,
-    and CPUs run fp16 matmuls slowly or not at all.
-    """
-    if name not in DECODER_DTYPES:
-        raise ConfigError(f"--decoder_dtype must be one of {', '.join(DECODER_DTYPES)} (got {name!r})")
-    if name == "fp16":
-        if device.type != "cuda":
-            raise ConfigError("--decoder_dtype fp16 is for GPUs without bf16 (e.g. a T4); on CPU use --decoder_dtype bf16 or fp32")
-        if torch.cuda.is_bf16_supported():
-            raise ConfigError("this GPU supports bf16: use --decoder_dtype bf16 (fp16 is only for GPUs without it, e.g. a T4)")
-    if name == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise ConfigError("this GPU has no bf16 support: use --decoder_dtype fp16 (or fp32)")
-    return DECODER_DTYPES[name]
-
-
-def cache_dtype(name: str) -> torch.dtype:
-    """The dtype cached features are stored in for ``--cache_dtype name``."""
-    if name not in CACHE_DTYPES:
-        raise ConfigError(f"--cache_dtype must be one of {', '.join(CACHE_DTYPES)} (got {name!r})")
-    return CACHE_DTYPES[name]
 
 
 NO_DECAY_NAMES = ("shared.weight", "feature_proj_scale")  # the tied embed_tokens copies are listed as shared.weight
@@ -147,9 +120,3 @@ def configure_encoder(encoder: nn.Module, cfg: Any) -> nn.Module:
         compile_encoder(encoder)
     return encoder
 
-
-def feature_cache(cfg: Any) -> dict[str, Any]:
-    """``SignFeatureDataset`` keyword arguments for ``--cache_features`` / ``--cache_dtype``."""
-    if not cfg.cache_features:
-        return {}
-    return {"cache": True, "cache_dtype": cache_dtype(cfg.cache_dtype)}

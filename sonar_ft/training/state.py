@@ -122,3 +122,18 @@ def _tuplify(x: Any) -> Any:
     if isinstance(x, list):
         return tuple(_tuplify(v) for v in x)
     return x
+
+
+@dataclass
+class TrainResult:
+    """What a finished run reports back (the recipe prints it; tuning optimises it)."""
+
+    best_epoch: int | None
+    best_score: float | None
+    best_val_bleu: float | None
+    best_val_loss: float | None
+    history: list[EpochMetrics] = field(default_factory=list)
+    stopped_early: bool = False
+    output_dir: str = ""
+    already_finished: bool = False
+    """True when the output folder held this very run, finished: nothing was done."""

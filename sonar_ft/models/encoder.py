@@ -41,7 +41,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from sonar_ft.errors import CheckpointError, ConfigError
-from sonar_ft.io import load_torch, save_torch
+from sonar_ft.files.atomic import load_torch, save_torch
 
 logger = logging.getLogger(__name__)
 
@@ -726,7 +726,7 @@ def save_encoder(
 ) -> None:
     """Atomically write ``{"student": state_dict, "config": asdict(config), **extra}``.
 
-    ``state_dict`` replaces ``model.state_dict()`` (LoRA: the merged weights, see sonar_ft.lora).
+    ``state_dict`` replaces ``model.state_dict()`` (LoRA: the merged weights, see sonar_ft.models.lora).
 
     ``extra`` must hold only tensors and plain Python values, so that the file loads with
     ``weights_only=True``.
