@@ -9,7 +9,7 @@ import pytest
 from sonar_ft import cli
 from sonar_ft.config import _RANGES, TrainConfig, _options, config_from_sources, join_negative_values
 from sonar_ft.errors import ConfigError
-from sonar_ft.train_cli import build_parser
+from sonar_ft.training.cli import build_parser
 
 REQUIRED = ["--encoder_checkpoint", "enc.pt", "--train_features", "f", "--train_manifest", "t.tsv",
             "--val_features", "f", "--val_manifest", "v.tsv"]
@@ -23,6 +23,13 @@ def test_learning_rate_given_a_negative_number_after_a_space_gets_its_range_mess
     assert code == 2
     assert err.strip() == "error: --learning_rate must be in (0, inf) (got -0.0001)"
     assert not (tmp_path / "run").exists()
+
+
+def test_the_training_script_joins_negative_values_too(capsys, tmp_path):
+    from sonar_ft.training.cli import main
+
+    code = main([*REQUIRED, "--output_dir", str(tmp_path / "run"), "--weight_decay", "-1e-2"])
+    assert code == 2 and capsys.readouterr().err.strip() == "error: --weight_decay must be in [0, inf) (got -0.01)"
 
 
 @pytest.mark.parametrize("name", FLOAT_FLAGS)

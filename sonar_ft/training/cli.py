@@ -24,7 +24,7 @@ import argparse
 import sys
 from typing import Any, Sequence
 
-from sonar_ft.config import add_arguments, config_from_sources
+from sonar_ft.config import add_arguments, config_from_sources, join_negative_values
 
 DESCRIPTION = "Fine-tune the SONAR ASL encoder against the frozen SONAR text decoder (see README.md)."
 
@@ -60,7 +60,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from sonar_ft.cli import run, setup_logging
 
     setup_logging(sys.stdout)
-    flags = vars(build_parser().parse_args(argv))
+    flags = vars(build_parser().parse_args(join_negative_values(sys.argv[1:] if argv is None else argv)))
     config_file = flags.pop("config", None)
     return run(lambda _: run_recipe(flags, config_file), argparse.Namespace())
 
