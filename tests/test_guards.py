@@ -581,8 +581,7 @@ def test_a_reference_longer_than_the_decoder_reads_is_named_with_its_row(tmp_pat
 
     decoder = FrozenTextDecoder(_FakeDecoderModel(), _FakeTokenizer(), langs=["eng_Latn"], source="dec")
     long_text = "one two three four five six"  # 9 tokens > 8
-    assert decoder.text_problem("short one", "eng_Latn") is None
-    assert "reference has 9 tokens, more than the 8" in decoder.text_problem(long_text, "eng_Latn")
+    assert decoder.count_tokens(["short one", long_text], "eng_Latn") == [5, 9] and decoder.max_target_len == 8
     with pytest.raises(DataError, match=r"the reference 'one two three four five six' has 9 tokens, more than the 8"):
         decoder.tokenize(["ok", long_text], "eng_Latn")
     assert decoder.tokenize([long_text], "eng_Latn", max_len=8)[0].shape == (1, 8)  # truncation asked for: no error
@@ -593,7 +592,7 @@ def test_a_reference_longer_than_the_decoder_reads_is_named_with_its_row(tmp_pat
         np.save(feats / f"{name}.npy", np.ones((3, 4), np.float32))
     rows = [ManifestRow("a", "fine", None, line=2), ManifestRow("b", long_text, None, line=3)]
     bad = find_bad_samples(FeatureStore.open(feats), rows, progress=False,
-                           text_check=lambda t: decoder.text_problem(t, "eng_Latn"))
+                           count_tokens=lambda texts: decoder.count_tokens(texts, "eng_Latn"), max_tokens=decoder.max_target_len)
     assert [(b.id, "manifest line 3" in b.reason, "9 tokens" in b.reason) for b in bad] == [("b", True, True)]
 
 
