@@ -334,7 +334,7 @@ def test_full_disk_in_torch_save_names_the_folder_and_free_space_and_keeps_the_o
     atomic.save_torch(path, {"step": 1})
 
     def full(obj, f):
-        Path(f).write_bytes(b"partial")
+        f.write(b"partial")
         raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 64 vs 0\n"
                            "PytorchStreamWriter failed writing file data/0: file write failed")
 

@@ -33,7 +33,7 @@ def mirror_state(local: str | Path, mirror: str | Path, *, replace: bool) -> Non
     local, mirror = Path(local), Path(mirror)
     if replace and mirror.exists():
         mirror.unlink()
-    with atomic.atomic_path(mirror) as tmp:
+    with atomic.atomic_path(mirror, needed=local.stat().st_size) as tmp:
         shutil.copyfile(local, tmp)
     log.info("copied %s to %s (%.1f GB)", local.name, mirror, mirror.stat().st_size / 1e9)
 
@@ -49,7 +49,7 @@ def restore_state(mirror: str | Path, local: str | Path) -> bool:
         return False
     if local.is_file() and local.stat().st_mtime >= mirror.stat().st_mtime:
         return False
-    with atomic.atomic_path(local) as tmp:
+    with atomic.atomic_path(local, needed=mirror.stat().st_size) as tmp:
         shutil.copyfile(mirror, tmp)
     log.info("restored %s from its copy %s", local, mirror)
     return True
