@@ -16,7 +16,7 @@ import torch
 from sonar_ft.config import TrainConfig
 from sonar_ft.data.bad_samples import BadSample, CountTokens, find_bad_samples
 from sonar_ft.data.dataset import SignFeatureDataset, prepare_features, select_rows
-from sonar_ft.data.features import FeatureStore
+from sonar_ft.data.features import FeatureStore, check_feature_width
 from sonar_ft.data.manifest import read_manifest
 from sonar_ft.errors import ConfigError, DataError
 
@@ -119,12 +119,7 @@ def _read_split(
 
 
 def check_feature_dim(dataset: SignFeatureDataset, expected: int, *, features: str, encoder: str) -> None:
-    """Stop before training when the clips' feature dimension is not the encoder's input size."""
+    """Stop before training (or evaluating) when the clips' feature dimension is not the encoder's input size."""
     if len(dataset) == 0:
         return
-    dim = dataset[0].features.shape[1]
-    if dim != expected:
-        raise DataError(
-            f"the clips in {features} have {dim} features per frame but the encoder {encoder} expects {expected}: "
-            "use features from the extractor the encoder was trained with (SignHiera: 768), or the matching checkpoint"
-        )
+    check_feature_width(dataset[0].features.shape[1], expected, features=features, encoder=encoder)
