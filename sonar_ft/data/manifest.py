@@ -102,7 +102,9 @@ def _quoted_field(text: str, start: int) -> tuple[str, int] | None:
 
     It is one when a closing quote (not doubled) comes before the end of the data and is followed by
     a tab, a line end or the end of the data; every quote between is doubled. Anything else -- a
-    quote that never closes, or one followed by more text (``"Stop," she said.``) -- is text.
+    quote that never closes, or one followed by more text (``"Stop," she said.``) -- is text. So is
+    a "field" that would take in whole rows (a line after a line break holds a tab): that is a text
+    opening a quote in one row and another closing one rows later, and merging them would lose clips.
     """
     pos = start + 1
     while True:
@@ -115,7 +117,10 @@ def _quoted_field(text: str, start: int) -> tuple[str, int] | None:
         after = close + 1
         if after < len(text) and text[after] not in "\t" + _LINE_ENDS:
             return None
-        return text[start + 1 : close].replace(QUOTE * 2, QUOTE), after
+        value = text[start + 1 : close]
+        if _holds_a_row(value):
+            return None
+        return value.replace(QUOTE * 2, QUOTE), after
 
 
 def _line_breaks(text: str) -> int:
@@ -225,15 +230,6 @@ def read_manifest(path: str | Path, *, allow_duplicates: bool = False) -> list[M
                         "as Python's csv module and pandas do -- or replace the tab with a space)")
             problems.append(f"{_where(rec)}: expected {width} fields, found {len(rec.fields)}{hint}")
             continue
-        swallowed = _swallowed_row(rec)
-        if swallowed is not None:
-            problems.append(
-                f"{_where(rec)}: the double quote opening a field on line {rec.first} closes only on line {swallowed}, "
-                f"which would make line(s) {rec.first + 1}-{swallowed} part of that text; if the quote belongs to the "
-                'text, write the field CSV-quoted (the whole field in double quotes, inner quotes doubled: """...), '
-                "as Python's csv module and pandas do"
-            )
-            continue
         clip_id = rec.fields[i_id].strip()
         if not clip_id:
             problems.append(f"{_where(rec)}: empty id")
@@ -262,20 +258,9 @@ def read_manifest(path: str | Path, *, allow_duplicates: bool = False) -> list[M
     return rows
 
 
-def _swallowed_row(rec: _Record) -> int | None:
-    """The last line of a quoted field that took in whole rows (a line after a line break holds a tab), or None.
-
-    A text that opens with a quote in one row and another that ends with one in a later row form a
-    valid CSV field that swallows the rows between; real texts hardly ever hold a line break followed
-    by a tab, so such a field is reported instead of silently merging clips.
-    """
-    line = rec.first
-    for field in rec.fields:
-        parts = field.replace("\r\n", "\n").replace("\r", "\n").split("\n")
-        if any("\t" in part for part in parts[1:]):
-            return line + len(parts) - 1
-        line += len(parts) - 1
-    return None
+def _holds_a_row(value: str) -> bool:
+    """True when a line after a line break in ``value`` holds a tab, i.e. looks like a manifest row of its own."""
+    return any("\t" in part for part in value.replace("\r\n", "\n").replace("\r", "\n").split("\n")[1:])
 
 
 def _is_how2sign_layout(records: list[_Record], has_header: bool) -> bool:
@@ -305,14 +290,14 @@ def write_manifest(path: str | Path, rows: Iterable[ManifestRow], *, source: str
     Fields are CSV-quoted where Python's ``csv`` needs it (:func:`csv_field`), so the file reads back
     equal with :func:`read_manifest`, ``csv.reader(delimiter="\\t")`` and ``pandas.read_csv(sep="\\t")``.
     The one text that cannot be written so is one holding a line break followed by a tab (read back,
-    it is taken for rows swallowed by an open quote): DataError names the row (and its line in
+    that line would be taken for a row of its own): DataError names the row (and its line in
     ``source``, if given) and nothing is written.
     """
     lines = ["\t".join(HEADER)]
     bad: list[str] = []
     for row in rows:
         fields = [row.id, "" if row.length is None else str(row.length), row.text]
-        if _swallowed_row(_Record(1, 1, fields)) is not None:
+        if any(_holds_a_row(f) for f in fields):
             where = f"line {row.line} of {source}" if source and row.line else f"id {row.id!r}"
             bad.append(f"{where}: {row.text!r}")
             continue
@@ -321,7 +306,7 @@ def write_manifest(path: str | Path, rows: Iterable[ManifestRow], *, source: str
         listed = "; ".join(bad[:MAX_LISTED]) + (f"; ... and {len(bad) - MAX_LISTED} more" if len(bad) > MAX_LISTED else "")
         raise DataError(
             f"cannot write manifest {path}: {len(bad)} text(s) or id(s) hold a line break followed by a tab, which "
-            f"reads back as rows merged by an open quote ({listed}); replace those tabs with spaces in the source"
+            f"would read back as a row of its own ({listed}); replace those tabs with spaces in the source"
         )
     write_text(path, "\n".join(lines) + "\n")
 
