@@ -11,8 +11,8 @@ Quoting (the same rule for every format): a field that is CSV-quoted the way Pyt
 and pandas' ``to_csv(sep="\t")`` write it -- it starts and ends with a double quote and every quote
 inside is doubled -- is read as the text that was written, and may then hold tabs and line breaks.
 Any other field is kept byte for byte, quotes included (``"Stop," she said.``, a lone opening
-quote). :func:`write_manifest` writes with Python's ``csv`` module, so what it writes reads back
-equal both here and with ``csv`` / pandas.
+quote, or one opened in a row and closed rows later). :func:`write_manifest` quotes exactly as
+Python's ``csv`` module does, so what it writes reads back equal here and with ``csv`` / pandas.
 """
 
 from __future__ import annotations
