@@ -25,6 +25,7 @@ import torch
 from sonar_ft import cli
 from sonar_ft.export import load as export_load
 from sonar_ft.export import pack as export
+from sonar_ft.inference import translate as translate_mod
 from sonar_ft.files import atomic
 from sonar_ft.files import lock
 from sonar_ft.data import features as features_mod
@@ -538,13 +539,11 @@ def test_translate_refuses_zero_counts_before_loading_anything(tmp_path, capsys,
 
 
 def test_translate_names_each_clip_it_cannot_embed(tmp_path):
-    from sonar_ft.inference.translate import _check_clips
-
     nan = torch.ones(3, 6)
     nan[1, 1] = float("nan")
     clips = [torch.ones(3, 6), torch.ones(0, 6), torch.ones(3, 5), nan]
     with pytest.raises(DataError) as err:
-        _check_clips(["ok", "empty", "narrow", "nan"], clips, 6, tmp_path, "enc.pt")
+        translate_mod._check_clips(["ok", "empty", "narrow", "nan"], clips, 6, tmp_path, "enc.pt")
     msg = str(err.value)
     assert "3 clip(s)" in msg and "empty: has zero frames" in msg and "narrow: has 5 features" in msg
     assert "nan: contains NaN" in msg and "ok" not in msg.split("(")[1].split(":")[0]
