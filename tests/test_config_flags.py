@@ -7,7 +7,8 @@ import typing
 import pytest
 
 from sonar_ft import cli
-from sonar_ft.config import _RANGES, TrainConfig, _options, config_from_sources, join_negative_values
+from sonar_ft.cli import join_negative_values
+from sonar_ft.config import _RANGES, TrainConfig, _options, config_from_sources
 from sonar_ft.errors import ConfigError
 from sonar_ft.training.cli import build_parser
 

@@ -24,7 +24,7 @@ import argparse
 import sys
 from typing import Any, Sequence
 
-from sonar_ft.config import add_arguments, config_from_sources, join_negative_values
+from sonar_ft.config import add_arguments, config_from_sources
 
 DESCRIPTION = "Fine-tune the SONAR ASL encoder against the frozen SONAR text decoder (see README.md)."
 
@@ -57,7 +57,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``train_sonar_finetuning.py``: parse, run, one summary; user errors are one line and exit code 2."""
-    from sonar_ft.cli import run, setup_logging
+    from sonar_ft.cli import join_negative_values, run, setup_logging
 
     setup_logging(sys.stdout)
     flags = vars(build_parser().parse_args(join_negative_values(sys.argv[1:] if argv is None else argv)))
