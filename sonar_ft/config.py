@@ -80,7 +80,8 @@ class TrainConfig:
     """Encoder dropout (default: keep the architecture's 0.1)."""
     # -- optimisation -------------------------------------------------------------------------------
     batch_size: int = 8
-    """Clips per batch (per process under torchrun)."""
+    """Clips per micro-batch (per process under torchrun). Each optimiser step's clips are chosen at the effective batch
+    ``batch_size x grad_accum`` and split into micro-batches, so the split may change on resume (another GPU)."""
     epochs: int = 10
     """Number of epochs."""
     learning_rate: float = 1e-4
@@ -140,10 +141,14 @@ class TrainConfig:
     output_dir: str = "runs/finetune"
     """Where metrics, predictions, logs and checkpoints go."""
     state_dir: str | None = None
-    """Keep the resumable ``last.pt`` in this folder on a fast local disk (e.g. ``/content/sonar_state/run``) and copy
-    it into ``--output_dir`` after each epoch, removing the old copy first: the disk plan's ``mirror-replace``
-    (``sonar-ft plan``), for a run folder on a Drive that cannot hold two 9 GB copies. After a disconnect the
-    copy in ``--output_dir`` is brought back here and the run resumes from it."""
+    """Write ``last.pt`` and ``best_encoder.pt`` in this folder on a fast local disk (e.g. ``/content/sonar_state/run``)
+    and copy them into ``--output_dir`` after each save, overwriting fixed files in place (``--state_slots``): on Google
+    Drive a deleted or replaced 9 GB file stays in the trash and counts against the quota. The disk plan
+    (``sonar-ft plan``) says when a run needs it. After a disconnect the newest complete copy comes back here."""
+    state_slots: int = 1
+    """With ``--state_dir``: copies of ``last.pt`` kept in ``--output_dir``, fixed files overwritten in place (Drive keeps
+    no trash of them). 2: the previous copy survives a disconnect during the next copy; 1: one copy (a disconnect during
+    its copy leaves none); 0: none (a disconnect loses the state: continue from ``best_encoder.pt`` as a new run)."""
     device: str = "auto"
     """``auto`` (CUDA when present), ``cuda``, ``cuda:N`` or ``cpu``."""
     precision: Literal["auto", "bf16", "fp32"] = "auto"
@@ -156,6 +161,10 @@ class TrainConfig:
     """Write ``best_encoder.pt`` / ``last.pt`` (tuning trials may switch this off)."""
     checkpoint_every_steps: int = 0
     """Also write the resumable ``last.pt`` every N optimiser steps inside an epoch (0: only at epoch ends)."""
+    checkpoint_every_minutes: float = 0.0
+    """Also write the resumable ``last.pt`` once this many minutes have passed since the last save (checked after each
+    optimiser step; 0: off). A disconnect then costs at most these minutes; with ``--state_dir`` each save is also copied
+    to the run folder (see ``sonar-ft plan`` for what that costs on Drive)."""
     loss_chunk_size: int = 256
     """Target positions per chunk of vocabulary logits in the loss (bounds its memory, see docs/benchmarks.md)."""
     # -- logging ------------------------------------------------------------------------------------
@@ -258,13 +267,14 @@ _RANGES: dict[str, tuple[float, float | None, bool, bool]] = {
     "label_smoothing": (0, 1, False, True), "dropout": (0, 1, False, True), "plateau_factor": (0, 1, True, True),
     "grad_clip": (0, None, False, False), "warmup_steps": (0, None, False, False), "plateau_patience": (0, None, False, False),
     "early_stopping_patience": (0, None, False, False), "distill_weight": (0, None, False, False),
-    "num_workers": (0, None, False, False), "checkpoint_every_steps": (0, None, False, False),
+    "num_workers": (0, None, False, False), "checkpoint_every_steps": (0, None, False, False), "checkpoint_every_minutes": (0, None, False, False),
     "freeze_encoder_layers": (0, None, False, False), "log_every_steps": (0, None, False, False),
-    "progress_seconds": (0, None, False, False), "lora_rank": (0, None, False, False),
+    "progress_seconds": (0, None, False, False), "lora_rank": (0, None, False, False), "state_slots": (0, 2, False, False),
 }
 _RANGE_HINTS = {
     "max_samples": "; leave it out to use all clips",
     "checkpoint_every_steps": "; 0 saves at epoch ends only",
+    "checkpoint_every_minutes": "; 0 turns time-based saves off",
     "early_stopping_patience": "; 0 turns early stopping off",
     "grad_clip": "; 0 turns clipping off",
     "lora_rank": "; 0 fine-tunes every weight",

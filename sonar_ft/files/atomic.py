@@ -128,12 +128,14 @@ def _megabytes(n: int) -> str:
 
 def disk_full_error(
     path: Path, exc: BaseException, *, needed: int | None = None, written: int = 0, appended: bool = False,
+    kept: str | None = None,
 ) -> DiskFullError:
     """The one-line error for a write of ``path`` that failed for lack of space.
 
     It names the file and its folder, the space the file needs (``needed`` bytes when known, else more than
     the ``written`` bytes that got onto the disk), the space free, and that nothing was lost: an atomic write
-    leaves the previous file as it was; an append (``appended``) keeps the lines written before.
+    leaves the previous file as it was; an append (``appended``) keeps the lines written before; other
+    writers say what is intact in ``kept``.
     """
     folder = path.absolute().parent
     try:
@@ -148,8 +150,9 @@ def disk_full_error(
         need = "it needs more space than is left"
     os_error = _os_error(exc)
     cause = os_error.strerror if os_error is not None and os_error.strerror else str(exc).strip().splitlines()[-1]
-    kept = (f"the lines written to {path.name} before are intact" if appended
-            else f"the previous {path.name}, if there was one, is intact")
+    if kept is None:
+        kept = (f"the lines written to {path.name} before are intact" if appended
+                else f"the previous {path.name}, if there was one, is intact")
     error = DiskFullError(
         f"cannot write {path.name} in {folder}: the disk is full ({need}, {free}; {cause}). Nothing was lost: {kept}, "
         "as is every other file. Free some space (or choose an output folder on another disk) and run again."
@@ -264,7 +267,7 @@ def save_torch(path: str | Path, obj: Any) -> None:
         torch.save(obj, f)
 
 
-def load_torch(path: str | Path, *, what: str = "file", fix: str | None = None) -> Any:
+def load_torch(path: str | Path, *, what: str = "file", fix: str | None = None, mmap: bool = False) -> Any:
     """Load a ``.pt`` / ``.pth`` file without running any code from it.
 
     Raises :class:`CheckpointError` naming the file when it is missing, truncated, not a torch
@@ -273,6 +276,11 @@ def load_torch(path: str | Path, *, what: str = "file", fix: str | None = None) 
     larger than the data it stores (a stride-0 tensor expanding to terabytes when copied). These
     sizes are checked before any tensor is materialised. ``fix`` replaces the default advice
     ("download or copy it again") for files we wrote ourselves.
+
+    ``mmap``: map the file instead of reading it (files in torch's zip format; a legacy file is read
+    whole): tensors are file-backed and copy-on-write, pages are read when touched and can be dropped
+    again by the kernel, so a 9 GB ``last.pt`` costs no 9 GB of host RAM on resume. Every check above
+    holds the same: they read the zip directory and the tensors' sizes, never their data.
     """
     path = Path(path)
     if fix is None:
@@ -281,11 +289,11 @@ def load_torch(path: str | Path, *, what: str = "file", fix: str | None = None) 
         raise CheckpointError(f"{what} not found: {path}")
     if path.stat().st_size == 0:
         raise CheckpointError(f"{what} is empty (0 bytes): {path}; {fix}")
-    _check_torch_container(path, what, fix)
+    zipped = _check_torch_container(path, what, fix)
     import torch
 
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=False)
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap and zipped)
     except Exception as exc:  # torch raises many types for bad files
         msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         if "weights_only" in str(exc) or "Unsupported global" in str(exc) or "GLOBAL" in str(exc):
@@ -312,8 +320,10 @@ _ZIP_MAGIC = b"PK\x03\x04"
 _PICKLE_PROTO = b"\x80"  # torch's legacy (pre-1.6) format starts with a pickle protocol marker
 
 
-def _check_torch_container(path: Path, what: str, fix: str) -> None:
-    """Refuse what is not a torch file, and zip records larger than :data:`MAX_TENSOR_BYTES`, before torch reads it."""
+def _check_torch_container(path: Path, what: str, fix: str) -> bool:
+    """Refuse what is not a torch file, and zip records larger than :data:`MAX_TENSOR_BYTES`, before torch reads it.
+
+    Returns True for torch's zip format, False for its legacy format."""
     with open(path, "rb") as f:
         head = f.read(2048)
     if head.startswith(_ZIP_MAGIC):
@@ -329,12 +339,12 @@ def _check_torch_container(path: Path, what: str, fix: str) -> None:
                 f"{what} {path} declares {declared:,} bytes of data ({path.stat().st_size:,} bytes on disk), more than "
                 f"the {MAX_TENSOR_BYTES:,} bytes any sonar-ft file needs; refusing to unpack it"
             )
-        return
+        return True
     if head.startswith(_PICKLE_PROTO):
         # torch's legacy format opens with its magic number as a pickled long (opcode 0x8a), after an
         # optional frame header; any other pickle is not a torch file.
         if b"\x8a" in head[2:16]:
-            return
+            return False
         raise CheckpointError(
             f"{what} {path} is not a PyTorch checkpoint (it is a plain Python pickle, which could run code when "
             f"loaded; refusing it); {fix}"

@@ -226,7 +226,7 @@ def setup(
 def show_plan(project: Project, effective_batch: int, run_name: str | None = None, lora_rank: int = 0) -> list[str]:
     """Memory and disk settings for this runtime's GPU from ``sonar-ft plan --gpu auto``: shown, returned as flags.
 
-    When the disk plan keeps ``last.pt`` on the runtime's local disk (``mirror-replace``: a free Drive cannot
+    When the disk plan keeps ``last.pt`` on the runtime's local disk (``needs_state_dir``: a free Drive cannot
     hold two copies), the flags include ``--state_dir`` under :data:`LOCAL_STATE_ROOT` for ``run_name``.
     ``lora_rank`` > 0 plans LoRA fine-tuning (``--lora_rank`` is among the flags).
     In DEMO mode (CPU, the demo's small encoder) and on a runtime without a GPU there is nothing
@@ -246,9 +246,9 @@ def show_plan(project: Project, effective_batch: int, run_name: str | None = Non
     plan = json.loads(out.read_text(encoding="utf-8"))
     show_table([{"setting": k, "value": str(v)} for k, v in plan["settings"].items()])
     flags = [str(f) for f in plan["flags"]]
-    if plan["disk"]["strategy"] == "mirror-replace" and run_name:
-        flags += ["--state_dir", str(LOCAL_STATE_ROOT / run_name)]
-        print(f"last.pt is kept in {LOCAL_STATE_ROOT / run_name} (local disk) and copied to the run folder after each epoch")
+    if plan["disk"].get("needs_state_dir") and run_name:
+        flags += ["--state_dir", str(LOCAL_STATE_ROOT / run_name), *plan["disk"]["flags"]]
+        print(f"last.pt is kept in {LOCAL_STATE_ROOT / run_name} (local disk) and copied into the run folder in place after each save")
     return flags
 
 
