@@ -58,7 +58,7 @@ class TrainConfig:
     max_frames: int | None = None
     """Truncate longer clips to this many frames."""
     on_bad_sample: Literal["error", "skip"] = "error"
-    """Clips that cannot be used (missing, unreadable, wrong shape, NaN/Inf, no frames, empty text): ``error`` stops before training, listing all of them; ``skip`` trains without them. Both list them in ``bad_samples.tsv``."""
+    """Clips that cannot be used (missing, unreadable, wrong shape, NaN/Inf, no frames, empty text, a reference longer than the decoder reads or than one sentence can be): ``error`` stops before training, listing all of them; ``skip`` trains without them. Both list them in ``bad_samples.tsv``."""
     num_workers: int = 0
     """Data-loading worker processes."""
     # -- models -------------------------------------------------------------------------------------

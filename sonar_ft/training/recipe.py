@@ -97,6 +97,7 @@ class FineTuneRecipe:
             # Rank 0 writes every file; the others differ in dropout noise only.
             self.cfg = cfg = replace(cfg, save_checkpoints=False, write_predictions=False)
             torch.manual_seed(cfg.seed + ddp.rank)
+        self.decoder = self.build_decoder()  # before the data: its tokenizer checks every reference in the bad-clip scan
         self.load_data()
         self.build_models()
         self.build_optimizer()
@@ -124,10 +125,12 @@ class FineTuneRecipe:
     def load_data(self) -> None:
         cfg, ddp = self.cfg, self.ddp
         bad: list[BadSample] = []  # every unusable clip of both splits, reported together
+        references = {"count_tokens": lambda texts: self.decoder.count_tokens(texts, cfg.tgt_lang),
+                      "max_tokens": self.decoder.max_target_len}
         self.train_set = load_split(cfg.train_features, cfg.train_manifest, cfg=cfg, split="training",
-                                               fraction=cfg.subset_fraction, bad=bad, reuse=self.reuse_data)
+                                    fraction=cfg.subset_fraction, bad=bad, reuse=self.reuse_data, **references)
         self.val_set = load_split(cfg.val_features, cfg.val_manifest, cfg=cfg, split="validation", bad=bad,
-                                             reuse=self.reuse_data)
+                                  reuse=self.reuse_data, **references)
         ddp.on_main(lambda: screen_bad_samples(self.out, cfg, bad))
         for split, dataset, manifest in (("training", self.train_set, cfg.train_manifest), ("validation", self.val_set, cfg.val_manifest)):
             if len(dataset) == 0:
@@ -141,15 +144,20 @@ class FineTuneRecipe:
         self.val_batches = make_loader(ddp.shard(self.val_set), cfg.batch_size, shuffle=False, seed=cfg.seed,
                                                    num_workers=cfg.num_workers)
 
+    def build_decoder(self) -> FrozenTextDecoder:
+        """The frozen decoder, with its tokenizer checked against ``--tgt_lang``."""
+        cfg = self.cfg
+        decoder = FrozenTextDecoder.load(cfg.decoder, cfg.tokenizer, device=self.device,
+                                         dtype=decoder_dtype(cfg.decoder_dtype, self.device))
+        if cfg.gradient_checkpointing:
+            perf.checkpoint_decoder_layers(decoder.model)
+        decoder.check_lang(cfg.tgt_lang)
+        return decoder
+
     def build_models(self) -> None:
-        """The trainable encoder, the frozen decoder and the optional distillation teacher."""
+        """The trainable encoder (matched against the decoder and the data) and the optional distillation teacher."""
         cfg = self.cfg
         self.encoder, self.arch = self.build_encoder()
-        self.decoder = FrozenTextDecoder.load(cfg.decoder, cfg.tokenizer, device=self.device,
-                                              dtype=decoder_dtype(cfg.decoder_dtype, self.device))
-        if cfg.gradient_checkpointing:
-            perf.checkpoint_decoder_layers(self.decoder.model)
-        self.decoder.check_lang(cfg.tgt_lang)
         if self.arch.output_dim != self.decoder.embedding_dim:
             raise ConfigError(
                 f"the encoder {cfg.encoder_checkpoint} outputs {self.arch.output_dim}-d embeddings but the decoder {cfg.decoder} "

@@ -45,8 +45,9 @@ def copy_in_place(src: str | Path, dst: str | Path) -> None:
             fout.flush()
             os.fsync(fout.fileno())
     except OSError as exc:
-        if atomic._is_disk_full(exc):
-            raise atomic.disk_full_error(dst, exc) from exc
+        if atomic.is_disk_full(exc, dst.parent):
+            raise atomic.disk_full_error(dst, exc, needed=src.stat().st_size,
+                                         kept=f"{src} is intact (only its copy {dst.name} is incomplete)") from exc
         raise
 
 
@@ -124,7 +125,7 @@ def restore_state(out: str | Path, local: str | Path) -> bool:
         mirror = out / LAST_STATE
         if not mirror.is_file() or (local.is_file() and local.stat().st_mtime >= mirror.stat().st_mtime):
             return False
-    with atomic.atomic_path(local) as tmp:
+    with atomic.atomic_path(local, needed=mirror.stat().st_size) as tmp:
         shutil.copyfile(mirror, tmp)
     log.info("restored %s from its copy %s", local, mirror)
     return True
