@@ -44,8 +44,10 @@ kernel-venv: $(KERNEL_STAMP)
 demo: setup
 	$(PY) -m sonar_ft.demo --demo-dir $(DEMO_DIR)
 
+# OMP_WAIT_POLICY=PASSIVE: the suite runs the recipe in subprocesses next to pytest; OpenMP threads that spin
+# while waiting starve them on a 2-core machine (a tiny demo build went from seconds to tens of minutes).
 test: setup kernel-venv
-	SONAR_FT_KERNEL_VENV=$(abspath $(KERNEL_VENV)) $(PY) -m pytest -q tests
+	OMP_WAIT_POLICY=PASSIVE SONAR_FT_KERNEL_VENV=$(abspath $(KERNEL_VENV)) $(PY) -m pytest -q --durations=25 tests
 
 # Benchmarks (not tests): each ratio printed next to its goal; figures in benchmarks/out/*.json, docs/benchmarks.md.
 bench: setup
