@@ -71,9 +71,12 @@ def run(func, args: argparse.Namespace) -> int:
 
 def setup_logging(stream: TextIO | None = None) -> None:
     """Our INFO messages as plain lines; libraries' INFO chatter (fairseq2 announcing its file
-    systems on every start) stays hidden, their warnings do not."""
+    systems on every start) stays hidden, their warnings do not; no dependency draws bars into a pipe."""
+    from sonar_ft.progress import quiet_dependencies
+
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=stream)
     logging.getLogger("fairseq2").setLevel(logging.WARNING)
+    quiet_dependencies()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

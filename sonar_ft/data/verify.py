@@ -15,11 +15,11 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from sonar_ft.data.features import FeatureStore, read_features
 from sonar_ft.data.manifest import ManifestRow, duplicate_ids, read_manifest
 from sonar_ft.errors import ConfigError, DataError
+from sonar_ft.progress import Progress
 
 # (report attribute, label in the table); errors make the set untrainable, warnings do not.
 ERROR_CHECKS: tuple[tuple[str, str], ...] = (
@@ -240,7 +240,7 @@ def verify_dataset(
 
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         results = pool.map(_check_file, [path for _, path in to_check])
-        bar = tqdm(results, total=len(to_check), desc="checking features", unit="file", disable=None if progress else True)  # None: bars only in a terminal
+        bar = Progress(len(to_check), desc="checking features", enabled=progress).wrap(results)
         checks = [(row, result) for (row, _), result in zip(to_check, bar)]
 
     dims: collections.Counter[int] = collections.Counter()
