@@ -22,6 +22,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("sonar_ft.training.cli", "fine-tune the encoder (the recipe; same flags as train_sonar_finetuning.py)"),
     "verify": ("sonar_ft.data.commands", "check a manifest + feature folder before training"),
     "manifest": ("sonar_ft.data.commands", "build manifests"),
+    "pack": ("sonar_ft.data.commands", "a feature folder -> one archive with sizes and checksums (copy it to Drive once)"),
+    "unpack": ("sonar_ft.data.commands", "an archive (or a folder) -> a checked copy on local disk, once per runtime"),
     "embed": ("sonar_ft.inference.embed", "features -> SONAR sentence embeddings (.npy)"),
     "export": ("sonar_ft.export.pack", "pack a run's best encoder + records + model card as a tarball"),
     "translate": ("sonar_ft.inference.translate", "translate feature clips with a fine-tuned encoder"),
