@@ -16,7 +16,7 @@ One command for the day a GPU is lent (``make gpu-check``; ~8 minutes on one dat
 4. writes ``benchmarks/out/gpu_check.json`` and ``gpu_check.md``. Every part reports ``ok`` or why
    not (skipped, stopped by the time budget, does not fit, failed), and the rest goes on.
 
-``--smoke`` runs the same code with tiny shapes and two steps on CPU (``tests/test_gpu_check.py``).
+``--smoke`` runs the same code with tiny shapes and two steps on CPU (``tests/benchmarks/test_gpu_check.py``).
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """A small, breakable copy of the tiny demo (8 training, 4 validation clips) for tests that
-corrupt inputs or run short trainings; see tests/test_bad_inputs.py and tests/test_reliability.py."""
+corrupt inputs or run short trainings; see tests/training/test_bad_inputs.py and tests/training/test_reliability.py."""
 
 from __future__ import annotations
 

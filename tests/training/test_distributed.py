@@ -16,7 +16,7 @@ from sonar_ft.data import LengthBucketSampler
 from sonar_ft.files.atomic import load_torch
 from tests.conftest import recipe_args
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 # Loaded by every Python process started with this folder on PYTHONPATH: logs which rank renamed
 # which file into place (every project write ends with os.replace, see sonar_ft.files.atomic).

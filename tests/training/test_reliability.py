@@ -35,7 +35,7 @@ from sonar_ft.training.recipe import fine_tune as train
 from sonar_ft.training.run_dir import prepare_output_dir
 from tests.small_data import Data, make_data
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ from sonar_ft.models import assets
 from sonar_ft.config import config_from_sources
 from sonar_ft.errors import ConfigError
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_official_decoder_uses_the_text_encoder_tokenizer():

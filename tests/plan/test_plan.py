@@ -113,7 +113,7 @@ def test_a_plan_that_cannot_fit_says_so():
 from sonar_ft.plan.disk import GB, DRIVE_FREE_BYTES, checkpoint_sizes, disk_plan
 from sonar_ft.plan.recommend import detect_gpu  # noqa: E402
 
-ROOT_DIR = __import__("pathlib").Path(__file__).resolve().parents[1]
+ROOT_DIR = __import__("pathlib").Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.parametrize("gpu", ["t4", "l4", "a100", "a100-80", "h100"])

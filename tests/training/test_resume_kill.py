@@ -22,7 +22,7 @@ import torch
 from tests.conftest import recipe_args
 from sonar_ft.files.atomic import load_torch
 
-RECIPE = Path(__file__).resolve().parents[1] / "train_sonar_finetuning.py"
+RECIPE = Path(__file__).resolve().parents[2] / "train_sonar_finetuning.py"
 COMPARED = ("epoch", "train_loss", "val_loss", "val_bleu", "val_chrf", "lr", "is_best")
 EPOCHS = 3
 START_TIMEOUT = 120  # seconds for a run to reach the point where it is killed (slow shared machines)

@@ -46,7 +46,7 @@ from sonar_ft.tune.study import (
 )
 from sonar_ft.tune.report import PLOT_NAMES
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SPACE = {
     "learning_rate": {"type": "float", "low": 1.0e-4, "high": 1.0e-2, "log": True},
     "label_smoothing": {"type": "float", "low": 0.0, "high": 0.2},

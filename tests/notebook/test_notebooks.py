@@ -29,7 +29,7 @@ import pytest
 from sonar_ft.notebook import colab
 from sonar_ft.demo.paths import DemoPaths
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 NOTEBOOK_DIR = ROOT / "notebooks"
 SERIES = (
     "01_setup_and_verify_features",

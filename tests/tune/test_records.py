@@ -12,7 +12,7 @@ import yaml
 
 from sonar_ft.tune import study as tune
 from sonar_ft.tune.study import BEST_CONFIG_FILE, BEST_PARAMS_FILE, FAIL_KIND, TRIALS_CSV, load_settings, open_study, run_study
-from tests.test_tune import write_tuning_yaml
+from tests.tune.test_study import write_tuning_yaml
 
 TrialState = optuna.trial.TrialState
 

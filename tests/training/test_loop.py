@@ -35,7 +35,7 @@ from sonar_ft.demo.paths import DemoPaths
 from sonar_ft.demo.text_models import TextModelConfig
 from tests.small_data import make_data
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 # Smaller than the session's tiny demo (its text model trains 30 steps, not 600): these tests need
 # unequal token counts and a loop that runs, not a decoder that translates well.
@@ -200,7 +200,7 @@ DDP_SCRIPT = textwrap.dedent('''
     sys.path.insert(0, sys.argv[1])
     from pathlib import Path
     from sonar_ft.training import distributed
-    from tests.test_loop import _models, _micro_batches, recipe_step_gradients
+    from tests.training.test_loop import _models, _micro_batches, recipe_step_gradients
     from sonar_ft.demo.paths import DemoPaths
     demo = DemoPaths(Path(sys.argv[2]))
     ddp = distributed.setup("cpu")

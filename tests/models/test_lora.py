@@ -29,7 +29,7 @@ from sonar_ft.files.atomic import load_torch
 from tests.conftest import TINY_DEMO, recipe_args
 from tests.numerics import assert_close_to_scale
 
-RECIPE = Path(__file__).resolve().parents[1] / "train_sonar_finetuning.py"
+RECIPE = Path(__file__).resolve().parents[2] / "train_sonar_finetuning.py"
 LORA_FLAGS = ["--lora_rank", "4", "--lora_alpha", "8", "--lora_dropout", "0.1"]
 COMPARED = ("epoch", "train_loss", "val_loss", "val_bleu", "val_chrf", "lr", "is_best")
 
@@ -280,7 +280,7 @@ def test_lora_counts_match_peft():
 def test_tuning_study_searches_lora_rank(pretrained_demo, tmp_path):
     from sonar_ft.cli import main as cli
     from sonar_ft.tune.study import load_settings, open_study
-    from tests.test_tune import write_tuning_yaml
+    from tests.tune.test_study import write_tuning_yaml
 
     space = {
         "lora_rank": {"type": "categorical", "choices": [0, 4]},

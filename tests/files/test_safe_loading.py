@@ -23,7 +23,7 @@ from sonar_ft.models.encoder import load_encoder
 from sonar_ft.errors import CheckpointError, DataError
 from sonar_ft.export.load import REQUIRED_MEMBERS, open_export
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 class _RunsACommand:

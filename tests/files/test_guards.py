@@ -34,7 +34,7 @@ from sonar_ft.models.encoder import SignT5Config, SignT5SonarEncoder, save_encod
 from sonar_ft.errors import CheckpointError, ConfigError, DataError, DiskFullError, OutputDirError
 from sonar_ft.files.guards import check_output_not_input
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TINY = SignT5Config(feature_dim=6, d_model=16, d_kv=4, d_ff=24, num_heads=4, num_encoder_layers=1,
                     num_decoder_layers=1, vocab_size=10, output_dim=8)
 
