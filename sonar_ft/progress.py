@@ -35,13 +35,13 @@ def is_terminal(stream: TextIO | None = None) -> bool:
 
 
 def format_seconds(seconds: float) -> str:
-    """``45 s``, ``12 min``, ``3.2 h``; ``?`` when unknown."""
+    """``45 s``, ``2.8 min``, ``12 min``, ``3.2 h``; ``?`` when unknown."""
     if not math.isfinite(seconds):
         return "?"
     if seconds < 90:
         return f"{seconds:.0f} s"
     if seconds < 90 * 60:
-        return f"{seconds / 60:.0f} min"
+        return f"{seconds / 60:.1f} min" if seconds < 600 else f"{seconds / 60:.0f} min"
     return f"{seconds / 3600:.1f} h"
 
 
