@@ -142,6 +142,7 @@ def _unpack(archive: Path, dest: Path, progress: bool) -> tuple[int, int]:
                 while chunk := src.read(_CHUNK):
                     h.update(chunk)
                     out.write(chunk)
+            os.utime(target, (member.mtime, member.mtime))  # the source's times: a verify report made before stays valid
             written[rel.as_posix()] = (member.size, h.hexdigest())
             bar.update(member.size + 512)
     if index is None:
@@ -166,7 +167,7 @@ def _copy_folder(source: Path, dest: Path, progress: bool) -> tuple[int, int]:
         for path in files:
             target = dest / path.relative_to(source)
             target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(path, target)
+            shutil.copy2(path, target)  # with its times: a verify report made before stays valid
             size = path.stat().st_size
             if target.stat().st_size != size:
                 raise DataError(f"copying {path} to {target} gave {target.stat().st_size} bytes instead of {size}: "
