@@ -76,10 +76,9 @@ def main() -> int:
                  "bad-clip scan local": _run([py, "-c", SCAN, str(copy), str(manifest)], env)}
         rerun = {"unpack (kept)": _run(unpack, env), "verify (reused)": _run(verify(copy, tmp / "v_local.json"), env),
                  "bad-clip scan local": _run([py, "-c", SCAN, str(copy), str(manifest)], env)}
-    result = {"clips": args.clips, "delay_s": args.delay,
-              "before": {**before, "total": sum(before.values())}, "after_first_runtime": {**after, "total": sum(after.values())},
-              "after_rerun_same_runtime": {**rerun, "total": sum(rerun.values())}}
-    result = json.loads(json.dumps(result), parse_float=lambda x: round(float(x), 1))
+    phases = {"before": before, "after_first_runtime": after, "after_rerun_same_runtime": rerun}
+    result = {"clips": args.clips, "delay_s": args.delay, "cpu_count": os.cpu_count(), "load_average": os.getloadavg()[0],
+              **{name: {k: round(v, 1) for k, v in {**t, "total": sum(t.values())}.items()} for name, t in phases.items()}}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))
     print(json.dumps(result, indent=1))
