@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from sonar_ft.data.features import FeatureStore
 from sonar_ft.data.manifest import how2sign_to_tsv
 from sonar_ft.data.verify import failed_report, reusable_report, verify_dataset, verify_fingerprint
 from sonar_ft.errors import SonarFtError
@@ -72,13 +73,14 @@ def _verify(args: argparse.Namespace) -> int:
         check_not_folder(args.json, flag="--json", example="verify.json")
         check_output_not_input(args.json, {"--features": args.features, "--manifest": args.manifest}, flag="--json")
     try:
-        fingerprint = verify_fingerprint(args.features, args.manifest, args.feature_dim, args.epoch)
+        store = FeatureStore.open(args.features, epoch=args.epoch)  # indexed once, for the fingerprint and the check
+        fingerprint = verify_fingerprint(store, args.manifest, args.feature_dim)
         if args.reuse and args.json is not None and (old := reusable_report(args.json, fingerprint)) is not None:
             write_json(args.json, old)  # rewritten: its time says it was confirmed now
             print(f"{args.manifest} and {old['counts']['feature_files']} feature files unchanged since {args.json} was "
                   f"written: reusing it (result: {'OK' if old['ok'] else 'NOT OK'}; drop --reuse to read every file again)")
             return 0 if old["ok"] else 1
-        report = verify_dataset(args.features, args.manifest, args.feature_dim, epoch=args.epoch, workers=args.workers)
+        report = verify_dataset(store, args.manifest, args.feature_dim, workers=args.workers)
     except SonarFtError as exc:
         if args.json is not None:  # a report that says so: an older one must never pass for this check's result
             write_json(args.json, failed_report(args.features, args.manifest, args.feature_dim, str(exc)))

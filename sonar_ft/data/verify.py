@@ -275,13 +275,13 @@ def verify_dataset(
 REPORT_VERSION = 1
 
 
-def verify_fingerprint(features: str | Path, manifest: str | Path, feature_dim: int | None, epoch: int | str | None = None) -> str:
+def verify_fingerprint(features: str | Path | FeatureStore, manifest: str | Path, feature_dim: int | None, epoch: int | str | None = None) -> str:
     """What a verify report depends on: the manifest's and every feature file's path, size and mtime, and the options.
 
     Cheap next to reading the files (a stat each), so an unchanged set is not read again.
     """
-    h = hashlib.sha256(json.dumps([REPORT_VERSION, str(Path(features).resolve()), feature_dim, epoch]).encode())
-    store = FeatureStore.open(features, epoch=epoch)
+    store = features if isinstance(features, FeatureStore) else FeatureStore.open(features, epoch=epoch)
+    h = hashlib.sha256(json.dumps([REPORT_VERSION, str(store.root.resolve()), feature_dim, store.epoch]).encode())
     for path in [Path(manifest)] + sorted(p for p in map(store.path, store.ids()) if p is not None):
         st = os.stat(path)
         h.update(f"{path}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
