@@ -33,10 +33,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
+from sonar_ft.config import command_line
 from sonar_ft.demo.paths import DemoPaths
 from sonar_ft.errors import SonarFtError
 from sonar_ft.progress import EVERY_SECONDS as HEARTBEAT_SECONDS
 from sonar_ft.progress import format_seconds
+from sonar_ft.run_files import BEST_ENCODER
+from sonar_ft.scores import ALIASES, METRICS
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -175,20 +178,17 @@ class Project:
 
     def recipe_command(self, output_dir: str | Path, *flags: str, split: str = "val", encoder: str | Path | None = None) -> list[str]:
         """``python train_sonar_finetuning.py`` with this project's data and models, evaluating on ``split``."""
-        cmd = [
-            self.python, str(self.root / RECIPE),
-            "--encoder_checkpoint", str(encoder or self.encoder_checkpoint),
-            "--train_features", str(self.features("train")),
-            "--train_manifest", str(self.manifest("train")),
-            "--val_features", str(self.features(split)),
-            "--val_manifest", str(self.manifest(split)),
-            "--output_dir", str(output_dir),
-            "--device", self.device,
-        ]
+        settings: dict[str, Any] = {
+            "encoder_checkpoint": str(encoder or self.encoder_checkpoint),
+            "train_features": str(self.features("train")), "train_manifest": str(self.manifest("train")),
+            "val_features": str(self.features(split)), "val_manifest": str(self.manifest(split)),
+            "output_dir": str(output_dir), "device": self.device,
+        }
         if self.demo is not None:
-            cmd += ["--decoder", str(self.demo.decoder_card), "--text_encoder", str(self.demo.text_encoder_card)]
+            settings.update(decoder=str(self.demo.decoder_card), text_encoder=str(self.demo.text_encoder_card))
         elif self.decoder != "text_sonar_basic_decoder":
-            cmd += ["--decoder", self.decoder]
+            settings["decoder"] = self.decoder
+        cmd = [self.python, str(self.root / RECIPE), *command_line(settings)]
         return cmd + [str(f) for f in flags]
 
     def cli_command(self, *args: str) -> list[str]:
@@ -199,7 +199,7 @@ class Project:
         """A step of :mod:`sonar_ft.notebook.steps` (demo build, encoder info) in the stack environment."""
         return [self.python, "-m", "sonar_ft.notebook.steps", *[str(a) for a in args]]
 
-    def find_run(self, run_dir: str | Path, *, need: str = "best_encoder.pt") -> Path:
+    def find_run(self, run_dir: str | Path, *, need: str = BEST_ENCODER) -> Path:
         """``run_dir`` when it holds ``need``; in DEMO mode a small run made here otherwise.
 
         The notebooks build on each other (04 trains, 05-07 read its folder). In DEMO mode each must
@@ -315,7 +315,7 @@ def show_plan(project: Project, effective_batch: int, run_name: str | None = Non
               max_frames: int | None = None) -> list[str]:
     """Memory and disk settings for this runtime's GPU from ``sonar-ft plan --gpu auto``: shown, returned as flags.
 
-    When the disk plan keeps ``last.pt`` on the runtime's local disk (``mirror-replace``: a free Drive cannot
+    When the disk plan keeps ``last.pt`` on the runtime's local disk (``needs_state_dir``: a free Drive cannot
     hold two copies), the flags include ``--state_dir`` under :data:`LOCAL_STATE_ROOT` for ``run_name``.
     ``lora_rank`` > 0 plans LoRA fine-tuning (``--lora_rank`` is among the flags).
     ``max_frames`` (the longest clip, :func:`longest_clip` of the verify reports) is planned for and passed
@@ -331,17 +331,19 @@ def show_plan(project: Project, effective_batch: int, run_name: str | None = Non
         return ["--lora_rank", str(lora_rank)] if lora_rank else []
     out = project.runs / "plan.json"
     frames = ["--max_frames", max_frames] if max_frames else []
-    run_command(project.cli_command("plan", "--gpu", "auto", "--batch_size", effective_batch, "--lora_rank", lora_rank,
+    run_command(project.cli_command("plan", "--gpu", "auto", "--effective_batch", effective_batch, "--lora_rank", lora_rank,
                                     *frames, "--json", out))
     if lora_rank:
         print(f"LoRA chosen (LORA_RANK = {lora_rank}): adapters train, the encoder's weights stay frozen; "
               "best_encoder.pt is still the whole (merged) encoder")
     plan = json.loads(out.read_text(encoding="utf-8"))
     show_table([{"setting": k, "value": str(v)} for k, v in plan["settings"].items()])
-    flags = [str(f) for f in plan["flags"]] + [str(f) for f in frames]
-    if plan["disk"]["strategy"] == "mirror-replace" and run_name:
-        flags += ["--state_dir", str(LOCAL_STATE_ROOT / run_name)]
-        print(f"last.pt is kept in {LOCAL_STATE_ROOT / run_name} (local disk) and copied to the run folder after each epoch")
+    flags = [str(f) for f in plan["flags"]]
+    if frames and "--max_frames" not in flags:  # the run is told the clip length the plan was made for
+        flags += [str(f) for f in frames]
+    if plan["disk"].get("needs_state_dir") and run_name:
+        flags += ["--state_dir", str(LOCAL_STATE_ROOT / run_name), *plan["disk"]["flags"]]
+        print(f"last.pt is kept in {LOCAL_STATE_ROOT / run_name} (local disk) and copied into the run folder in place after each save")
     return flags
 
 
@@ -456,8 +458,8 @@ def show_table(rows: Sequence[Mapping[str, Any]] | Any, columns: Sequence[str] |
         print(frame.to_string(index=False))
 
 
-# Score columns of the notebooks' tables, in the order papers print them (sonar_ft.scores names).
-SCORE_COLUMNS = ("bleu", "bleu1", "bleu2", "bleu3", "rougeL", "chrf", "cosine", "r1", "r5", "loss")  # bleu is BLEU-4
+# Score columns of the notebooks' tables: sonar_ft.scores.METRICS (in the order papers print them), bleu4 shown as bleu.
+SCORE_COLUMNS = tuple(m for m in METRICS if m not in ALIASES)
 SAMPLE_SCORE_COLUMNS = ("bleu_score", "rougeL", "chrf", "cosine", "rank")
 
 

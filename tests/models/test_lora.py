@@ -8,7 +8,6 @@ The runs start from a tiny demo whose starting encoder was pretrained on a shift
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import signal
@@ -22,11 +21,10 @@ import pytest
 import torch
 
 from sonar_ft.demo.paths import DemoPaths
-from sonar_ft.demo.build import SourceDomain, build_demo
 from sonar_ft.models.encoder import SignT5Config, SignT5SonarEncoder, load_encoder
 from sonar_ft.errors import CheckpointError, ConfigError
 from sonar_ft.files.atomic import load_torch
-from tests.conftest import TINY_DEMO, recipe_args
+from tests.conftest import recipe_args
 from tests.numerics import assert_close_to_scale
 
 RECIPE = Path(__file__).resolve().parents[2] / "train_sonar_finetuning.py"
@@ -58,16 +56,6 @@ def _wait_for(proc: subprocess.Popen, ready, timeout: float = 600) -> bool:
         time.sleep(0.01)
     proc.kill()
     raise AssertionError("the run made no progress in time")
-
-
-TINY_SOURCE = SourceDomain(n_train=96, n_val=16, epochs=6, batch_size=8, learning_rate=3e-3)
-
-
-@pytest.fixture(scope="module")
-def pretrained_demo(tmp_path_factory: pytest.TempPathFactory) -> DemoPaths:
-    """The tiny demo with a starting encoder pretrained on the shifted source domain."""
-    torch.set_num_threads(2)
-    return build_demo(tmp_path_factory.mktemp("tiny_pretrained"), dataclasses.replace(TINY_DEMO, source=TINY_SOURCE))
 
 
 def _run(demo: DemoPaths, out: Path, *flags: str, log: Path) -> None:
@@ -239,15 +227,15 @@ def test_planner_has_a_lora_estimate_for_each_gpu(gpu):
     assert disk_lora["last_pt"] < 0.05 * disk_full["last_pt"] and disk_lora["adapter"] > 0
 
 
-def test_planner_on_a_t4_picks_plain_adamw_and_a_larger_micro_batch_with_lora():
+def test_planner_on_a_t4_picks_plain_adamw_and_less_memory_with_lora():
     from sonar_ft.plan.recommend import recommend, recommend_lora
 
     full, lora_plan = recommend("t4", 32), recommend_lora("t4", 32, rank=16)
     assert full.settings["optimizer"] == "adamw8bit"  # full fine-tuning needs 8-bit AdamW on a T4
     assert lora_plan.settings["optimizer"] == "adamw"
-    assert lora_plan.settings["batch_size"] > full.settings["batch_size"] or (
-        lora_plan.settings["batch_size"] == full.settings["batch_size"] and not lora_plan.settings["gradient_checkpointing"]
-    )
+    # Both reach micro-batch 32 with checkpointing (measured: benchmarks/plan_check.py); LoRA's peak is lower.
+    assert lora_plan.settings["batch_size"] >= full.settings["batch_size"]
+    assert lora_plan.estimate["total"] < 0.8 * full.estimate["total"]
 
 
 def test_plan_command_prints_the_lora_plan_and_file_sizes(capsys):
@@ -279,7 +267,8 @@ def test_lora_counts_match_peft():
 @pytest.mark.slow
 def test_tuning_study_searches_lora_rank(pretrained_demo, tmp_path):
     from sonar_ft.cli import main as cli
-    from sonar_ft.tune.study import load_settings, open_study
+    from sonar_ft.tune.settings import load_settings
+    from sonar_ft.tune.study import open_study
     from tests.tune.test_study import write_tuning_yaml
 
     space = {
