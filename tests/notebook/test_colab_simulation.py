@@ -1,5 +1,7 @@
 """A simulated Colab runtime: 00_all_in_one (DEMO) from an empty /content, the data on a Drive-like folder.
 
+The suite's one execution of 00_all_in_one: it also checks the workflow's files, figures and tables.
+
 Simulated: an empty working folder standing for ``/content`` (the project is cloned into it), a
 Drive-like folder holding the demo's data and models where every open of a feature file waits and
 is logged (``drive_shim/sitecustomize.py``, loaded by every Python process of the run), and the
@@ -19,7 +21,9 @@ import pytest
 from sonar_ft.data.pack import STAMP_NAME
 from sonar_ft.demo.paths import DemoPaths
 from sonar_ft.notebook import colab
-from tests.notebook.test_notebooks import MAX_OUTPUT_LINES, ROOT, _execute, _line_count, _text, kernel_env  # noqa: F401
+from tests.notebook.test_notebooks import (  # noqa: F401  (kernel_env: the fixture)
+    MAX_OUTPUT_LINES, ROOT, _execute, _has_table, _line_count, _pngs, _text, kernel_env,
+)
 
 SHIM = Path(__file__).resolve().parent / "drive_shim"
 DELAY = 0.02  # seconds per feature-file open on the Drive-like folder
@@ -40,6 +44,13 @@ def test_all_in_one_reads_no_feature_file_from_drive_after_the_copy(
                                   DEMO_DIR=str(drive / "demo"), LOCAL_DATA=str(content / "sonar_data"))
     print(f"\n00_all_in_one on the simulated runtime: {seconds:.0f} s, {_line_count(nb)} output lines")
     assert error is None, error
+    # The whole workflow ran from the clone: verify, quick test, full run, test evaluation, export.
+    assert (content / "sonar-ft" / "train_sonar_finetuning.py").is_file()
+    runs = drive / "demo" / colab.NOTEBOOK_RUNS
+    for path in ("verify/lengths.png", "quick_test/metrics_epoch2.json", "full/best_encoder.pt",
+                 "full/test_results.json", "sonar_encoder_finetuned.tar.gz"):
+        assert (runs / path).is_file(), path
+    assert _pngs(nb) == 3 and _has_table(nb, "num_samples", "bleu")
 
     local = content / "sonar_data" / "features"
     stamps = [local / split / STAMP_NAME for split in colab.SPLITS]

@@ -452,22 +452,3 @@ def test_a_missing_run_stops_with_a_one_line_message(series: dict[str, Any], tmp
     assert "04_finetune" in error.evalue
     [shown] = [o for o in _outputs(nb) if o.get("output_type") == "error"]
     assert len(shown["traceback"]) == 1  # the message, not a traceback
-
-
-@pytest.mark.slow
-def test_all_in_one_from_an_empty_content_folder_clones_the_project_and_runs_the_workflow(
-    tiny_demo: DemoPaths, kernel_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory
-) -> None:
-    # Colab's DEMO case: the working folder is an empty /content, no Drive, no GPU; REPO_URL is cloned.
-    content = tmp_path_factory.mktemp("content")
-    demo_dir = _private_demo(tiny_demo, tmp_path_factory, "all_in_one_demo")
-    nb, error, seconds = _execute("00_all_in_one", content / "executed", kernel_env, cwd=content, DEMO=True,
-                                  REPO_URL=str(ROOT), DEMO_DIR=str(demo_dir))
-    print(f"\n00_all_in_one: {seconds:.0f} s, {_line_count(nb)} output lines")
-    assert error is None, error
-    assert (content / "sonar-ft" / "train_sonar_finetuning.py").is_file()
-    runs = demo_dir / colab.NOTEBOOK_RUNS
-    for path in ("verify/lengths.png", "quick_test/metrics_epoch2.json", "full/best_encoder.pt",
-                 "full/test_results.json", "sonar_encoder_finetuned.tar.gz"):
-        assert (runs / path).is_file(), path
-    assert _pngs(nb) == 3 and _has_table(nb, "num_samples", "bleu") and _line_count(nb) <= MAX_OUTPUT_LINES
