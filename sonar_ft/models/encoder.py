@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
@@ -421,8 +422,10 @@ class DecoderStack(nn.Module):
 
 def _refuse_empty_rows(mask: Tensor) -> None:
     """Raise :class:`DataError` naming the rows of ``mask`` (B, T) without a real frame (one device sync)."""
-    if torch.compiler.is_compiling():
-        return  # a data-dependent branch would break the graph; training's bad-clip scan refuses zero-frame clips anyway
+    if torch.compiler.is_compiling() or is_fake(mask):
+        # A data-dependent branch would break a compiled graph, and shape-only (fake) tensors hold no data to look
+        # at (the memory plan check); training's bad-clip scan refuses zero-frame clips before any of that anyway.
+        return
     empty = ~mask.any(dim=1)  # (B,)
     if bool(empty.any()):
         rows = empty.nonzero().flatten().tolist()
