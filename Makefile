@@ -33,7 +33,7 @@ $(STAMP): requirements.txt pyproject.toml
 
 setup: system-deps $(STAMP)
 
-# A Colab-like notebook kernel: display packages only, no torch (tests/test_notebooks.py runs the notebooks in it).
+# A Colab-like notebook kernel: display packages only, no torch (tests/notebook/test_notebooks.py runs the notebooks in it).
 $(KERNEL_STAMP): requirements-kernel.txt
 	@[ -x $(KERNEL_VENV)/bin/python ] || python3 -m venv $(KERNEL_VENV)
 	$(KERNEL_VENV)/bin/python -m pip install -q -r requirements-kernel.txt

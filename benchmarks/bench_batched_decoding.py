@@ -17,9 +17,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import ROOT, interleaved_times, result, save, threads  # noqa: E402
 from sonar_ft.data import read_manifest  # noqa: E402
-from sonar_ft.decoder import FrozenTextDecoder  # noqa: E402
+from sonar_ft.models.decoder import FrozenTextDecoder  # noqa: E402
 from sonar_ft.demo.build import DemoConfig, build_demo  # noqa: E402
-from sonar_ft.text_encoder import FrozenTextEncoder  # noqa: E402
+from sonar_ft.models.text_encoder import FrozenTextEncoder  # noqa: E402
 
 BEAM = 5
 

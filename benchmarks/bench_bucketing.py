@@ -21,7 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import interleaved_times, result, save, threads  # noqa: E402
 from sonar_ft.data import LengthBucketSampler  # noqa: E402
-from sonar_ft.encoder import SignT5Config, SignT5SonarEncoder  # noqa: E402
+from sonar_ft.models.encoder import SignT5Config, SignT5SonarEncoder  # noqa: E402
 
 N, BATCH, TIMED_BATCH, TIMED_BATCHES = 2000, 32, 8, 6
 SMALL = SignT5Config(feature_dim=32, d_model=64, d_kv=16, d_ff=128, num_heads=4, num_encoder_layers=2,

@@ -18,8 +18,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import interleaved_times, result, save, threads  # noqa: E402
-from sonar_ft.encoder import SignT5Config, SignT5SonarEncoder  # noqa: E402
-from sonar_ft.perf import compile_encoder  # noqa: E402
+from sonar_ft.models.encoder import SignT5Config, SignT5SonarEncoder  # noqa: E402
+from sonar_ft.training.perf import compile_encoder  # noqa: E402
 
 SMALL = SignT5Config(feature_dim=128, d_model=256, d_kv=32, d_ff=512, num_heads=8, num_encoder_layers=3,
                      num_decoder_layers=2, vocab_size=8, dropout=0.1)

@@ -19,8 +19,8 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import interleaved_times, result, save, threads  # noqa: E402
-from sonar_ft.encoder import SignT5Config, SignT5SonarEncoder  # noqa: E402
-from sonar_ft.plan import measure_saved_bytes  # noqa: E402
+from sonar_ft.models.encoder import SignT5Config, SignT5SonarEncoder  # noqa: E402
+from sonar_ft.plan.memory import measure_saved_bytes  # noqa: E402
 
 CONFIG = SignT5Config(feature_dim=256, d_model=512, d_kv=64, d_ff=1024, num_heads=8, num_encoder_layers=4,
                       num_decoder_layers=4, vocab_size=128, dropout=0.1)

@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import ROOT, result, save, threads  # noqa: E402
 from sonar_ft.data import FeatureStore, SignFeatureDataset, make_loader, read_manifest  # noqa: E402
 from sonar_ft.demo.build import DemoConfig, build_demo  # noqa: E402
-from sonar_ft.encoder import SignT5Config, SignT5SonarEncoder  # noqa: E402
+from sonar_ft.models.encoder import SignT5Config, SignT5SonarEncoder  # noqa: E402
 
 DRIVE_LATENCY = 0.015
 SMALL = SignT5Config(feature_dim=768, d_model=64, d_kv=16, d_ff=128, num_heads=4, num_encoder_layers=2,

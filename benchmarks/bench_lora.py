@@ -52,8 +52,8 @@ def _saved_bytes(obj) -> int:
 
 
 def child(variant: str) -> None:
-    from sonar_ft import lora
-    from sonar_ft.encoder import SignT5Config, SignT5SonarEncoder
+    from sonar_ft.models import lora
+    from sonar_ft.models.encoder import SignT5Config, SignT5SonarEncoder
 
     threads()
     torch.manual_seed(0)
@@ -138,8 +138,8 @@ def demo(demo_dir: Path, epochs: int | None) -> list[dict]:
 
 
 def _trainable(checkpoint: Path, rank: int) -> int:
-    from sonar_ft import lora
-    from sonar_ft.encoder import load_encoder
+    from sonar_ft.models import lora
+    from sonar_ft.models.encoder import load_encoder
 
     encoder, _ = load_encoder(checkpoint)
     if rank == 0:

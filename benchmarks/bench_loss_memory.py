@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import current_rss_bytes, max_rss_bytes, result, run_child, save, threads  # noqa: E402
-from sonar_ft.decoder import chunked_cross_entropy  # noqa: E402
+from sonar_ft.models.decoder import chunked_cross_entropy  # noqa: E402
 
 VOCAB, WIDTH, BATCH, TOKENS = 256_206, 1024, 32, 48
 

@@ -26,9 +26,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from sonar_ft.demo.build import build_demo  # noqa: E402
-from sonar_ft.io import write_json  # noqa: E402
-from sonar_ft.tune import load_settings, run_study  # noqa: E402
-from sonar_ft.tune_report import trial_epochs  # noqa: E402
+from sonar_ft.files.atomic import write_json  # noqa: E402
+from sonar_ft.tune.study import load_settings, run_study  # noqa: E402
+from sonar_ft.tune.report import trial_epochs  # noqa: E402
 
 
 def run_variant(config: Path, demo: Path, out: Path, *, pruner: str | None, seed: int, n_trials: int | None) -> dict:

@@ -7,7 +7,7 @@ One command for the day a GPU is lent (``make gpu-check``; ~8 minutes on one dat
    sonar-space's own architecture (24 layers, 1024 wide, 256,206 tokens) behind a local asset card,
    a 256,000-piece SentencePiece model loaded as fairseq2's NLLB tokenizer (202 languages), and a few
    hundred random clips with How2Sign-like lengths (up to 600 frames) and sentences;
-2. for each GPU the planner knows (``sonar_ft.plan.GPUS``) caps this GPU's memory to that size and runs
+2. for each GPU the planner knows (``sonar_ft.plan.memory.GPUS``) caps this GPU's memory to that size and runs
    the recipe with the plan's flags (full fine-tuning, and LoRA when the recipe has ``lora_rank``) on
    the longest clips: fits or not, peak allocated memory against the plan's estimate, step time,
    clips/s, frames/s and target tokens/s, and one validation pass with beam search (clips/s);
@@ -16,7 +16,7 @@ One command for the day a GPU is lent (``make gpu-check``; ~8 minutes on one dat
 4. writes ``benchmarks/out/gpu_check.json`` and ``gpu_check.md``. Every part reports ``ok`` or why
    not (skipped, stopped by the time budget, does not fit, failed), and the rest goes on.
 
-``--smoke`` runs the same code with tiny shapes and two steps on CPU (``tests/test_gpu_check.py``).
+``--smoke`` runs the same code with tiny shapes and two steps on CPU (``tests/benchmarks/test_gpu_check.py``).
 """
 
 from __future__ import annotations
@@ -53,9 +53,11 @@ import yaml  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import OUT  # noqa: E402
-from sonar_ft import assets, io, plan  # noqa: E402
+from sonar_ft.files import atomic  # noqa: E402
+from sonar_ft.models import assets  # noqa: E402
+from sonar_ft.plan import memory as plan  # noqa: E402
 from sonar_ft.data import ManifestRow, write_manifest  # noqa: E402
-from sonar_ft.encoder import SignT5Config, SignT5SonarEncoder, official_key_shapes, save_encoder  # noqa: E402
+from sonar_ft.models.encoder import SignT5Config, SignT5SonarEncoder, official_key_shapes, save_encoder  # noqa: E402
 
 log = logging.getLogger("gpu_check")
 GIB = 1024**3
@@ -250,7 +252,7 @@ def build_tokenizer_model(path: Path, pieces: int, seed: int = 0) -> list[str]:
     spec.unk_id, spec.bos_id, spec.eos_id, spec.pad_id = 0, 1, 2, -1
     norm = model.normalizer_spec
     norm.name, norm.add_dummy_prefix, norm.remove_extra_whitespaces, norm.escape_whitespaces = "identity", True, True, True
-    with io.atomic_path(path) as tmp:
+    with atomic.atomic_path(path) as tmp:
         tmp.write_bytes(model.SerializeToString())
     return ordered
 
@@ -285,7 +287,7 @@ def build_decoder(root: Path, sizes: Sizes, tokenizer: Path, vocab_size: int, de
     spec = plan.DecoderSpec(params=sum(p.numel() for p in model.parameters()), model_dim=config.model_dim,
                             ffn_dim=config.ffn_inner_dim, num_layers=config.num_decoder_layers, vocab=config.vocab_info.size)
     del model
-    io.save_torch(root / "text_decoder.pt", {"model": state})
+    atomic.save_torch(root / "text_decoder.pt", {"model": state})
     del state
     card: dict[str, Any] = {"name": "gpu_check_text_decoder", "model_family": assets.DECODER_FAMILY, "model_arch": "basic"}
     if sizes.decoder_overrides is not None:
@@ -295,7 +297,7 @@ def build_decoder(root: Path, sizes: Sizes, tokenizer: Path, vocab_size: int, de
     card.update(checkpoint="text_decoder.pt", tokenizer=tokenizer.name, tokenizer_family="nllb",
                 tokenizer_config={"_set_": {"default_lang": LANG, "langs": list(assets.flores200_langs())}})
     path = root / "text_decoder.yaml"
-    io.write_text(path, yaml.safe_dump(card, sort_keys=False))
+    atomic.write_text(path, yaml.safe_dump(card, sort_keys=False))
     return path, spec
 
 
@@ -319,7 +321,7 @@ def build_standins(root: Path, sizes: Sizes, device: torch.device, seed: int = 0
     words = build_tokenizer_model(tokenizer_path, sizes.spm_pieces, seed)
     langs = list(assets.flores200_langs())
     card = root / "tokenizer.yaml"
-    io.write_text(card, yaml.safe_dump({"name": "gpu_check_tokenizer", "tokenizer": tokenizer_path.name, "tokenizer_family": "nllb",
+    atomic.write_text(card, yaml.safe_dump({"name": "gpu_check_tokenizer", "tokenizer": tokenizer_path.name, "tokenizer_family": "nllb",
                                         "tokenizer_config": {"_set_": {"default_lang": LANG, "langs": langs}}}))
     tokenizer = assets.load_sonar_tokenizer(card)
     vocab_size = tokenizer.vocab_info.size
@@ -355,7 +357,7 @@ def build_standins(root: Path, sizes: Sizes, device: torch.device, seed: int = 0
         n_words = int(np.clip(frames / 14 * rng.uniform(0.7, 1.3), 2, 44))
         text = " ".join(words[j] for j in rng.integers(0, len(words), n_words))
         feats = rng.standard_normal((int(frames), sizes.encoder.feature_dim), dtype=np.float32).astype(np.float16)
-        with io.atomic_path(features / f"{clip}.npy") as tmp, open(tmp, "wb") as f:
+        with atomic.atomic_path(features / f"{clip}.npy") as tmp, open(tmp, "wb") as f:
             np.save(f, feats)
         rows.append(ManifestRow(id=clip, text=text, length=int(frames)))
         scored[clip] = len(target(text)) - 2  # </s> and the language token are read, not scored
@@ -393,7 +395,7 @@ def build_standins(root: Path, sizes: Sizes, device: torch.device, seed: int = 0
 # ------------------------------------------------------------------------------------------------
 def recipe_fields() -> set[str]:
     """The settings the recipe knows (``TrainConfig``'s fields)."""
-    from sonar_ft.train import TrainConfig
+    from sonar_ft.config import TrainConfig
 
     return {f.name for f in dataclasses.fields(TrainConfig)}
 
@@ -404,7 +406,8 @@ def run_recipe(values: dict[str, Any]) -> list[dict[str, Any]]:
     The only function here that knows the recipe's API: each epoch's record needs ``seconds``
     (training + validation) and ``samples_per_second`` (training clips per training second).
     """
-    from sonar_ft.train import TrainConfig, train
+    from sonar_ft.config import TrainConfig
+    from sonar_ft.training.recipe import fine_tune as train
 
     result = train(TrainConfig(**values))
     return [dataclasses.asdict(m) for m in result.history]
@@ -601,7 +604,7 @@ class Bench:
                 "tf32_matmul": bool(torch.backends.cuda.matmul.allow_tf32) if self.device.type == "cuda" else None}
 
     def adamw_vs_8bit(self) -> dict[str, Any]:
-        from sonar_ft.perf import build_optimizer, parameter_groups
+        from sonar_ft.training.perf import build_optimizer, parameter_groups
 
         if self.device.type != "cuda":
             return {"status": "skipped", "reason": "8-bit AdamW (bitsandbytes) needs CUDA"}
@@ -623,7 +626,7 @@ class Bench:
                 "step_seconds": times, "state_gib": {k: round(v / GIB, 3) for k, v in state.items()}}
 
     def compile_on_off(self) -> dict[str, Any]:
-        from sonar_ft.perf import compile_encoder
+        from sonar_ft.training.perf import compile_encoder
 
         if self.sizes is SMOKE:
             return {"status": "skipped", "reason": "--smoke: inductor compiles for ~15 s even a tiny model on CPU"}
@@ -786,8 +789,8 @@ def main(argv: list[str] | None = None) -> int:
         report = run_check(sizes, device, work, smoke=args.smoke, budget_s=budget, profiles=args.profiles)
     name = "gpu_check_smoke" if args.smoke else "gpu_check"
     args.out.mkdir(parents=True, exist_ok=True)
-    io.write_json(args.out / f"{name}.json", report)
-    io.write_text(args.out / f"{name}.md", markdown(report))
+    atomic.write_json(args.out / f"{name}.json", report)
+    atomic.write_text(args.out / f"{name}.md", markdown(report))
     print(markdown(report))
     print(f"wrote {args.out / (name + '.json')} and {name}.md")
     failed = [r["name"] for r in [report["build"], *report["profiles"], *report["ratios"]] if r["status"] == "failed"]

@@ -111,7 +111,7 @@ print(f"{checkpoint}: {colab.format_size(checkpoint.stat().st_size)}")
 # %% [markdown]
 # ## Architecture and size
 #
-# `sonar_ft.encoder.load_encoder` (run by the stack environment) infers the architecture from the tensor shapes (and loads the
+# `sonar_ft.models.encoder.load_encoder` (run by the stack environment) infers the architecture from the tensor shapes (and loads the
 # weights strictly, so a damaged or foreign file is reported here rather than during training).
 # The official encoder is T5-v1.1-large-like: 24 + 24 layers, `d_model` 1024, 768-d input features,
 # 1024-d SONAR embeddings.

@@ -19,7 +19,7 @@
 # [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/sonar-ft/sonar-ft/blob/main/notebooks/07_export_encoder.ipynb)
 #
 # Packs the run's best encoder, its `config.json`, `tokenizer.json`, the metrics, the test results
-# and a model card into one tarball (`sonar_ft.export.export_run`), lists its contents, offers it
+# and a model card into one tarball (`sonar_ft.export.pack.export_run`), lists its contents, offers it
 # for download, then loads it back **from the tarball** and translates a few test clips into
 # several languages — the SONAR decoder speaks 200, the encoder was only trained towards English.
 #

@@ -19,15 +19,15 @@ from sonar_ft.errors import SonarFtError
 # Sub-command name -> (module that registers it, one-line help). Only the module of the command
 # being run is imported (most import torch, ~5-10 s); `sonar-ft --help` lists them from this table.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "train": ("sonar_ft.train_cli", "fine-tune the encoder (the recipe; same flags as train_sonar_finetuning.py)"),
+    "train": ("sonar_ft.training.cli", "fine-tune the encoder (the recipe; same flags as train_sonar_finetuning.py)"),
     "verify": ("sonar_ft.data.commands", "check a manifest + feature folder before training"),
     "manifest": ("sonar_ft.data.commands", "build manifests"),
-    "embed": ("sonar_ft.embed", "features -> SONAR sentence embeddings (.npy)"),
-    "export": ("sonar_ft.export", "pack a run's best encoder + records + model card as a tarball"),
-    "translate": ("sonar_ft.export", "translate feature clips with a fine-tuned encoder"),
-    "tune": ("sonar_ft.tune_cli", "Optuna search over the fine-tuning settings (resumable, prunable, parallel)"),
-    "train-from-tuning": ("sonar_ft.tune_cli", "train with a study's best settings (its best_config.yaml), overrides allowed"),
-    "plan": ("sonar_ft.plan", "estimate GPU memory of fine-tuning the official-size encoder and recommend settings that fit"),
+    "embed": ("sonar_ft.inference.embed", "features -> SONAR sentence embeddings (.npy)"),
+    "export": ("sonar_ft.export.pack", "pack a run's best encoder + records + model card as a tarball"),
+    "translate": ("sonar_ft.inference.translate", "translate feature clips with a fine-tuned encoder"),
+    "tune": ("sonar_ft.tune.cli", "Optuna search over the fine-tuning settings (resumable, prunable, parallel)"),
+    "train-from-tuning": ("sonar_ft.tune.cli", "train with a study's best settings (its best_config.yaml), overrides allowed"),
+    "plan": ("sonar_ft.plan.cli", "estimate GPU memory of fine-tuning the official-size encoder and recommend settings that fit"),
     "download": ("sonar_ft.download", "download one file safely (resumable, size / SHA-256 checked, written atomically)"),
 }
 COMMAND_MODULES: tuple[str, ...] = tuple(dict.fromkeys(module for module, _ in COMMANDS.values()))

@@ -109,7 +109,7 @@ class TrainConfig:
     """``adamw``, or ``adamw8bit`` (bitsandbytes, CUDA only: 2 instead of 8 bytes of state per parameter)."""
     seed: int = 42
     """Random seed (data order, dropout, subsets)."""
-    # -- LoRA (parameter-efficient fine-tuning, see sonar_ft.lora) ------------------------------------
+    # -- LoRA (parameter-efficient fine-tuning, see sonar_ft.models.lora) ------------------------------------
     lora_rank: int = 0
     """Rank of the low-rank adapters; 0 fine-tunes every encoder weight (full fine-tuning)."""
     lora_alpha: float = 32.0
@@ -167,7 +167,7 @@ class TrainConfig:
     """Progress display: ``bar`` (tqdm), ``plain`` (a line every ``progress_seconds`` and one per epoch), ``none``; ``auto`` = bars in a terminal, plain lines elsewhere (notebooks, log files)."""
     progress_seconds: float = 30.0
     """Seconds between two plain progress lines."""
-    # -- memory and speed (``sonar-ft plan`` recommends these; see sonar_ft.perf) -------------------
+    # -- memory and speed (``sonar-ft plan`` recommends these; see sonar_ft.training.perf) -------------------
     gradient_checkpointing: bool = False
     """Recompute encoder blocks and frozen-decoder layers in the backward pass instead of keeping their activations."""
     decoder_dtype: Literal["fp32", "bf16", "fp16"] = "fp32"

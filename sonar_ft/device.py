@@ -1,4 +1,4 @@
-"""The one device resolver (``--device auto | cpu | cuda | cuda:N``) and what a run records of its hardware.
+"""The one device resolver (``--device auto | cpu | cuda | cuda:N``), the frozen decoder's dtype, and what a run records of its hardware.
 
 Used by training, evaluation, ``embed`` and ``translate`` alike, so a device name that works for
 one works for all.
@@ -11,6 +11,8 @@ from typing import Any
 import torch
 
 from sonar_ft.errors import ConfigError
+
+DECODER_DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def resolve_device(name: str, *, flag: str = "--device") -> torch.device:
@@ -57,3 +59,21 @@ def hardware_record(device: torch.device) -> dict[str, Any]:
     else:
         record.update(gpu_name=None, gpu_memory_gib=None)
     return record
+
+
+def decoder_dtype(name: str, device: torch.device) -> torch.dtype:
+    """The dtype the frozen decoder's weights are held in for ``--decoder_dtype name``.
+
+    fp16 is only for GPUs without bf16 (a T4): bf16 keeps fp32's range and is the safer half type,
+    and CPUs run fp16 matmuls slowly or not at all.
+    """
+    if name not in DECODER_DTYPES:
+        raise ConfigError(f"--decoder_dtype must be one of {', '.join(DECODER_DTYPES)} (got {name!r})")
+    if name == "fp16":
+        if device.type != "cuda":
+            raise ConfigError("--decoder_dtype fp16 is for GPUs without bf16 (e.g. a T4); on CPU use --decoder_dtype bf16 or fp32")
+        if torch.cuda.is_bf16_supported():
+            raise ConfigError("this GPU supports bf16: use --decoder_dtype bf16 (fp16 is only for GPUs without it, e.g. a T4)")
+    if name == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ConfigError("this GPU has no bf16 support: use --decoder_dtype fp16 (or fp32)")
+    return DECODER_DTYPES[name]

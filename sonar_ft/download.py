@@ -23,7 +23,7 @@ from typing import BinaryIO
 from tqdm.auto import tqdm
 
 from sonar_ft.errors import ConfigError, DownloadError
-from sonar_ft.io import commit_file
+from sonar_ft.files.atomic import commit_file
 
 log = logging.getLogger(__name__)
 

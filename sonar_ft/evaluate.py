@@ -1,4 +1,4 @@
-"""Evaluation: validation loss, beam-search predictions and their scores (sonar_ft.scores).
+"""Evaluation: validation loss, beam-search predictions and their scores (sonar_ft.scores), and ``--eval_only``.
 
 Text scores (BLEU-1..4, chrF, ROUGE-L) at every evaluation; SONAR-native semantic scores (cosine to
 the reference's text embedding, sign-to-text retrieval R@1 / R@5) when a text encoder is passed.
@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -18,8 +18,16 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from sonar_ft import io
-from sonar_ft.decoder import FrozenTextDecoder
+from sonar_ft.config import TrainConfig
+from sonar_ft.data.dataset import make_loader
+from sonar_ft.data.splits import load_split
+from sonar_ft.device import decoder_dtype, resolve_device, resolve_precision
+from sonar_ft.errors import ConfigError, OutputDirError
+from sonar_ft.files import atomic
+from sonar_ft.files.lock import output_lock
+from sonar_ft.models.decoder import FrozenTextDecoder
+from sonar_ft.models.encoder import load_encoder
+from sonar_ft.run_files import TEST_RESULTS
 from sonar_ft.scores import METRICS, SEMANTIC_METRICS, corpus_scores, semantic_scores, sentence_scores
 
 log = logging.getLogger(__name__)
@@ -134,7 +142,7 @@ def results_record(result: EvalResult, settings: Mapping[str, Any]) -> dict[str,
     data = {
         "features": str(settings.get("val_features")),
         "manifest": str(manifest),
-        "manifest_sha256": io.file_sha256(manifest, limit=None) if manifest and Path(manifest).is_file() else None,
+        "manifest_sha256": atomic.file_sha256(manifest, limit=None) if manifest and Path(manifest).is_file() else None,
         "max_samples": settings.get("max_samples"),
         "max_frames": settings.get("max_frames"),
         "num_samples": result.num_samples,
@@ -143,7 +151,7 @@ def results_record(result: EvalResult, settings: Mapping[str, Any]) -> dict[str,
     return {
         **result.summary(),
         "encoder_checkpoint": str(encoder),
-        "encoder_sha256": io.checkpoint_sha256(encoder) if encoder and Path(encoder).is_file() else None,
+        "encoder_sha256": atomic.checkpoint_sha256(encoder) if encoder and Path(encoder).is_file() else None,
         "features": data["features"],
         "manifest": data["manifest"],
         "data": data,
@@ -184,7 +192,7 @@ def evaluate(
 
     ``batches`` yields :class:`sonar_ft.data.Batch` objects (``ids``, ``features``, ``mask``, ``texts``).
     ``gather(ids, refs, hyps, loss_sum, token_sum)`` combines the parts of all data-parallel ranks.
-    ``text_encoder`` (a :class:`sonar_ft.text_encoder.FrozenTextEncoder`) adds the semantic scores;
+    ``text_encoder`` (a :class:`sonar_ft.models.text_encoder.FrozenTextEncoder`) adds the semantic scores;
     under data parallelism they also need ``gather_embeddings(ids, emb) -> (ids, emb)`` (all ranks'
     sign embeddings, any order) and are left out, with a warning, without it.
     """
@@ -248,3 +256,38 @@ def evaluate(
         samples=samples,
         semantic=semantic,
     )
+
+
+def load_scorer(cfg: TrainConfig, device: torch.device) -> Any:
+    """The SONAR text encoder for the semantic scores, only when ``--text_encoder`` is given (never a silent download)."""
+    if not cfg.text_encoder:
+        return None
+    from sonar_ft.models.text_encoder import FrozenTextEncoder
+
+    return FrozenTextEncoder.load(cfg.text_encoder, cfg.tokenizer, device=device)
+
+
+def evaluate_checkpoint(cfg: TrainConfig) -> dict[str, Any]:
+    """``--eval_only``: score ``encoder_checkpoint`` on the ``val_*`` split; write only ``test_results.json``."""
+    cfg.validate()
+    device = resolve_device(cfg.device)
+    precision = resolve_precision(cfg.precision, device)
+    out = Path(cfg.output_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputDirError(f"cannot create --output_dir {out}: {exc.strerror or exc}") from None
+    dataset = load_split(cfg.val_features, cfg.val_manifest, cfg=cfg, split="evaluation")
+    batches = make_loader(dataset, cfg.batch_size, shuffle=False, seed=cfg.seed, num_workers=cfg.num_workers)
+    encoder, arch = load_encoder(cfg.encoder_checkpoint, device=device)
+    decoder = FrozenTextDecoder.load(cfg.decoder, cfg.tokenizer, device=device, dtype=decoder_dtype(cfg.decoder_dtype, device))
+    decoder.check_lang(cfg.tgt_lang)
+    if arch.output_dim != decoder.embedding_dim:
+        raise ConfigError(f"encoder outputs {arch.output_dim}-d embeddings but decoder {cfg.decoder} reads {decoder.embedding_dim}-d ones")
+    result = evaluate(encoder, decoder, batches, lang=cfg.tgt_lang, device=device, precision=precision,
+                      beam_size=cfg.beam_size, max_gen_len=cfg.max_gen_len, loss_chunk_size=cfg.loss_chunk_size,
+                      text_encoder=load_scorer(cfg, device))
+    record = results_record(result, asdict(cfg))  # scores + SHA-256 of the encoder and data: export checks them
+    with output_lock(out / TEST_RESULTS, folder=False, command="--eval_only"):  # one writer of test_results.json
+        atomic.write_json(out / TEST_RESULTS, record)
+    return record

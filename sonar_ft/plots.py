@@ -6,58 +6,13 @@ unless a notebook already chose one.
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
 
+from sonar_ft.run_files import best_epoch, latest_predictions, read_history  # noqa: F401  (notebooks read them from here)
+
 log = logging.getLogger(__name__)
-
-
-def read_history(run_dir: str | Path) -> list[dict[str, Any]]:
-    """All readable ``metrics_epoch{N}.json`` of a run, sorted by epoch (half-written files skipped)."""
-    rows = []
-    for path in Path(run_dir).glob("metrics_epoch*.json"):
-        try:
-            rows.append(json.loads(path.read_text(encoding="utf-8")))
-        except (OSError, json.JSONDecodeError):
-            log.warning("skipping unreadable %s", path)
-    return sorted(rows, key=lambda r: r["epoch"])
-
-
-def latest_predictions(run_dir: str | Path) -> dict[str, Any] | None:
-    """The newest ``predictions_epoch{N}.json`` of a run, or None."""
-    files = sorted(Path(run_dir).glob("predictions_epoch*.json"), key=lambda p: int(p.stem.removeprefix("predictions_epoch")))
-    for path in reversed(files):
-        try:
-            return json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError):
-            continue
-    return None
-
-
-def best_epoch(history: list[dict[str, Any]], select_metric: str | None = None) -> dict[str, Any] | None:
-    """The best evaluated epoch (None before the first evaluation).
-
-    The epoch the run itself marked best (``is_best``, chosen by its ``--select_metric``) wins;
-    without marks, the best by ``select_metric`` (default ``bleu``; the loss is minimised, every
-    other metric maximised), ties broken by the lower validation loss.
-    """
-    from sonar_ft.config import maximize
-
-    evaluated = [h for h in history if h.get("val_loss") is not None or h.get("val_bleu") is not None]
-    if not evaluated:
-        return None
-    marked = [h for h in evaluated if h.get("is_best")]
-    if marked and select_metric is None:
-        return marked[-1]
-    metric = select_metric or "bleu"
-    key = "val_loss" if metric == "loss" else f"val_{metric}"
-    scored = [h for h in evaluated if h.get(key) is not None]
-    if not scored:
-        return marked[-1] if marked else None
-    sign = 1.0 if maximize(metric) else -1.0
-    return max(scored, key=lambda h: (sign * h[key], -(h.get("val_loss") or 0.0)))
 
 
 def plot_history(run_dir: str | Path, out_dir: str | Path | None = None, *, title: str = "") -> dict[str, Path]:
@@ -101,7 +56,7 @@ def plot_history(run_dir: str | Path, out_dir: str | Path | None = None, *, titl
 def _save(fig: Any, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
-    from sonar_ft.io import atomic_path
+    from sonar_ft.files.atomic import atomic_path
 
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
-from sonar_ft import io
+from sonar_ft.files import atomic
 from sonar_ft.errors import SonarFtError
 
 SUPPORTED_PYTHONS = ("3.12", "3.11", "3.10")
@@ -159,7 +159,7 @@ def _site_packages(env: Path) -> Path:
 
 def _write_link(env: Path, project_dir: Path, packages_from: Path) -> None:
     lines = [str(project_dir.resolve()), str(_site_packages(packages_from).resolve())]
-    io.write_text(_site_packages(env) / "_sonar_ft_stack.pth", "\n".join(lines) + "\n")
+    atomic.write_text(_site_packages(env) / "_sonar_ft_stack.pth", "\n".join(lines) + "\n")
     # Shared libraries some wheels put in the environment's lib/ (tbb for fairseq2n) are found by prefix.
     for lib in Path(packages_from).glob("lib/*.so*"):
         target = env / "lib" / lib.name
@@ -201,7 +201,7 @@ def check_env(env: Path, *, runner: Runner = _run, cached: bool = False) -> dict
         if proc.returncode == 0 and line.startswith("SONAR_FT_ENV "):
             info = json.loads(line.removeprefix("SONAR_FT_ENV "))
             if cached:
-                io.write_text(cache, json.dumps(info))
+                atomic.write_text(cache, json.dumps(info))
             return info
     return None
 
@@ -313,7 +313,7 @@ def ensure_stack_env(
     if info is None:
         proc = runner([str(env_python(env)), "-c", CHECK_SCRIPT])
         raise StackEnvError(f"the new environment {env} cannot import the stack:\n{_last_lines(proc.stdout)}")
-    io.write_text(stamp, json.dumps({"requirements": digest, "project": str(project_dir), "python": info.get("python")}))
+    atomic.write_text(stamp, json.dumps({"requirements": digest, "project": str(project_dir), "python": info.get("python")}))
     result = StackEnv(env, info, created=True, seconds=clock() - start)
     print(f"stack environment {env}: created and checked in {result.seconds:.0f} s\n  {result.describe()}", flush=True)
     return result

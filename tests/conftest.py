@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from sonar_ft.demo.build import DemoConfig, DemoPaths, build_demo
+from sonar_ft.demo.build import DemoConfig, build_demo
+from sonar_ft.demo.paths import DemoPaths
 from sonar_ft.demo.text_models import TextModelConfig
 
 TINY_DEMO = DemoConfig(

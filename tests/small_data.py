@@ -1,5 +1,5 @@
 """A small, breakable copy of the tiny demo (8 training, 4 validation clips) for tests that
-corrupt inputs or run short trainings; see tests/test_bad_inputs.py and tests/test_reliability.py."""
+corrupt inputs or run short trainings; see tests/training/test_bad_inputs.py and tests/training/test_reliability.py."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from sonar_ft.data import read_manifest, write_manifest
-from sonar_ft.train import TrainConfig
+from sonar_ft.config import TrainConfig
 
 N_TRAIN, N_VAL = 8, 4
 FAST = ["--epochs", "1", "--batch_size", "4", "--max_gen_len", "16", "--beam_size", "2", "--device", "cpu"]

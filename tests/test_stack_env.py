@@ -94,7 +94,7 @@ def test_unsupported_python_names_the_supported_ones_and_the_way_out() -> None:
 
 def test_the_module_imports_without_torch() -> None:
     code = ("import sys; sys.modules['torch'] = None; sys.modules['fairseq2'] = None\n"
-            "import sonar_ft.stack_env, sonar_ft.colab")
+            "import sonar_ft.stack_env, sonar_ft.notebook.colab")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, env={"PYTHONPATH": str(ROOT)})
 
 

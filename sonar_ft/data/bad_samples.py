@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from sonar_ft.data.features import FeatureStore, read_features
 from sonar_ft.data.manifest import ManifestRow
 from sonar_ft.errors import DataError
-from sonar_ft.io import write_text
+from sonar_ft.files.atomic import write_text
 
 BAD_SAMPLES_HEADER: tuple[str, ...] = ("id", "file", "reason", "split")
 MAX_LISTED = 20

@@ -7,9 +7,9 @@ from pathlib import Path
 
 from sonar_ft.data.manifest import how2sign_to_tsv
 from sonar_ft.data.verify import verify_dataset
-from sonar_ft.io import write_json
-from sonar_ft.lock import output_lock
-from sonar_ft.paths import check_not_folder, check_output_not_input
+from sonar_ft.files.atomic import write_json
+from sonar_ft.files.lock import output_lock
+from sonar_ft.files.guards import check_not_folder, check_output_not_input
 
 MAX_LISTED = 10
 

@@ -8,7 +8,7 @@ Layouts, detected by :meth:`FeatureStore.open`:
 
 A ``.pt`` holds a tensor or a dict with ``features`` (and optional ``video_id`` / ``text``,
 ignored here: the manifest is the source of texts). ``.pt`` files are read only through
-:func:`sonar_ft.io.load_torch` (``weights_only=True``), ``.npy`` with ``allow_pickle=False``,
+:func:`sonar_ft.files.atomic.load_torch` (``weights_only=True``), ``.npy`` with ``allow_pickle=False``,
 so no code from a user's file ever runs.
 """
 
@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from sonar_ft.errors import CheckpointError, ConfigError, DataError
-from sonar_ft.io import load_torch
+from sonar_ft.files.atomic import load_torch
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ _NPY_HEADER_LOCK = threading.Lock()
 
 
 def _is_feature_name(name: str) -> bool:
-    # Names starting with "." are half-written temporaries (sonar_ft.io.TMP_PREFIX) or macOS
+    # Names starting with "." are half-written temporaries (sonar_ft.files.atomic.TMP_PREFIX) or macOS
     # "._x.npy" resource forks that appear when a folder is copied to a shared drive.
     return not name.startswith(".") and os.path.splitext(name)[1] in FEATURE_SUFFIXES
 

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from sonar_ft.data.features import FeatureStore
 from sonar_ft.errors import DataError
-from sonar_ft.io import write_text
+from sonar_ft.files.atomic import write_text
 
 log = logging.getLogger(__name__)
 
@@ -302,7 +302,7 @@ def how2sign_to_tsv(
     Returns ``{"csv", "features", "out", "rows", "written", "missing": [ids],
     "unreadable": {id: message}}``.
     """
-    from sonar_ft.paths import check_output_not_input
+    from sonar_ft.files.guards import check_output_not_input
 
     check_output_not_input(out_path, {"the CSV": csv_path, "--features": features_dir})
     rows = read_manifest(csv_path)

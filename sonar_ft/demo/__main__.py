@@ -21,7 +21,8 @@ import time
 from pathlib import Path
 
 from sonar_ft.cli import setup_logging
-from sonar_ft.demo.build import DemoConfig, DemoPaths, build_demo
+from sonar_ft.demo.build import DemoConfig, build_demo
+from sonar_ft.demo.paths import DemoPaths
 
 RECIPE = Path(__file__).resolve().parents[2] / "train_sonar_finetuning.py"
 
@@ -67,8 +68,9 @@ def run_demo(root: Path) -> dict:
     """Run every step; return the summary that is also written to ``DEMO_DIR/demo_summary.json``."""
     started = time.perf_counter()
     from sonar_ft.data import verify_dataset
-    from sonar_ft.export import export_run, translate
-    from sonar_ft.io import write_json
+    from sonar_ft.export.pack import export_run
+    from sonar_ft.inference.translate import translate
+    from sonar_ft.files.atomic import write_json
     from sonar_ft.plots import plot_history
 
     _banner("1/8 building the offline demo assets (cached after the first run)")

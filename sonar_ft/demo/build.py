@@ -21,12 +21,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sonar_ft import io
+from sonar_ft.files import atomic
 from sonar_ft.data import ManifestRow, write_manifest
 from sonar_ft.demo.paths import DemoPaths
 from sonar_ft.demo import corpus
 from sonar_ft.demo.text_models import TextModelConfig, pretrain_autoencoder, train_tokenizer
-from sonar_ft.encoder import SignT5Config, SignT5SonarEncoder, save_encoder
+from sonar_ft.models.encoder import SignT5Config, SignT5SonarEncoder, save_encoder
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +133,7 @@ def build_demo(root: str | Path, cfg: DemoConfig = DemoConfig(), *, force: bool 
         save_encoder(SignT5SonarEncoder(enc_cfg), random_start)
         pretrain_on_source(paths, cfg, random_start)
 
-    io.write_json(paths.build_record, _build_key(cfg))
+    atomic.write_json(paths.build_record, _build_key(cfg))
     return paths
 
 
@@ -143,7 +143,7 @@ def _write_split(folder: Path, manifest: Path, prefix: str, sentences: list, fea
     for i, sentence in enumerate(sentences):
         clip_id = f"{prefix}_{i:04d}"
         feats = features(sentence).astype(np.float16)
-        with io.atomic_path(folder / f"{clip_id}.npy") as tmp:
+        with atomic.atomic_path(folder / f"{clip_id}.npy") as tmp:
             with open(tmp, "wb") as f:
                 np.save(f, feats)
         rows.append(ManifestRow(id=clip_id, text=sentence.en, length=int(feats.shape[0]), line=i + 2))
@@ -152,8 +152,9 @@ def _write_split(folder: Path, manifest: Path, prefix: str, sentences: list, fea
 
 def pretrain_on_source(paths: DemoPaths, cfg: DemoConfig, random_start: Path) -> None:
     """Pretrain ``random_start`` on the shifted source domain with the recipe; save it as the demo's starting encoder."""
-    from sonar_ft.encoder import load_encoder
-    from sonar_ft.train import TrainConfig, train
+    from sonar_ft.models.encoder import load_encoder
+    from sonar_ft.config import TrainConfig
+    from sonar_ft.training.recipe import fine_tune
 
     src = cfg.source
     assert src is not None
@@ -176,7 +177,7 @@ def pretrain_on_source(paths: DemoPaths, cfg: DemoConfig, random_start: Path) ->
         eval_every=src.epochs, beam_size=2, max_gen_len=32, write_predictions=False,
     )
     log.info("pretraining the demo's starting encoder on the source domain (%d clips, %d epochs)", src.n_train, src.epochs)
-    result = train(run)
+    result = fine_tune(run)
     log.info("source-domain pretraining: val BLEU %.1f on the source domain", result.best_val_bleu or 0.0)
     encoder, _ = load_encoder(root / "pretraining" / "best_encoder.pt")
     save_encoder(encoder, paths.encoder_checkpoint, extra={"pretrained_on": "demo source domain", "source_val_bleu": result.best_val_bleu})

@@ -24,7 +24,7 @@ import yaml
 from tqdm.auto import tqdm
 
 from sonar_ft.demo.corpus import DemoSentence
-from sonar_ft.io import atomic_path, save_torch, write_text
+from sonar_ft.files.atomic import atomic_path, save_torch, write_text
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,137 @@
+"""``sonar-ft translate``: sign clips -> fine-tuned encoder -> frozen SONAR decoder -> text in each language.
+
+``sonar-ft translate --encoder TARBALL_OR_CKPT --features ... --tgt_langs eng_Latn,fra_Latn`` loads the
+encoder (an export is checked before anything is extracted, :mod:`sonar_ft.export.load`) and decodes
+each clip into every requested language — SONAR's decoder speaks 200 of them. The decoder defaults to
+the one the encoder was trained with.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sonar_ft.data import FeatureStore, load_feature_file
+from sonar_ft.device import resolve_device
+from sonar_ft.errors import ConfigError, DataError
+from sonar_ft.export.load import decoder_for, opened_encoder
+from sonar_ft.files import atomic
+from sonar_ft.files.guards import check_not_folder, check_output_not_input
+from sonar_ft.inference.embed import embed_features
+from sonar_ft.models.decoder import FrozenTextDecoder
+from sonar_ft.models.encoder import load_encoder
+
+
+def translate(
+    encoder: str | Path,
+    features: str | Path,
+    tgt_langs: list[str],
+    *,
+    decoder: str | None = None,
+    tokenizer: str | None = None,
+    ids: list[str] | None = None,
+    beam_size: int = 5,
+    max_gen_len: int = 128,
+    batch_size: int = 16,
+    device: str = "auto",
+) -> list[dict[str, Any]]:
+    """Translate feature clips with an exported (or plain checkpoint) encoder into each language.
+
+    Returns one ``{"id": ..., "eng_Latn": text, ...}`` per clip. The decoder defaults to the one the
+    encoder was trained with (packed in the export, or recorded in its ``tokenizer.json``).
+    """
+    dev = resolve_device(device)
+    with opened_encoder(encoder) as (checkpoint, files):
+        model, _ = load_encoder(checkpoint, device=dev)
+        decoder_spec, tokenizer_spec = decoder_for(files, decoder, tokenizer)
+        dec = FrozenTextDecoder.load(decoder_spec, tokenizer_spec, device=dev)  # while packed files still exist
+    for lang in tgt_langs:
+        dec.check_lang(lang)
+    features = Path(features)
+    if features.is_file():
+        clip_ids, clips = [features.stem], [load_feature_file(features)]
+    else:
+        store = FeatureStore.open(features)
+        clip_ids = list(ids) if ids else store.ids()
+        unknown = [i for i in clip_ids if store.path(i) is None]
+        if unknown:
+            raise DataError(f"no feature file for {', '.join(unknown[:5])} in {features}")
+        clips = [store.load(i) for i in clip_ids]
+    _check_clips(clip_ids, clips, model.config.feature_dim, features)
+    emb = embed_features(model, clips, batch_size=batch_size, device=dev)
+    rows: list[dict[str, Any]] = [{"id": i} for i in clip_ids]
+    for lang in tgt_langs:
+        texts = dec.generate(emb.to(dev), lang, beam_size=beam_size, max_gen_len=max_gen_len, batch_size=batch_size)
+        for row, text in zip(rows, texts):
+            row[lang] = text
+    torch.cuda.empty_cache() if dev.type == "cuda" else None
+    return rows
+
+
+def _check_clips(clip_ids: list[str], clips: list[Any], feature_dim: int, source: Path) -> None:
+    """Refuse clips the encoder cannot embed, naming each (zero frames, wrong dimension, NaN / Inf)."""
+    problems = []
+    for clip_id, clip in zip(clip_ids, clips):
+        if clip.shape[0] == 0:
+            problems.append(f"{clip_id}: has zero frames")
+        elif clip.shape[1] != feature_dim:
+            problems.append(f"{clip_id}: has {clip.shape[1]} features per frame but the encoder expects {feature_dim}")
+        elif not torch.isfinite(clip).all():
+            problems.append(f"{clip_id}: contains NaN or Inf values")
+    if problems:
+        listed = "; ".join(problems[:10]) + (f"; ... and {len(problems) - 10} more" if len(problems) > 10 else "")
+        raise DataError(
+            f"{len(problems)} clip(s) in {source} cannot be translated ({listed}). Re-extract them, or pass --ids "
+            "with the clips to translate (`sonar-ft verify` lists every bad clip)"
+        )
+
+
+def _cmd_translate(args: argparse.Namespace) -> int:
+    langs = [x.strip() for x in args.tgt_langs.split(",") if x.strip()]
+    if not langs:
+        raise ConfigError("--tgt_langs needs at least one language code, e.g. eng_Latn,fra_Latn")
+    ids = [x for x in args.ids.split(",") if x] if args.ids else None
+    for flag, value in (("--batch_size", args.batch_size), ("--limit", args.limit), ("--beam_size", args.beam_size),
+                        ("--max_gen_len", args.max_gen_len)):
+        if value is not None and value < 1:
+            hint = "; leave --limit out to print every clip" if flag == "--limit" else ""
+            raise ConfigError(f"{flag} must be at least 1 (got {value}){hint}")
+    if args.out:
+        check_not_folder(args.out, example="translations.json")
+        check_output_not_input(args.out, {"--encoder": args.encoder, "--features": args.features})
+    rows = translate(
+        args.encoder, args.features, langs, decoder=args.decoder, tokenizer=args.tokenizer, ids=ids,
+        beam_size=args.beam_size, max_gen_len=args.max_gen_len, batch_size=args.batch_size, device=args.device,
+    )
+    if args.limit is not None:
+        rows = rows[: args.limit]
+    for row in rows:
+        print(row["id"])
+        for lang in langs:
+            print(f"  {lang}: {row[lang]}")
+    if args.out:
+        atomic.write_json(args.out, rows)
+        print(f"wrote {args.out}")
+    return 0
+
+
+def register(subparsers: Any) -> None:
+    """Add ``sonar-ft translate``."""
+    t = subparsers.add_parser("translate", help="translate feature clips with a fine-tuned encoder")
+    t.add_argument("--encoder", required=True, help="export tarball or encoder checkpoint")
+    t.add_argument("--features", required=True, help="feature folder or one feature file")
+    t.add_argument("--tgt_langs", "--tgt-langs", default="eng_Latn", help="comma-separated FLORES-200 codes")
+    t.add_argument("--ids", help="comma-separated clip ids (default: all in the folder)")
+    t.add_argument("--limit", type=int, help="print at most this many clips")
+    t.add_argument("--decoder", help="decoder: asset card name, card .yaml or checkpoint (default: the one packed in or "
+                   "recorded by the export, else text_sonar_basic_decoder)")
+    t.add_argument("--tokenizer", help="tokenizer (default: --decoder's own when --decoder is given, else the export's)")
+    t.add_argument("--beam_size", "--beam-size", type=int, default=5)
+    t.add_argument("--max_gen_len", "--max-gen-len", type=int, default=128)
+    t.add_argument("--batch_size", "--batch-size", type=int, default=16)
+    t.add_argument("--device", default="auto")
+    t.add_argument("--out", help="also write the translations as JSON here")
+    t.set_defaults(func=_cmd_translate)

@@ -1,0 +1,5 @@
+"""The models: the trainable SONAR ASL encoder (``encoder``, ``lora``) and the frozen SONAR text models
+(``decoder``, ``text_encoder``) resolved through fairseq2's asset cards (``assets``).
+
+Knows nothing of training: imports only the base modules, :mod:`sonar_ft.files` and :mod:`sonar_ft.config`.
+"""

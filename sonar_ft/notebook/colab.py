@@ -1,0 +1,488 @@
+"""Helpers for the notebooks in ``notebooks/`` (Colab, Jupyter, papermill): paths, installs, display.
+
+The notebooks stay thin: each cell calls a ``sonar_ft`` function or the recipe's command line, and
+this module holds the plumbing they share —
+
+- :func:`setup` → :class:`Project`: creates or reuses the SONAR stack's own environment
+  (:mod:`sonar_ft.stack_env`; the kernel's Python stays as it is, no restart) and says where
+  features, manifests, the starting encoder and run folders are, for a real project folder (on
+  Google Drive in Colab) or for the offline demo (``DEMO = True``); project errors show as one line;
+- :func:`run_command`: runs a step as a command of that environment's Python, streaming its output;
+- :func:`show_plan`: the memory and disk plan for this runtime's GPU (``sonar-ft plan --gpu auto``);
+- :func:`show_table`, :func:`show_images`, :func:`show_figure`: tables as HTML, figures as PNG.
+
+Nothing here trains or evaluates: that is the recipe's job (``train_sonar_finetuning.py``). This
+module imports neither torch nor fairseq2 nor sonar (a Colab kernel on Python 3.13 cannot have them).
+"""
+
+from __future__ import annotations
+
+import codecs
+import io as _io
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
+
+from sonar_ft.demo.paths import DemoPaths
+from sonar_ft.errors import SonarFtError
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+    from sonar_ft.stack_env import StackEnv
+
+RECIPE = "train_sonar_finetuning.py"
+DEFAULT_DEMO_DIR = "demo_runs"
+SPLITS = ("train", "val", "test")
+NOTEBOOK_RUNS = "notebook_runs"
+"""Run folders of the notebooks in DEMO mode, under the demo folder (``make demo`` owns the others)."""
+STANDALONE_DEMO_RUN = "standalone_demo_run"
+
+
+class NotebookStop(SonarFtError):
+    """A notebook cannot go on; the message says what is wrong and what to do."""
+
+
+# ------------------------------------------------------------------------------------------------
+# Where we are
+# ------------------------------------------------------------------------------------------------
+def in_colab() -> bool:
+    """True inside a Google Colab runtime."""
+    return "google.colab" in sys.modules
+
+
+def default_env_dir(root: Path) -> Path:
+    """Where the stack environment goes: ``/content/sonar_env`` in Colab (local disk, once per runtime),
+    else the project's ``.venv`` (what ``make setup`` makes)."""
+    return Path("/content/sonar_env") if in_colab() else root / ".venv"
+
+
+# ------------------------------------------------------------------------------------------------
+# The demo
+# ------------------------------------------------------------------------------------------------
+def demo_feature_dim(paths: DemoPaths) -> int:
+    """The feature dimension the demo at ``paths`` was built with."""
+    try:
+        record = json.loads(paths.build_record.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        record = {}
+    return int(record.get("config", {}).get("feature_dim", 768))
+
+
+# ------------------------------------------------------------------------------------------------
+# The project a notebook works on
+# ------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Project:
+    """Paths and models of one notebook session: a real project folder, or the offline demo."""
+
+    root: Path
+    """The project folder (a copy of this repository holding the data); the working directory."""
+    runs: Path
+    """Where run folders go."""
+    features_pattern: str
+    """Feature folder of a split, ``{split}`` replaced (relative to ``root`` unless absolute)."""
+    manifest_pattern: str
+    encoder_checkpoint: Path
+    """The encoder to start fine-tuning from."""
+    decoder: str
+    """The frozen text decoder: asset card name or card file."""
+    device: str
+    feature_dim: int
+    demo: DemoPaths | None = None
+    python: str = sys.executable
+    """The stack environment's Python: every heavy step runs as a command of it."""
+    env: StackEnv | None = None
+
+    def features(self, split: str) -> Path:
+        """Feature folder of ``split`` (train / val / test)."""
+        return self.root / self.features_pattern.format(split=split)
+
+    def manifest(self, split: str) -> Path:
+        """Manifest of ``split``."""
+        return self.root / self.manifest_pattern.format(split=split)
+
+    def run_dir(self, name: str) -> Path:
+        """The folder of run ``name``."""
+        return self.runs / name
+
+    def recipe_command(self, output_dir: str | Path, *flags: str, split: str = "val", encoder: str | Path | None = None) -> list[str]:
+        """``python train_sonar_finetuning.py`` with this project's data and models, evaluating on ``split``."""
+        cmd = [
+            self.python, str(self.root / RECIPE),
+            "--encoder_checkpoint", str(encoder or self.encoder_checkpoint),
+            "--train_features", str(self.features("train")),
+            "--train_manifest", str(self.manifest("train")),
+            "--val_features", str(self.features(split)),
+            "--val_manifest", str(self.manifest(split)),
+            "--output_dir", str(output_dir),
+            "--device", self.device,
+        ]
+        if self.demo is not None:
+            cmd += ["--decoder", str(self.demo.decoder_card), "--text_encoder", str(self.demo.text_encoder_card)]
+        elif self.decoder != "text_sonar_basic_decoder":
+            cmd += ["--decoder", self.decoder]
+        return cmd + [str(f) for f in flags]
+
+    def cli_command(self, *args: str) -> list[str]:
+        """The ``sonar-ft`` command (``python -m sonar_ft.cli``) with ``args``."""
+        return [self.python, "-m", "sonar_ft.cli", *[str(a) for a in args]]
+
+    def step_command(self, *args: str) -> list[str]:
+        """A step of :mod:`sonar_ft.notebook.steps` (demo build, encoder info) in the stack environment."""
+        return [self.python, "-m", "sonar_ft.notebook.steps", *[str(a) for a in args]]
+
+    def find_run(self, run_dir: str | Path, *, need: str = "best_encoder.pt") -> Path:
+        """``run_dir`` when it holds ``need``; in DEMO mode a small run made here otherwise.
+
+        The notebooks build on each other (04 trains, 05-07 read its folder). In DEMO mode each must
+        also run alone, so a missing run is replaced by a short demo fine-tuning of its own.
+        """
+        run_dir = Path(run_dir)
+        if _has(run_dir, need):
+            return run_dir
+        if self.demo is None:
+            raise NotebookStop(
+                f"{run_dir} has no {need} yet: run notebook 04_finetune first (or set RUN_NAME to the run folder you want)."
+            )
+        standalone = self.run_dir(STANDALONE_DEMO_RUN)
+        if not _has(standalone, need):
+            print(f"DEMO: {run_dir} has no {need} (notebook 04 makes it); training a short demo run in {standalone} "
+                  "so that this notebook also works on its own ...")
+            run_command(self.recipe_command(standalone, *STANDALONE_FLAGS))
+        return standalone
+
+
+# Short demo fine-tuning for notebooks run on their own (distillation keeps French decoding working).
+STANDALONE_FLAGS = ("--batch_size", "16", "--epochs", "3", "--learning_rate", "1e-3", "--eval_every", "1",
+                    "--beam_size", "2", "--distill_weight", "1.0")
+
+
+def _has(run_dir: Path, need: str) -> bool:
+    return any(run_dir.glob(need)) if any(c in need for c in "*?[") else (run_dir / need).is_file()
+
+
+def setup(
+    project_dir: str | Path,
+    *,
+    demo: bool = False,
+    demo_dir: str | Path | None = None,
+    env_dir: str | Path | None = None,
+    features: str = "features/{split}",
+    manifests: str = "manifests/{split}.tsv",
+    encoder_checkpoint: str = "sonar_checkpoints/dm_70h_ub_sonar_encoder.pth",
+    decoder: str = "text_sonar_basic_decoder",
+    runs: str = "runs",
+    device: str = "auto",
+    feature_dim: int = 768,
+    model_cache: str | None = "model_cache",
+) -> Project:
+    """Create or reuse the stack environment, ``chdir`` into the project folder and print where everything is.
+
+    ``env_dir`` (default :func:`default_env_dir`) is the stack environment; the kernel's own Python
+    is left as it is. With ``demo`` everything comes from the offline demo (built the first time,
+    by the environment's Python) and runs on the CPU. In Colab, ``model_cache`` (in the project
+    folder) becomes fairseq2's download cache, so the SONAR text decoder is downloaded once.
+    """
+    from sonar_ft.stack_env import ensure_stack_env
+
+    root = Path(project_dir).resolve()
+    if not (root / RECIPE).is_file():
+        raise NotebookStop(f"{root} is not a sonar-ft project folder (no {RECIPE}); set PROJECT_DIR to your copy of the repository")
+    os.chdir(root)
+    install_error_display()
+    env = ensure_stack_env(Path(env_dir) if env_dir else default_env_dir(root), root, cached=True)
+    python = str(env.python)
+    if in_colab() and not demo and model_cache and "FAIRSEQ2_CACHE_DIR" not in os.environ:
+        os.environ["FAIRSEQ2_CACHE_DIR"] = str(root / model_cache)  # the recipe subprocesses inherit it
+    if demo:
+        paths = DemoPaths(Path(demo_dir or os.environ.get("DEMO_DIR") or root / DEFAULT_DEMO_DIR).resolve())
+        run_command([python, "-m", "sonar_ft.notebook.steps", "demo", "--demo_dir", str(paths.root)])
+        project = Project(
+            root=root, runs=paths.root / NOTEBOOK_RUNS,
+            features_pattern=str(paths.features / "{split}"), manifest_pattern=str(paths.manifests / "{split}.tsv"),
+            encoder_checkpoint=paths.encoder_checkpoint, decoder=str(paths.decoder_card), device="cpu",
+            feature_dim=demo_feature_dim(paths), demo=paths, python=python, env=env,
+        )
+    else:
+        checkpoint = Path(encoder_checkpoint)
+        project = Project(
+            root=root, runs=root / runs, features_pattern=features, manifest_pattern=manifests,
+            encoder_checkpoint=checkpoint if checkpoint.is_absolute() else root / checkpoint,
+            decoder=decoder, device=device, feature_dim=feature_dim, python=python, env=env,
+        )
+    print(f"project folder: {root}" + ("  [DEMO mode: offline demo data and models, CPU]" if demo else ""))
+    print(f"features:       {project.features('{split}')}\nmanifests:      {project.manifest('{split}')}")
+    print(f"encoder:        {project.encoder_checkpoint}\nruns:           {project.runs}")
+    return project
+
+
+def show_plan(project: Project, effective_batch: int, run_name: str | None = None, lora_rank: int = 0) -> list[str]:
+    """Memory and disk settings for this runtime's GPU from ``sonar-ft plan --gpu auto``: shown, returned as flags.
+
+    When the disk plan keeps ``last.pt`` on the runtime's local disk (``mirror-replace``: a free Drive cannot
+    hold two copies), the flags include ``--state_dir`` under :data:`LOCAL_STATE_ROOT` for ``run_name``.
+    ``lora_rank`` > 0 plans LoRA fine-tuning (``--lora_rank`` is among the flags).
+    In DEMO mode (CPU, the demo's small encoder) and on a runtime without a GPU there is nothing
+    to plan: that is said, and no flags are returned.
+    """
+    if project.demo is not None or not (project.env and project.env.info.get("cuda")):
+        why = "DEMO mode (the demo's small encoder on the CPU)" if project.demo is not None else "no GPU in this runtime"
+        print(f"memory plan: none needed, {why}; the official-size plans: `sonar-ft plan --gpu t4` (or l4, a100, h100)")
+        if lora_rank:
+            print(f"LoRA chosen (LORA_RANK = {lora_rank}): adapters train, the encoder's weights stay frozen")
+        return ["--lora_rank", str(lora_rank)] if lora_rank else []
+    out = project.runs / "plan.json"
+    run_command(project.cli_command("plan", "--gpu", "auto", "--batch_size", effective_batch, "--lora_rank", lora_rank, "--json", out))
+    if lora_rank:
+        print(f"LoRA chosen (LORA_RANK = {lora_rank}): adapters train, the encoder's weights stay frozen; "
+              "best_encoder.pt is still the whole (merged) encoder")
+    plan = json.loads(out.read_text(encoding="utf-8"))
+    show_table([{"setting": k, "value": str(v)} for k, v in plan["settings"].items()])
+    flags = [str(f) for f in plan["flags"]]
+    if plan["disk"]["strategy"] == "mirror-replace" and run_name:
+        flags += ["--state_dir", str(LOCAL_STATE_ROOT / run_name)]
+        print(f"last.pt is kept in {LOCAL_STATE_ROOT / run_name} (local disk) and copied to the run folder after each epoch")
+    return flags
+
+
+LOCAL_STATE_ROOT = Path("/content/sonar_state") if Path("/content").is_dir() else Path(tempfile.gettempdir()) / "sonar_state"
+"""Where ``--state_dir`` folders go: the runtime's local disk (fast, large, lost on disconnect)."""
+
+
+def install_error_display() -> None:
+    """In IPython, show project errors (bad paths, failed checks) as their message, not a traceback."""
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return
+    shell = get_ipython()
+    if shell is None:
+        return
+
+    def handler(self: Any, etype: type, value: BaseException, tb: Any, tb_offset: int | None = None) -> list[str]:
+        # Shown as the cell's error output (the kernel's own path for tracebacks), one line instead of
+        # a traceback. The cell still fails, so "Run all" and papermill stop there.
+        stb = [f"{etype.__name__}: {value}"]
+        self._showtraceback(etype, value, stb)
+        return stb
+
+    shell.set_custom_exc((SonarFtError,), handler)
+
+
+def stop(message: str) -> None:
+    """Stop the notebook here with a readable message."""
+    raise NotebookStop(message)
+
+
+# ------------------------------------------------------------------------------------------------
+# Running the command-line steps
+# ------------------------------------------------------------------------------------------------
+def run_command(cmd: Sequence[str | os.PathLike], *, env: Mapping[str, str] | None = None, check: bool = True) -> int:
+    """Run ``cmd`` (a list, no shell), streaming its output into the cell; stop with a clear message if it fails.
+
+    ``check=False`` returns a non-zero exit code instead of stopping (a check whose report says more).
+    ``env`` adds environment variables (``TQDM_DISABLE=1`` in the environment hides progress bars).
+    Interrupting the cell stops the command too; training runs resume when the cell runs again.
+    """
+    cmd = [str(c) for c in cmd]
+    shown = [Path(c).name if i == 0 else c for i, c in enumerate(cmd)]  # "python", not the venv path
+    print("$ " + shlex.join(shown), flush=True)
+    child_env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
+    child_env.pop("MPLBACKEND", None)  # the kernel's inline backend means nothing to a subprocess
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=child_env)
+    assert proc.stdout is not None
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    try:
+        while chunk := os.read(proc.stdout.fileno(), 1 << 14):
+            # Raw chunks, not lines: progress bars redraw with "\r" and notebooks render that.
+            sys.stdout.write(decoder.decode(chunk))
+            sys.stdout.flush()
+        code = proc.wait()
+    except KeyboardInterrupt:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        print("\nstopped. Run this cell again to continue (training resumes from its last checkpoint).")
+        raise
+    finally:
+        proc.stdout.close()
+    if code != 0 and check:
+        what = " ".join(shown[2:4]) if shown[1:2] == ["-m"] else " ".join(shown[:1] + [Path(c).name for c in shown[1:2]])
+        why = "its error message is the last line above" if code == 2 else "see its output above"
+        raise NotebookStop(f"`{what}` failed (exit code {code}): {why}.")
+    return code
+
+
+# ------------------------------------------------------------------------------------------------
+# Display
+# ------------------------------------------------------------------------------------------------
+def _display(obj: Any) -> bool:
+    try:
+        from IPython import get_ipython
+        from IPython.display import display
+    except ImportError:
+        return False
+    if get_ipython() is None:
+        return False
+    display(obj)
+    return True
+
+
+def show_table(rows: Sequence[Mapping[str, Any]] | Any, columns: Sequence[str] | None = None, *, digits: int = 4) -> None:
+    """Show ``rows`` (dicts, or a DataFrame) as a table: HTML in notebooks, text elsewhere.
+
+    Returns nothing, so that a call ending a cell does not show the table twice.
+    """
+    import pandas as pd
+
+    frame = rows if isinstance(rows, pd.DataFrame) else pd.DataFrame(list(rows), columns=list(columns) if columns else None)
+    if columns is not None:
+        frame = frame[list(columns)]
+    frame = frame.round(digits)
+    if not _display(frame):
+        print(frame.to_string(index=False))
+
+
+# Score columns of the notebooks' tables, in the order papers print them (sonar_ft.scores names).
+SCORE_COLUMNS = ("bleu", "bleu1", "bleu2", "bleu3", "rougeL", "chrf", "cosine", "r1", "r5", "loss")  # bleu is BLEU-4
+SAMPLE_SCORE_COLUMNS = ("bleu_score", "rougeL", "chrf", "cosine", "rank")
+
+
+def score_columns(rows: Sequence[Mapping[str, Any]], prefix: str = "", *, first: Sequence[str] = (), last: Sequence[str] = ()) -> list[str]:
+    """``first`` + the score columns that ``rows`` really hold (a value other than None) + ``last``.
+
+    ``prefix`` is ``"val_"`` for ``metrics_epoch*.json`` history, ``""`` for ``test_results.json``;
+    semantic scores (cosine, R@1, R@5) appear only for runs given a ``--text_encoder``. With
+    ``prefix="sample"`` the per-sentence columns of predictions are used instead.
+    """
+    names = SAMPLE_SCORE_COLUMNS if prefix == "sample" else tuple(f"{prefix}{n}" for n in SCORE_COLUMNS)
+    present = [n for n in names if any(r.get(n) is not None for r in rows)]
+    return [*first, *[n for n in present if n not in first and n not in last], *last]
+
+
+def show_images(paths: Iterable[str | Path]) -> None:
+    """Show PNG files (as image outputs in notebooks; their paths elsewhere)."""
+    for path in paths:
+        path = Path(path)
+        try:
+            from IPython.display import Image
+        except ImportError:
+            Image = None  # noqa: N806
+        if Image is None or not _display(Image(filename=str(path))):
+            print(f"figure: {path}")
+
+
+def show_figure(fig: Figure, save_as: str | Path | None = None) -> None:
+    """Show a matplotlib figure as a PNG output whatever the backend (optionally also saving it); close it."""
+    import matplotlib.pyplot as plt
+
+    from sonar_ft.files import atomic
+
+    buffer = _io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    data = buffer.getvalue()
+    if save_as is not None:
+        atomic.write_bytes(save_as, data)
+    try:
+        from IPython.display import Image
+    except ImportError:
+        Image = None  # noqa: N806
+    if Image is None or not _display(Image(data=data, format="png")):
+        print(f"figure saved: {save_as}" if save_as else "(figure: run in a notebook to see it)")
+
+
+def format_size(num_bytes: int) -> str:
+    """``1.2 GB``-style size."""
+    size = float(num_bytes)
+    for unit in ("bytes", "KB", "MB", "GB"):
+        if size < 1000 or unit == "GB":
+            return f"{size:.0f} {unit}" if unit == "bytes" else f"{size:.1f} {unit}"
+        size /= 1000
+    return f"{size:.1f} GB"
+
+
+def offer_download(path: str | Path) -> None:
+    """In Colab, send ``path`` to the browser as a download; elsewhere print where it is."""
+    path = Path(path)
+    if in_colab():
+        from google.colab import files  # type: ignore[import-not-found]
+
+        files.download(str(path))
+        print(f"download started: {path.name} ({format_size(path.stat().st_size)})")
+    else:
+        print(f"not in Colab: the file is at {path.resolve()} ({format_size(path.stat().st_size)})")
+
+
+def is_up_to_date(target: str | Path, *sources: str | Path) -> bool:
+    """True when ``target`` exists and is newer than every existing ``source`` (re-running can skip it)."""
+    target = Path(target)
+    if not target.is_file():
+        return False
+    newest = max((Path(s).stat().st_mtime for s in sources if Path(s).exists()), default=0.0)
+    return target.stat().st_mtime >= newest
+
+
+# ------------------------------------------------------------------------------------------------
+# Feature verification (notebook 01)
+# ------------------------------------------------------------------------------------------------
+def verify_summary(reports: Mapping[str, Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """One table row per split from ``sonar-ft verify --json`` reports: counts, errors, warnings, frames, verdict."""
+    rows = []
+    for split, r in reports.items():
+        stats = r.get("length_stats") or {}
+        rows.append({
+            "split": split,
+            "manifest rows": r["counts"]["manifest_rows"],
+            "feature files": r["counts"]["feature_files"],
+            "checked": r["counts"]["checked"],
+            "errors": sum(r["errors"].values()),
+            "warnings": sum(r["warnings"].values()),
+            "median frames": stats.get("median"),
+            "max frames": stats.get("max"),
+            "result": "OK" if r["ok"] else "NOT OK",
+        })
+    return rows
+
+
+def length_histogram(reports: Mapping[str, Mapping[str, Any]], *, max_bins: int = 50) -> Figure:
+    """Histogram of frames per clip, one colour per split, on bins shared by all splits."""
+    import matplotlib
+    import numpy as np
+
+    if matplotlib.get_backend().lower() not in ("module://matplotlib_inline.backend_inline", "nbagg", "widget"):
+        matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    everything = [n for report in reports.values() for n in report["lengths"]]
+    lo, hi = (min(everything), max(everything)) if everything else (0, 1)
+    # Frame counts are integers: one bin per count when few, else max_bins bins over the range.
+    bins = np.arange(lo, hi + 2) - 0.5 if hi - lo < max_bins else np.linspace(lo, hi + 1, max_bins + 1)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for split, report in reports.items():
+        if report["lengths"]:
+            ax.hist(report["lengths"], bins=bins, alpha=0.55, label=f"{split} ({len(report['lengths'])} clips)")
+    ax.set(xlabel="frames per clip", ylabel="clips", title="sequence lengths")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return fig
+
+
+def missing_splits(project: Project, splits: Iterable[str] = SPLITS) -> list[str]:
+    """Readable lines for each split whose feature folder or manifest does not exist."""
+    problems = []
+    for split in splits:
+        for what, path in (("features", project.features(split)), ("manifest", project.manifest(split))):
+            if not path.exists():
+                problems.append(f"{split} {what}: {path} does not exist")
+    return problems
