@@ -542,10 +542,10 @@ def save_signhiera(model: SignHiera, path: str | Path) -> None:
 def tiny_config(**changes: Any) -> SignHieraConfig:
     """A small SignHiera with the official structure (4 stages, 3 poolings) for tests and the offline demo.
 
-    Windows of 16 frames at 64 x 64 pixels; 8 vectors of width 64 per window.
+    Windows of the official 128 frames at 32 x 32 pixels; 64 vectors of width 64 per window.
     """
     base = SignHieraConfig(
         embed_dim=8, stage_depths=(1, 2, 2, 1), stage_dims=(8, 16, 32, 64), mlp_hidden=(16, 32, 64, 128),
-        token_grid=(8, 16, 16),
+        token_grid=(64, 8, 8),
     )
     return dataclasses.replace(base, **changes)
