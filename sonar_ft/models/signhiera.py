@@ -233,7 +233,10 @@ class SignHieraConfig:
             )
         try:
             return _config_from_tensors(state, overrides)
-        except (KeyError, IndexError, ValueError) as exc:
+        except KeyError as exc:
+            raise CheckpointError(f"{source} lacks the SignHiera weight {exc.args[0]}: it is truncated or not a "
+                                  "SignHiera checkpoint") from None
+        except (IndexError, ValueError) as exc:
             raise CheckpointError(f"{source} is not a SignHiera checkpoint this code can read: {exc}") from None
 
 
