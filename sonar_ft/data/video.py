@@ -481,6 +481,9 @@ def read_video(
 # --------------------------------------------------------------------------------------------
 
 
+_FORMATS = {".mkv": "matroska", ".mp4": "mp4", ".mov": "mov", ".avi": "avi", ".webm": "webm"}
+
+
 def write_synthetic_video(
     path: str | Path,
     frames: int,
@@ -506,11 +509,14 @@ def write_synthetic_video(
     rng = np.random.default_rng(seed)
     base = rng.integers(0, 256, size=(3,), dtype=np.int64)
     with atomic.atomic_path(path) as tmp:
-        with av.open(str(tmp), mode="w", format=path.suffix.lstrip(".") if path.suffix != ".mp4" else "mp4") as out:
+        container_format = _FORMATS.get(path.suffix.lower(), path.suffix.lstrip("."))
+        with av.open(str(tmp), mode="w", format=container_format) as out:
             stream = out.add_stream(codec, rate=fps)
             stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
             if pts is not None:
                 stream.codec_context.time_base = Fraction(1, int(fps) * 100)
+            if frames == 0:
+                out.start_encoding()  # a header with a video stream and no frame in it
             for i in range(frames):
                 img = np.empty((height, width, 3), np.uint8)
                 img[...] = ((base + 7 * i + np.arange(3) * 50) % 256).astype(np.uint8)
