@@ -41,15 +41,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from sonar_ft.download import KNOWN_FILES
 from sonar_ft.errors import CheckpointError, ConfigError
 from sonar_ft.files import atomic
 
 logger = logging.getLogger(__name__)
 
-OFFICIAL_URL = "https://dl.fbaipublicfiles.com/SONAR/asl/dm_70h_ub_signhiera.pth"
+OFFICIAL_URL = KNOWN_FILES["signhiera"][0]
 """The SignHiera weights the SONAR ASL encoder was trained on (licence: CC-BY-NC 4.0)."""
 
-OFFICIAL_FILE_NAME = "dm_70h_ub_signhiera.pth"
+OFFICIAL_FILE_NAME = OFFICIAL_URL.rsplit("/", 1)[1]
 
 WEIGHT_CONTAINER_KEYS: tuple[str, ...] = ("model", "model_state", "state_dict")
 """Where checkpoints keep the weights, in the order they are looked for (else: a bare state dict)."""
@@ -514,7 +515,7 @@ def load_signhiera(path: str | Path, *, device: str | torch.device = "cpu", **ov
     Raises :class:`CheckpointError` naming the file when it is not a SignHiera or a weight is missing.
     """
     path = Path(path)
-    fix = f"download the official file again (sonar-ft download {OFFICIAL_URL} --out checkpoints/)"
+    fix = "download the official file again (sonar-ft download signhiera --out checkpoints/)"
     obj = atomic.load_torch(path, what="SignHiera checkpoint", fix=fix)
     state = extract_state_dict(obj, source=str(path))
     config = SignHieraConfig.from_state_dict(state, source=str(path), **overrides)
