@@ -28,7 +28,7 @@ from typing import Any, Literal, Mapping
 
 from sonar_ft.errors import ConfigError
 from sonar_ft.scores import METRICS
-from sonar_ft.scores import higher_is_better as maximize  # the one place that says which way a metric improves
+from sonar_ft.scores import higher_is_better as maximize  # noqa: F401  (the one place that says which way a metric improves)
 
 Metric = Literal[METRICS]  # type: ignore[valid-type]  # bleu, bleu1..4, chrf, rougeL, cosine, r1, r5, loss
 
@@ -334,6 +334,26 @@ def add_arguments(parser: argparse.ArgumentParser, *, skip: tuple[str, ...] = ()
         else:
             kind = getattr(options[0], "__name__", "value")
             group.add_argument(f"--{name}", metavar=kind.upper(), help=help_text)
+
+
+def command_line(settings: Mapping[str, Any]) -> list[str]:
+    """The recipe's flags for ``settings`` (``TrainConfig`` field names -> values), as :func:`add_arguments` reads them back.
+
+    The one place a command line of the recipe is written (notebooks, the demo, tests): ``None`` is left
+    out, ``True`` is the bare flag, ``False`` is ``--flag false``. An unknown name is a ``ConfigError``.
+    """
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    out: list[str] = []
+    for name, value in settings.items():
+        if name not in fields:
+            raise ConfigError(f"{name!r} is not a setting of the recipe; see `python train_sonar_finetuning.py --help`")
+        if value is None:
+            continue
+        if value is True:
+            out.append(f"--{name}")
+        else:
+            out += [f"--{name}", "false" if value is False else str(value)]
+    return out
 
 
 # ------------------------------------------------------------------------------------------------

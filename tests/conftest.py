@@ -5,13 +5,16 @@ Built once per test session with the project's own builder, small enough to take
 
 from __future__ import annotations
 
+import dataclasses
+import shutil
 from collections import Counter
 from pathlib import Path
 
 import pytest
 import torch
 
-from sonar_ft.demo.build import DemoConfig, build_demo
+from sonar_ft.config import command_line
+from sonar_ft.demo.build import DemoConfig, SourceDomain, build_demo
 from sonar_ft.demo.paths import DemoPaths
 from sonar_ft.demo.text_models import TextModelConfig
 
@@ -25,8 +28,10 @@ TINY_DEMO = DemoConfig(
     encoder_d_kv=8,
     encoder_d_ff=48,
     encoder_layers=1,
-    source=None,  # a random starting encoder: tests of the loop need no pretraining (test_lora builds a pretrained one)
+    source=None,  # a random starting encoder: tests of the loop need no pretraining (pretrained_demo adds one)
 )
+TINY_SOURCE = SourceDomain(n_train=96, n_val=16, epochs=6, batch_size=8, learning_rate=3e-3)
+PRETRAINED_DEMO = dataclasses.replace(TINY_DEMO, source=TINY_SOURCE)
 
 
 @pytest.fixture
@@ -52,17 +57,25 @@ def tiny_demo(tmp_path_factory: pytest.TempPathFactory) -> DemoPaths:
     return build_demo(tmp_path_factory.mktemp("tiny_demo"), TINY_DEMO)
 
 
+@pytest.fixture(scope="session")
+def pretrained_demo(tiny_demo: DemoPaths, tmp_path_factory: pytest.TempPathFactory) -> DemoPaths:
+    """The tiny demo with a starting encoder pretrained on the shifted source domain (read-only for tests).
+
+    Built on a copy of ``tiny_demo``: only the starting encoder's stage runs (corpus and text models are reused).
+    """
+    root = tmp_path_factory.mktemp("pretrained_demo")
+    shutil.copytree(tiny_demo.root, root, dirs_exist_ok=True)
+    return build_demo(root, PRETRAINED_DEMO)
+
+
+def private_copy(demo: DemoPaths, tmp_path_factory: pytest.TempPathFactory, name: str) -> DemoPaths:
+    """A writable copy of a shared demo's data and assets (the shared fixtures stay read-only)."""
+    root = tmp_path_factory.mktemp(name)
+    for part in ("data", "assets"):
+        shutil.copytree(demo.root / part, root / part)
+    return DemoPaths(root)
+
+
 def recipe_args(demo: DemoPaths, output_dir: Path, *extra: str) -> list[str]:
     """The Colab quick-test command line with the demo's paths."""
-    return [
-        "--encoder_checkpoint", str(demo.encoder_checkpoint),
-        "--train_features", str(demo.split_features("train")),
-        "--train_manifest", str(demo.split_manifest("train")),
-        "--val_features", str(demo.split_features("val")),
-        "--val_manifest", str(demo.split_manifest("val")),
-        "--output_dir", str(output_dir),
-        "--decoder", str(demo.decoder_card),
-        "--device", "cpu",
-        "--beam_size", "2",
-        *extra,
-    ]
+    return [*command_line({**demo.recipe_settings(output_dir), "device": "cpu", "beam_size": 2}), *extra]

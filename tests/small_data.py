@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np
 
 from sonar_ft.data import read_manifest, write_manifest
-from sonar_ft.config import TrainConfig
+from sonar_ft.config import TrainConfig, command_line
 
 N_TRAIN, N_VAL = 8, 4
-FAST = ["--epochs", "1", "--batch_size", "4", "--max_gen_len", "16", "--beam_size", "2", "--device", "cpu"]
+FAST = {"epochs": 1, "batch_size": 4, "max_gen_len": 16, "beam_size": 2, "device": "cpu"}
 
 
 @dataclass
@@ -35,22 +35,20 @@ class Data:
     def npy(self, split: str, index: int) -> Path:
         return self.features(split) / f"{self.ids(split)[index]}.npy"
 
+    def settings(self, out: Path) -> dict[str, object]:
+        """The recipe's settings on this copy, with the fast test values."""
+        return {
+            "encoder_checkpoint": str(self.demo.encoder_checkpoint), "decoder": str(self.demo.decoder_card),
+            "train_features": str(self.features("train")), "train_manifest": str(self.manifest("train")),
+            "val_features": str(self.features("val")), "val_manifest": str(self.manifest("val")),
+            "output_dir": str(out), **FAST,
+        }
+
     def recipe_args(self, out: Path, *extra: str) -> list[str]:
-        return [
-            "--encoder_checkpoint", str(self.demo.encoder_checkpoint), "--decoder", str(self.demo.decoder_card),
-            "--train_features", str(self.features("train")), "--train_manifest", str(self.manifest("train")),
-            "--val_features", str(self.features("val")), "--val_manifest", str(self.manifest("val")),
-            "--output_dir", str(out), *FAST, *extra,
-        ]
+        return [*command_line(self.settings(out)), *extra]
 
     def config(self, out: Path, **changes) -> TrainConfig:
-        base = dict(
-            encoder_checkpoint=str(self.demo.encoder_checkpoint), decoder=str(self.demo.decoder_card),
-            train_features=str(self.features("train")), train_manifest=str(self.manifest("train")),
-            val_features=str(self.features("val")), val_manifest=str(self.manifest("val")),
-            output_dir=str(out), epochs=1, batch_size=4, max_gen_len=16, beam_size=2, device="cpu",
-        )
-        return TrainConfig(**{**base, **changes})
+        return TrainConfig(**{**self.settings(out), **changes})
 
 
 def make_data(demo, root: Path) -> Data:

@@ -21,6 +21,8 @@ import time
 from pathlib import Path
 
 from sonar_ft.cli import setup_logging
+from sonar_ft.config import command_line
+from sonar_ft.run_files import BEST_ENCODER, CONFIG_FILE, TEST_RESULTS
 from sonar_ft.demo.build import DemoConfig, build_demo
 from sonar_ft.demo.paths import DemoPaths
 
@@ -50,22 +52,12 @@ def _run(cmd: list[str]) -> None:
 
 def recipe_command(paths: DemoPaths, output_dir: Path, flags: list[str], *, split: str = "val", encoder: Path | None = None) -> list[str]:
     """The recipe's command line on the demo data (``split`` is the evaluation split)."""
-    return [
-        sys.executable, str(RECIPE),
-        "--encoder_checkpoint", str(encoder or paths.encoder_checkpoint),
-        "--train_features", str(paths.split_features("train")),
-        "--train_manifest", str(paths.split_manifest("train")),
-        "--val_features", str(paths.split_features(split)),
-        "--val_manifest", str(paths.split_manifest(split)),
-        "--output_dir", str(output_dir),
-        "--decoder", str(paths.decoder_card),
-        "--device", "cpu",
-        *flags,
-    ]
+    settings = {**paths.recipe_settings(output_dir, split=split, encoder=encoder), "device": "cpu"}
+    return [sys.executable, str(RECIPE), *command_line(settings), *flags]
 
 
-def run_demo(root: Path) -> dict:
-    """Run every step; return the summary that is also written to ``DEMO_DIR/demo_summary.json``."""
+def run_demo(root: Path, cfg: DemoConfig = DemoConfig()) -> dict:
+    """Run every step on the demo ``cfg`` (``make demo``: the defaults); return the summary also written to ``DEMO_DIR/demo_summary.json``."""
     started = time.perf_counter()
     from sonar_ft.data import verify_dataset
     from sonar_ft.export.pack import export_run
@@ -74,12 +66,12 @@ def run_demo(root: Path) -> dict:
     from sonar_ft.plots import plot_history
 
     _banner("1/8 building the offline demo assets (cached after the first run)")
-    paths = build_demo(root, DemoConfig())
+    paths = build_demo(root, cfg)
     print(f"demo data and models in {paths.root}")
 
     _banner("2/8 sonar-ft verify: checking features against manifests")
     for split in ("train", "val", "test"):
-        report = verify_dataset(paths.split_features(split), paths.split_manifest(split), feature_dim=768, progress=False)
+        report = verify_dataset(paths.split_features(split), paths.split_manifest(split), feature_dim=cfg.feature_dim, progress=False)
         print(f"[{split}]")
         print(report.format_table())
         if not report.ok:
@@ -96,13 +88,13 @@ def run_demo(root: Path) -> dict:
     _run(recipe_command(paths, root / "finetune", FINETUNE_FLAGS + distill + FRESH))
 
     _banner("6/8 --eval_only: the best fine-tuned encoder on the held-out test split")
-    best = root / "finetune" / "best_encoder.pt"
+    best = root / "finetune" / BEST_ENCODER
     _run(recipe_command(paths, root / "test_evaluation", ["--eval_only", "--beam_size", "4"], split="test", encoder=best))
 
     _banner("7/8 plots and export")
     plots = plot_history(root / "finetune", root / "plots", title="demo fine-tuning")
     print("plots: " + ", ".join(str(p) for p in plots.values()))
-    tarball = export_run(root / "finetune", root / "sonar_encoder_finetuned.tar.gz", test_results=root / "test_evaluation" / "test_results.json")
+    tarball = export_run(root / "finetune", root / "sonar_encoder_finetuned.tar.gz", test_results=root / "test_evaluation" / TEST_RESULTS)
     print(f"exported: {tarball}")
 
     _banner("8/8 translating test clips from the tarball into English and French")
@@ -112,9 +104,9 @@ def run_demo(root: Path) -> dict:
     for row in rows:
         print(f"{row['id']}\n  reference: {refs[row['id']]}\n  eng_Latn:  {row['eng_Latn']}\n  fra_Latn:  {row['fra_Latn']}")
 
-    before = json.loads((root / "baseline_evaluation" / "test_results.json").read_text())
-    after = json.loads((root / "test_evaluation" / "test_results.json").read_text())
-    quick = json.loads((root / "quick_test" / "config.json").read_text())
+    before = json.loads((root / "baseline_evaluation" / TEST_RESULTS).read_text())
+    after = json.loads((root / "test_evaluation" / TEST_RESULTS).read_text())
+    quick = json.loads((root / "quick_test" / CONFIG_FILE).read_text())
     summary = {
         "test_bleu_before": before["bleu"],
         "test_bleu_after": after["bleu"],

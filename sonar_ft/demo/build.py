@@ -10,6 +10,7 @@ Layout, relied on by ``make demo``, the notebooks and the tests::
     assets/sonar_encoder_demo.pth               the starting sign encoder, official checkpoint layout
     source_domain/                              the "other signers" data and the run that pretrained it
     assets/BUILD.json                           what was built, from which settings (the cache key)
+    assets/BUILD.{corpus,text,encoder}.json     each stage's own key (a stage is rebuilt only when it changed)
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import numpy as np
 import torch
 
 from sonar_ft.files import atomic
+from sonar_ft.run_files import BEST_ENCODER
 from sonar_ft.data import ManifestRow, write_manifest
 from sonar_ft.demo.paths import DemoPaths
 from sonar_ft.demo import corpus
@@ -91,47 +93,86 @@ def is_built(paths: DemoPaths, cfg: DemoConfig) -> bool:
         return False
 
 
+def _stage_keys(cfg: DemoConfig) -> dict[str, dict]:
+    """What each stage's output depends on: a stage is rebuilt when its key, or an earlier stage's, changed."""
+    corpus_key = {"version": BUILD_VERSION, "n": [cfg.n_train, cfg.n_val, cfg.n_test], "feature_dim": cfg.feature_dim, "seed": cfg.seed}
+    text_key = {"version": BUILD_VERSION, "text": asdict(cfg.text)}
+    encoder_key = {**corpus_key, **text_key, "config": asdict(cfg)}
+    return {"corpus": corpus_key, "text": text_key, "encoder": encoder_key}
+
+
+def _stage_record(paths: DemoPaths, stage: str) -> Path:
+    return paths.assets / f"BUILD.{stage}.json"
+
+
+def _stage_done(paths: DemoPaths, stage: str, key: dict) -> bool:
+    import json
+
+    record = _stage_record(paths, stage)
+    try:
+        return record.is_file() and json.loads(record.read_text()) == key
+    except ValueError:
+        return False
+
+
 def build_demo(root: str | Path, cfg: DemoConfig = DemoConfig(), *, force: bool = False) -> DemoPaths:
-    """Build the demo corpus, text autoencoder and starting encoder under ``root`` (cached)."""
+    """Build the demo corpus, text autoencoder and starting encoder under ``root`` (cached stage by stage).
+
+    Each stage (corpus, text models, starting encoder) records what it was built from; a later call
+    rebuilds only the stages whose settings changed and those after them, so a copy of a built demo
+    with another ``source`` pretrains a new starting encoder without retraining the text models.
+    """
     paths = DemoPaths(Path(root))
     if is_built(paths, cfg) and not force:
         log.info("demo assets already built in %s", paths.root)
         return paths
     paths.assets.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(cfg.seed)
+    paths.build_record.unlink(missing_ok=True)  # written again last: a stopped build is never taken as complete
+    keys = _stage_keys(cfg)
+    rebuilt = force
 
     # 1. The sign corpus: held-out val/test sentences, features from gloss prototypes.
-    splits = corpus.split_sentences(cfg.n_train, cfg.n_val, cfg.n_test, cfg.seed)
-    prototypes = corpus.gloss_prototypes(cfg.feature_dim, cfg.seed)
-    rng = np.random.default_rng(cfg.seed + 1)
-    for split, sentences in splits.items():
-        _write_split(paths.split_features(split), paths.split_manifest(split), f"demo_{split}", sentences,
-                     lambda s: corpus.sign_features(s, prototypes, rng))
-    log.info("demo corpus: %s clips", {k: len(v) for k, v in splits.items()})
+    if rebuilt or not _stage_done(paths, "corpus", keys["corpus"]):
+        rebuilt = True
+        torch.manual_seed(cfg.seed)
+        splits = corpus.split_sentences(cfg.n_train, cfg.n_val, cfg.n_test, cfg.seed)
+        prototypes = corpus.gloss_prototypes(cfg.feature_dim, cfg.seed)
+        rng = np.random.default_rng(cfg.seed + 1)
+        for split, sentences in splits.items():
+            _write_split(paths.split_features(split), paths.split_manifest(split), f"demo_{split}", sentences,
+                         lambda s: corpus.sign_features(s, prototypes, rng))
+        atomic.write_json(_stage_record(paths, "corpus"), keys["corpus"])
+        log.info("demo corpus: %s clips", {k: len(v) for k, v in splits.items()})
 
     # 2. The "pretrained SONAR" text autoencoder, on the whole grammar (as SONAR saw vast text).
-    tokenizer = train_tokenizer(corpus.all_sentences(), paths.assets / "tokenizer.model")
-    pretrain_autoencoder(corpus.all_sentences(), tokenizer, paths.assets, cfg.text)
+    if force or not _stage_done(paths, "text", keys["text"]):
+        rebuilt = True
+        torch.manual_seed(cfg.seed)
+        tokenizer = train_tokenizer(corpus.all_sentences(), paths.assets / "tokenizer.model")
+        pretrain_autoencoder(corpus.all_sentences(), tokenizer, paths.assets, cfg.text)
+        atomic.write_json(_stage_record(paths, "text"), keys["text"])
 
-    # 3. The starting sign encoder: SignT5 architecture, random weights, official checkpoint layout.
-    enc_cfg = SignT5Config(
-        feature_dim=cfg.feature_dim,
-        d_model=cfg.encoder_d_model,
-        d_kv=cfg.encoder_d_kv,
-        d_ff=cfg.encoder_d_ff,
-        num_heads=cfg.encoder_heads,
-        num_encoder_layers=cfg.encoder_layers,
-        num_decoder_layers=cfg.encoder_layers,
-        vocab_size=8,
-        output_dim=cfg.text.model_dim,
-    )
-    torch.manual_seed(cfg.seed)
-    if cfg.source is None:
-        save_encoder(SignT5SonarEncoder(enc_cfg), paths.encoder_checkpoint)
-    else:
-        random_start = paths.source / "random_encoder.pth"
-        save_encoder(SignT5SonarEncoder(enc_cfg), random_start)
-        pretrain_on_source(paths, cfg, random_start)
+    # 3. The starting sign encoder: SignT5 architecture, official checkpoint layout; random, or pretrained on the source domain.
+    if rebuilt or not _stage_done(paths, "encoder", keys["encoder"]):
+        enc_cfg = SignT5Config(
+            feature_dim=cfg.feature_dim,
+            d_model=cfg.encoder_d_model,
+            d_kv=cfg.encoder_d_kv,
+            d_ff=cfg.encoder_d_ff,
+            num_heads=cfg.encoder_heads,
+            num_encoder_layers=cfg.encoder_layers,
+            num_decoder_layers=cfg.encoder_layers,
+            vocab_size=8,
+            output_dim=cfg.text.model_dim,
+        )
+        torch.manual_seed(cfg.seed)
+        if cfg.source is None:
+            save_encoder(SignT5SonarEncoder(enc_cfg), paths.encoder_checkpoint)
+        else:
+            random_start = paths.source / "random_encoder.pth"
+            save_encoder(SignT5SonarEncoder(enc_cfg), random_start)
+            pretrain_on_source(paths, cfg, random_start)
+        atomic.write_json(_stage_record(paths, "encoder"), keys["encoder"])
 
     atomic.write_json(paths.build_record, _build_key(cfg))
     return paths
@@ -179,5 +220,5 @@ def pretrain_on_source(paths: DemoPaths, cfg: DemoConfig, random_start: Path) ->
     log.info("pretraining the demo's starting encoder on the source domain (%d clips, %d epochs)", src.n_train, src.epochs)
     result = fine_tune(run)
     log.info("source-domain pretraining: val BLEU %.1f on the source domain", result.best_val_bleu or 0.0)
-    encoder, _ = load_encoder(root / "pretraining" / "best_encoder.pt")
+    encoder, _ = load_encoder(root / "pretraining" / BEST_ENCODER)
     save_encoder(encoder, paths.encoder_checkpoint, extra={"pretrained_on": "demo source domain", "source_val_bleu": result.best_val_bleu})

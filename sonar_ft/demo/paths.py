@@ -49,3 +49,16 @@ class DemoPaths:
     @property
     def build_record(self) -> Path:
         return self.assets / "BUILD.json"
+
+    def recipe_settings(self, output_dir: str | Path, *, split: str = "val", encoder: str | Path | None = None) -> dict[str, str]:
+        """The recipe's data and model settings on this demo (``TrainConfig`` names), evaluating on ``split``;
+        :func:`sonar_ft.config.command_line` turns them into flags."""
+        return {
+            "encoder_checkpoint": str(encoder or self.encoder_checkpoint),
+            "train_features": str(self.split_features("train")),
+            "train_manifest": str(self.split_manifest("train")),
+            "val_features": str(self.split_features(split)),
+            "val_manifest": str(self.split_manifest(split)),
+            "output_dir": str(output_dir),
+            "decoder": str(self.decoder_card),
+        }

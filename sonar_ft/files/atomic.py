@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
 from sonar_ft.errors import CheckpointError, DiskFullError
+from sonar_ft.run_files import LAST_STATE
 
 if TYPE_CHECKING:  # torch is imported where it is used: notebook kernels import this module without it
     import torch
@@ -201,7 +202,7 @@ def load_torch(path: str | Path, *, what: str = "file", fix: str | None = None) 
     """
     path = Path(path)
     if fix is None:
-        fix = _LAST_STATE_FIX if path.name == "last.pt" else "download or copy it again"
+        fix = _LAST_STATE_FIX if path.name == LAST_STATE else "download or copy it again"
     if not path.is_file():
         raise CheckpointError(f"{what} not found: {path}")
     if path.stat().st_size == 0:

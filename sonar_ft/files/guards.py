@@ -13,9 +13,12 @@ from pathlib import Path
 from typing import Iterable, Mapping
 
 from sonar_ft.errors import ConfigError
+from sonar_ft.run_files import (
+    BAD_SAMPLES, BEST_ENCODER, CONFIG_FILE, LAST_STATE, METRICS_GLOB, PREDICTIONS_GLOB, TEST_RESULTS, TOKENIZER_FILE,
+)
 
 # Files a training run keeps in its output folder: never to be overwritten by another command.
-RUN_RECORDS = ("best_encoder.pt", "last.pt", "config.json", "tokenizer.json", "test_results.json", "bad_samples.tsv")
+RUN_RECORDS = (BEST_ENCODER, LAST_STATE, CONFIG_FILE, TOKENIZER_FILE, TEST_RESULTS, BAD_SAMPLES)
 
 
 def resolved(path: str | Path) -> Path:
@@ -69,7 +72,7 @@ def check_output_not_input(
 def check_not_run_record(out: str | Path, *, flag: str = "--out") -> None:
     """Refuse an output file named like a run's own records (``best_encoder.pt``, ``last.pt``...) in a run folder."""
     target = resolved(out)
-    if target.name in RUN_RECORDS and (target.parent / "config.json").is_file():
+    if target.name in RUN_RECORDS and (target.parent / CONFIG_FILE).is_file():
         raise ConfigError(
             f"{flag} {out} would replace {target.name} of the training run in {target.parent}. "
             f"Choose another {flag} (e.g. {target.parent / 'sonar_encoder_finetuned.tar.gz'})."
@@ -85,7 +88,7 @@ def check_not_folder(out: str | Path, *, flag: str = "--out", example: str = "")
 
 # Files and patterns a training run writes (or deletes with --overwrite) directly in its --output_dir.
 RUN_WRITES = RUN_RECORDS + ("README.md",)
-RUN_WRITE_PATTERNS = ("metrics_epoch*.json", "predictions_epoch*.json")
+RUN_WRITE_PATTERNS = (METRICS_GLOB, PREDICTIONS_GLOB)
 # TrainConfig fields naming files or folders a run reads.
 RECIPE_INPUT_FIELDS = ("train_features", "train_manifest", "val_features", "val_manifest", "encoder_checkpoint",
                        "decoder", "tokenizer", "text_encoder")

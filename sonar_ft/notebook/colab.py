@@ -30,8 +30,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
+from sonar_ft.config import command_line
 from sonar_ft.demo.paths import DemoPaths
 from sonar_ft.errors import SonarFtError
+from sonar_ft.run_files import BEST_ENCODER
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -115,20 +117,17 @@ class Project:
 
     def recipe_command(self, output_dir: str | Path, *flags: str, split: str = "val", encoder: str | Path | None = None) -> list[str]:
         """``python train_sonar_finetuning.py`` with this project's data and models, evaluating on ``split``."""
-        cmd = [
-            self.python, str(self.root / RECIPE),
-            "--encoder_checkpoint", str(encoder or self.encoder_checkpoint),
-            "--train_features", str(self.features("train")),
-            "--train_manifest", str(self.manifest("train")),
-            "--val_features", str(self.features(split)),
-            "--val_manifest", str(self.manifest(split)),
-            "--output_dir", str(output_dir),
-            "--device", self.device,
-        ]
+        settings: dict[str, Any] = {
+            "encoder_checkpoint": str(encoder or self.encoder_checkpoint),
+            "train_features": str(self.features("train")), "train_manifest": str(self.manifest("train")),
+            "val_features": str(self.features(split)), "val_manifest": str(self.manifest(split)),
+            "output_dir": str(output_dir), "device": self.device,
+        }
         if self.demo is not None:
-            cmd += ["--decoder", str(self.demo.decoder_card), "--text_encoder", str(self.demo.text_encoder_card)]
+            settings.update(decoder=str(self.demo.decoder_card), text_encoder=str(self.demo.text_encoder_card))
         elif self.decoder != "text_sonar_basic_decoder":
-            cmd += ["--decoder", self.decoder]
+            settings["decoder"] = self.decoder
+        cmd = [self.python, str(self.root / RECIPE), *command_line(settings)]
         return cmd + [str(f) for f in flags]
 
     def cli_command(self, *args: str) -> list[str]:
@@ -139,7 +138,7 @@ class Project:
         """A step of :mod:`sonar_ft.notebook.steps` (demo build, encoder info) in the stack environment."""
         return [self.python, "-m", "sonar_ft.notebook.steps", *[str(a) for a in args]]
 
-    def find_run(self, run_dir: str | Path, *, need: str = "best_encoder.pt") -> Path:
+    def find_run(self, run_dir: str | Path, *, need: str = BEST_ENCODER) -> Path:
         """``run_dir`` when it holds ``need``; in DEMO mode a small run made here otherwise.
 
         The notebooks build on each other (04 trains, 05-07 read its folder). In DEMO mode each must

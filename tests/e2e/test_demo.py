@@ -1,4 +1,9 @@
-"""`make demo` end to end: the offline demo must really learn (held-out test BLEU far above the start)."""
+"""`make demo` end to end: every step of the pipeline on the shared pretrained tiny demo, which must really learn.
+
+The full-size build (`make demo`, 600 clips of 768-d features, a source-domain pretraining) takes minutes of CPU;
+its figures are in the README. Here the same pipeline (`run_demo`) runs on the session's pretrained tiny demo:
+held-out test BLEU must rise well above the zero-shot start.
+"""
 
 from __future__ import annotations
 
@@ -6,18 +11,18 @@ import json
 
 import pytest
 
-from sonar_ft.demo.__main__ import main as demo_main
+from sonar_ft.demo.__main__ import run_demo
+from tests.conftest import PRETRAINED_DEMO, private_copy
 
 
 @pytest.mark.slow
-def test_make_demo_learns_and_writes_its_layout(tmp_path, capsys):
-    root = tmp_path / "demo_runs"
-    assert demo_main(["--demo-dir", str(root)]) == 0
-    summary = json.loads((root / "demo_summary.json").read_text())
-    # Feasibility runs of this design reach ~90+ BLEU from ~2; assert with a wide margin.
+def test_make_demo_learns_and_writes_its_layout(pretrained_demo, tmp_path_factory, capsys):
+    paths = private_copy(pretrained_demo, tmp_path_factory, "demo_e2e")
+    root = paths.root
+    summary = run_demo(root, PRETRAINED_DEMO)
     assert summary["test_bleu_after"] >= 40
-    assert summary["test_bleu_after"] - summary["test_bleu_before"] >= 30
-    assert summary["test_clips"] == 100
+    assert summary["test_bleu_after"] - summary["test_bleu_before"] >= 20
+    assert summary["test_clips"] == PRETRAINED_DEMO.n_test
     for rel in [
         "data/features/train", "data/features/val", "data/features/test",
         "data/manifests/train.tsv", "data/manifests/val.tsv", "data/manifests/test.tsv",
@@ -32,3 +37,4 @@ def test_make_demo_learns_and_writes_its_layout(tmp_path, capsys):
     assert not texts["train"] & texts["val"] and not texts["train"] & texts["test"]
     out = capsys.readouterr().out
     assert "fra_Latn" in out and "test BLEU before fine-tuning" in out
+    assert json.loads((root / "demo_summary.json").read_text())["test_bleu_after"] == summary["test_bleu_after"]

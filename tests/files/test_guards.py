@@ -23,7 +23,9 @@ import pytest
 import torch
 
 from sonar_ft import cli
+from sonar_ft.export import load as export_load
 from sonar_ft.export import pack as export
+from sonar_ft.inference import translate as translate_mod
 from sonar_ft.files import atomic
 from sonar_ft.files import lock
 from sonar_ft.data import features as features_mod
@@ -269,19 +271,19 @@ def test_tarball_with_thousands_of_allowed_members_is_refused_at_once(tmp_path):
     path = _members(tmp_path, ["README.md"] * 2_000)
     start = time.perf_counter()
     with pytest.raises(CheckpointError, match="'README.md' appears twice"):
-        export.open_export(path, tmp_path / "x")
+        export_load.open_export(path, tmp_path / "x")
     assert time.perf_counter() - start < 1 and not (tmp_path / "x").exists()
 
 
 def test_tarball_member_count_and_total_size_limits(tmp_path, monkeypatch):
     names = ["README.md", "config.json", "tokenizer.json", "best_encoder.pt"]
-    monkeypatch.setattr(export, "MAX_MEMBERS", 3)
+    monkeypatch.setattr(export_load, "MAX_MEMBERS", 3)
     with pytest.raises(CheckpointError, match="more than 3 members"):
-        export.open_export(_members(tmp_path, names), tmp_path / "x")
-    monkeypatch.setattr(export, "MAX_MEMBERS", 16)
-    monkeypatch.setattr(export, "MAX_TOTAL_BYTES", 3)
+        export_load.open_export(_members(tmp_path, names), tmp_path / "x")
+    monkeypatch.setattr(export_load, "MAX_MEMBERS", 16)
+    monkeypatch.setattr(export_load, "MAX_TOTAL_BYTES", 3)
     with pytest.raises(CheckpointError, match="add up to more than 3 bytes"):
-        export.open_export(_members(tmp_path, names), tmp_path / "x")
+        export_load.open_export(_members(tmp_path, names), tmp_path / "x")
     assert not (tmp_path / "x").exists()
 
 
@@ -536,7 +538,7 @@ def test_translate_names_each_clip_it_cannot_embed(tmp_path):
     nan[1, 1] = float("nan")
     clips = [torch.ones(3, 6), torch.ones(0, 6), torch.ones(3, 5), nan]
     with pytest.raises(DataError) as err:
-        export._check_clips(["ok", "empty", "narrow", "nan"], clips, 6, tmp_path)
+        translate_mod._check_clips(["ok", "empty", "narrow", "nan"], clips, 6, tmp_path)
     msg = str(err.value)
     assert "3 clip(s)" in msg and "empty: has zero frames" in msg and "narrow: has 5 features" in msg
     assert "nan: contains NaN" in msg and "ok" not in msg.split("(")[1].split(":")[0]

@@ -8,7 +8,6 @@ The runs start from a tiny demo whose starting encoder was pretrained on a shift
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import signal
@@ -22,11 +21,10 @@ import pytest
 import torch
 
 from sonar_ft.demo.paths import DemoPaths
-from sonar_ft.demo.build import SourceDomain, build_demo
 from sonar_ft.models.encoder import SignT5Config, SignT5SonarEncoder, load_encoder
 from sonar_ft.errors import CheckpointError, ConfigError
 from sonar_ft.files.atomic import load_torch
-from tests.conftest import TINY_DEMO, recipe_args
+from tests.conftest import recipe_args
 from tests.numerics import assert_close_to_scale
 
 RECIPE = Path(__file__).resolve().parents[2] / "train_sonar_finetuning.py"
@@ -58,16 +56,6 @@ def _wait_for(proc: subprocess.Popen, ready, timeout: float = 600) -> bool:
         time.sleep(0.01)
     proc.kill()
     raise AssertionError("the run made no progress in time")
-
-
-TINY_SOURCE = SourceDomain(n_train=96, n_val=16, epochs=6, batch_size=8, learning_rate=3e-3)
-
-
-@pytest.fixture(scope="module")
-def pretrained_demo(tmp_path_factory: pytest.TempPathFactory) -> DemoPaths:
-    """The tiny demo with a starting encoder pretrained on the shifted source domain."""
-    torch.set_num_threads(2)
-    return build_demo(tmp_path_factory.mktemp("tiny_pretrained"), dataclasses.replace(TINY_DEMO, source=TINY_SOURCE))
 
 
 def _run(demo: DemoPaths, out: Path, *flags: str, log: Path) -> None:

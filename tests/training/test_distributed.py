@@ -66,17 +66,30 @@ def _run_two_processes(tiny_demo, out: Path, flags: list[str], log_dir: Path, si
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
 
 
-@pytest.mark.slow
-def test_two_cpu_processes_match_one_process_with_the_same_global_batch(tiny_demo, tmp_path):
-    common = ["--epochs", "2", "--max_samples", "32", "--grad_accum", "2", "--learning_rate", "1e-3", "--dropout", "0"]
-    single, multi = tmp_path / "single", tmp_path / "ddp"
-    assert recipe.main(recipe_args(tiny_demo, single, "--batch_size", "8", *common)) == 0
+# One torchrun reference run shared by both properties (same results as one process; exact resume).
+# Global batch 8 per micro-step, windows of 2: 2 steps an epoch, last.pt after each (inside epoch 1 first).
+DDP_FLAGS = ["--epochs", "2", "--max_samples", "32", "--batch_size", "4", "--grad_accum", "2", "--learning_rate", "1e-3",
+             "--dropout", "0", "--checkpoint_every_steps", "1", "--max_gen_len", "16"]
 
-    site, log_dir = tmp_path / "site", tmp_path / "writes"
+
+@pytest.fixture(scope="module")
+def ddp_reference(tiny_demo, tmp_path_factory) -> dict:
+    """The reference run under torchrun with 2 CPU processes, logging which rank wrote which file."""
+    root = tmp_path_factory.mktemp("ddp_reference")
+    site, log_dir = root / "site", root / "writes"
     site.mkdir(), log_dir.mkdir()
     (site / "sitecustomize.py").write_text(WRITE_LOGGER)
-    done = _run_two_processes(tiny_demo, multi, ["--batch_size", "4", *common], log_dir, site)
+    done = _run_two_processes(tiny_demo, root / "run", DDP_FLAGS, log_dir, site)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return {"out": root / "run", "log_dir": log_dir, "stdout": done.stdout}
+
+
+@pytest.mark.slow
+def test_two_cpu_processes_match_one_process_with_the_same_global_batch(tiny_demo, ddp_reference, tmp_path):
+    single, multi = tmp_path / "single", ddp_reference["out"]
+    flags = [f if f != "4" else "8" for f in DDP_FLAGS]  # one process: the whole global batch (--batch_size 8)
+    assert flags[flags.index("--batch_size") + 1] == "8"
+    assert recipe.main(recipe_args(tiny_demo, single, *flags)) == 0
 
     for epoch in (1, 2):
         a = json.loads((single / f"metrics_epoch{epoch}.json").read_text())
@@ -89,11 +102,11 @@ def test_two_cpu_processes_match_one_process_with_the_same_global_batch(tiny_dem
 
     # Written once, by rank 0 only, and nothing half-written left behind.
     assert sorted(p.name for p in multi.iterdir()) == sorted(p.name for p in single.iterdir())
-    written = {rank: (log_dir / f"rank{rank}.log") for rank in (0, 1)}
+    written = {rank: (ddp_reference["log_dir"] / f"rank{rank}.log") for rank in (0, 1)}
     assert not written[1].exists(), written[1].read_text()
     names = [Path(line).name for line in written[0].read_text().split()]
     assert {"config.json", "metrics_epoch2.json", "predictions_epoch2.json", "last.pt", "best_encoder.pt"} <= set(names)
-    assert done.stdout.count("best epoch") == 1  # one summary, from rank 0
+    assert ddp_reference["stdout"].count("best epoch") == 1  # one summary, from rank 0
 
 
 # Rank 0 dies (SIGKILL) right after its first last.pt is in place, in the middle of epoch 1, and
@@ -110,24 +123,20 @@ os.replace = _replace_then_die
 
 
 @pytest.mark.slow
-def test_run_killed_mid_epoch_resumes_under_torchrun_to_the_same_metrics(tiny_demo, tmp_path):
-    flags = ["--epochs", "2", "--max_samples", "32", "--batch_size", "4", "--learning_rate", "1e-3", "--dropout", "0",
-             "--checkpoint_every_steps", "2", "--max_gen_len", "16"]
+def test_run_killed_mid_epoch_resumes_under_torchrun_to_the_same_metrics(tiny_demo, ddp_reference, tmp_path):
     plain_site, killer_site = tmp_path / "plain", tmp_path / "killer"
     plain_site.mkdir(), killer_site.mkdir()
     (plain_site / "sitecustomize.py").write_text("")
     (killer_site / "sitecustomize.py").write_text(KILL_AFTER_FIRST_CHECKPOINT)
-    reference, resumed = tmp_path / "reference", tmp_path / "resumed"
-    done = _run_two_processes(tiny_demo, reference, flags, tmp_path, plain_site)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    reference, resumed = ddp_reference["out"], tmp_path / "resumed"
 
-    killed = _run_two_processes(tiny_demo, resumed, flags, tmp_path, killer_site)
+    killed = _run_two_processes(tiny_demo, resumed, DDP_FLAGS, tmp_path, killer_site)
     assert killed.returncode != 0 and "exitcode: -9" in killed.stderr, killed.stdout[-3000:] + killed.stderr[-3000:]
     position = load_torch(resumed / "last.pt", what="training state")["position"]
     assert position and position["epoch"] == 1 and 0 < position["batches"] < 4  # stopped inside epoch 1
     assert not (resumed / "metrics_epoch1.json").exists()
 
-    again = _run_two_processes(tiny_demo, resumed, flags, tmp_path, plain_site)  # the same command
+    again = _run_two_processes(tiny_demo, resumed, DDP_FLAGS, tmp_path, plain_site)  # the same command
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     for epoch in (1, 2):
         a = json.loads((reference / f"metrics_epoch{epoch}.json").read_text())

@@ -335,7 +335,7 @@ def test_unexpected_error_in_a_trial_is_recorded_with_its_traceback(tiny_demo, t
             raise RuntimeError("injected failure")
         return real_train(cfg, **kwargs)
 
-    monkeypatch.setattr(tune, "train", train_failing_at_high_lr)
+    monkeypatch.setattr(tune, "fine_tune", train_failing_at_high_lr)
     path = write_tuning_yaml(tiny_demo, tmp_path / "study", sampler="grid",
                              search_space={"learning_rate": {"type": "categorical", "choices": [1.0e-3, 1.0e-2]}})
     settings = load_settings(path)
