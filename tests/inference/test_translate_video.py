@@ -23,14 +23,14 @@ def test_translate_video_gives_text_per_language_and_json(tiny_demo, tmp_path: P
     clips = [write_synthetic_video(tmp_path / f"clip{i}.mp4", 60 + 200 * i, fps=25, seed=i) for i in range(2)]
     out = tmp_path / "translations.json"
     code = cli.main(["translate", "--encoder", str(tiny_demo.encoder_checkpoint), "--video", *map(str, clips),
-                     "--signhiera", str(tmp_path / "sh.pth"), "--crop", "none", "--tgt_langs", "eng_Latn,fra_Latn",
+                     "--signhiera", str(tmp_path / "sh.pth"), "--crop", "none", "--decoder", str(tiny_demo.decoder_card), "--tgt_langs", "eng_Latn,fra_Latn",
                      "--beam_size", "1", "--max_gen_len", "8", "--device", "cpu", "--out", str(out)])
     assert code == 0, capsys.readouterr().err
     rows = json.loads(out.read_text())
     assert [r["id"] for r in rows] == ["clip0", "clip1"]
     assert all(isinstance(r["eng_Latn"], str) and isinstance(r["fra_Latn"], str) for r in rows)
     with pytest.raises(Exception, match="--features or --video"):
-        translate(tiny_demo.encoder_checkpoint, None, ["eng_Latn"])
+        translate(tiny_demo.encoder_checkpoint, None, ["eng_Latn"], decoder=str(tiny_demo.decoder_card))
 
 
 def test_translate_needs_features_or_video(tmp_path: Path, capsys) -> None:
