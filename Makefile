@@ -12,7 +12,7 @@ APT_PACKAGES := libsndfile1 python3-venv postgresql
 KERNEL_VENV ?= .kernel-venv
 KERNEL_STAMP := $(KERNEL_VENV)/.installed-stamp
 
-.PHONY: demo test setup system-deps bench gpu-check tune-demo clean kernel-venv
+.PHONY: demo test setup system-deps bench gpu-check plan-check tune-demo clean kernel-venv
 
 system-deps:
 	@missing=""; \
@@ -55,6 +55,12 @@ bench: setup
 # Figures in benchmarks/out/gpu_check.{json,md}. `python benchmarks/gpu_check.py --smoke` is its CPU self-test.
 gpu-check: setup
 	$(PY) benchmarks/gpu_check.py $(GPU_CHECK_FLAGS)
+
+# The plan check (docs/benchmarks.md, "Memory plan, measured"): the memory planner against PyTorch's own count of
+# one step's tensor bytes per category, every GPU profile at its planned shapes, on the CPU (fake tensors), and host
+# RAM of start-up and resume (--host). Figures in benchmarks/out/plan_check.{json,md}; `--smoke` is its test mode.
+plan-check: setup
+	$(PY) benchmarks/plan_check.py --host $(PLAN_CHECK_FLAGS)
 
 # The demo Optuna study (configs/tuning/demo.yaml) on the demo assets under $(DEMO_DIR); study folder $(DEMO_DIR)/tuning.
 TUNE_DEMO_PATHS = --encoder_checkpoint $(DEMO_DIR)/assets/sonar_encoder_demo.pth --decoder $(DEMO_DIR)/assets/text_decoder.yaml \

@@ -27,7 +27,8 @@ sys.path.insert(0, str(REPO))
 
 from sonar_ft.demo.build import build_demo  # noqa: E402
 from sonar_ft.files.atomic import write_json  # noqa: E402
-from sonar_ft.tune.study import load_settings, run_study  # noqa: E402
+from sonar_ft.tune.settings import load_settings  # noqa: E402
+from sonar_ft.tune.study import run_study  # noqa: E402
 from sonar_ft.tune.report import trial_epochs  # noqa: E402
 
 

@@ -7,8 +7,8 @@ One command for the day a GPU is lent (``make gpu-check``; ~8 minutes on one dat
    sonar-space's own architecture (24 layers, 1024 wide, 256,206 tokens) behind a local asset card,
    a 256,000-piece SentencePiece model loaded as fairseq2's NLLB tokenizer (202 languages), and a few
    hundred random clips with How2Sign-like lengths (up to 600 frames) and sentences;
-2. for each GPU the planner knows (``sonar_ft.plan.memory.GPUS``) caps this GPU's memory to that size and runs
-   the recipe with the plan's flags (full fine-tuning, and LoRA when the recipe has ``lora_rank``) on
+2. for each GPU the planner knows (``sonar_ft.plan.recommend.GPUS``) caps this GPU's memory to that size and runs
+   the recipe with the plan's flags (full fine-tuning with ``recommend``, LoRA with ``recommend_lora``) on
    the longest clips: fits or not, peak allocated memory against the plan's estimate, step time,
    clips/s, frames/s and target tokens/s, and one validation pass with beam search (clips/s);
 3. measures ratios side by side: our encoder against Hugging Face's T5 stacks (fwd+bwd, bf16),
@@ -26,7 +26,6 @@ import contextlib
 import copy
 import dataclasses
 import gc
-import inspect
 import logging
 import math
 import os
@@ -56,6 +55,7 @@ from benchmarks.common import OUT  # noqa: E402
 from sonar_ft.files import atomic  # noqa: E402
 from sonar_ft.models import assets  # noqa: E402
 from sonar_ft.plan import memory as plan  # noqa: E402
+from sonar_ft.plan import recommend as planner  # noqa: E402
 from sonar_ft.data import ManifestRow, write_manifest  # noqa: E402
 from sonar_ft.models.encoder import SignT5Config, SignT5SonarEncoder, official_key_shapes, save_encoder  # noqa: E402
 
@@ -413,21 +413,20 @@ def run_recipe(values: dict[str, Any]) -> list[dict[str, Any]]:
     return [dataclasses.asdict(m) for m in result.history]
 
 
-def _plan_for(key: str, sizes: Sizes, st: StandIns, lora: bool) -> tuple[plan.Plan, bool]:
-    """The planner's plan for GPU ``key``; the bool says whether the planner accounted for LoRA."""
+def _plan_for(key: str, sizes: Sizes, st: StandIns, lora: bool) -> planner.Plan:
+    """The planner's plan for GPU ``key``: ``recommend_lora`` for a LoRA profile, ``recommend`` otherwise."""
     kwargs: dict[str, Any] = dict(max_frames=st.train_max_frames, target_tokens=st.train_target_tokens,
                                   config=sizes.encoder, decoder=st.decoder_spec)
-    lora_planned = lora and "lora_rank" in inspect.signature(plan.recommend).parameters
-    if lora_planned:
-        kwargs["lora_rank"] = sizes.lora_rank
-    return plan.recommend(key, sizes.effective_batch, **kwargs), lora_planned
+    if lora:
+        return planner.recommend_lora(key, sizes.effective_batch, rank=sizes.lora_rank, **kwargs)
+    return planner.recommend(key, sizes.effective_batch, **kwargs)
 
 
 def profile_run(key: str, mode: str, sizes: Sizes, st: StandIns, device: torch.device, out_dir: Path) -> dict[str, Any]:
     """Cap memory to GPU ``key``, run the plan's flags for two short epochs, measure (one part)."""
-    spec = plan.GPUS[key]
+    spec = planner.GPUS[key]
     lora = mode == "lora"
-    the_plan, lora_planned = _plan_for(key, sizes, st, lora)
+    the_plan = _plan_for(key, sizes, st, lora)
     settings = dict(the_plan.settings)
     notes: list[str] = []
     rec: dict[str, Any] = {"gpu_profile": key, "gpu_profile_name": spec.name, "mode": mode,
@@ -440,18 +439,15 @@ def profile_run(key: str, mode: str, sizes: Sizes, st: StandIns, device: torch.d
     if settings["optimizer"] == "adamw8bit" and device.type != "cuda":
         settings["optimizer"] = "adamw"
         notes.append("--optimizer adamw8bit needs CUDA: ran adamw (--smoke on CPU)")
-    if lora:
-        settings["lora_rank"] = sizes.lora_rank
-        if not lora_planned:
-            notes.append("the planner has no LoRA estimate: the estimate shown is full fine-tuning's")
     unknown = sorted(set(settings) - recipe_fields())
     if unknown:
         raise RuntimeError(f"the plan sets {unknown}, which the recipe does not know")
-    accepted = set(inspect.signature(plan.estimate_memory).parameters)
-    estimate = plan.estimate_memory(
-        sizes.encoder, **{k: v for k, v in settings.items() if k in accepted},
-        max_frames=st.train_max_frames, target_tokens=st.train_target_tokens, vocab=st.decoder_spec.vocab, decoder=st.decoder_spec,
-    )
+    # The plan's estimate for the settings run (LoRA's or full fine-tuning's), per category: the same
+    # categories benchmarks/plan_check.py measures on the CPU.
+    run_cfg = argparse.Namespace(**{"grad_accum": 1, "lora_rank": 0, "lora_dropout": 0.0, "freeze_encoder_layers": 0,
+                                    "label_smoothing": 0.0, **settings})
+    estimate = planner.estimate_for(run_cfg, sizes.encoder, frames=st.train_max_frames, target_tokens=st.train_target_tokens,
+                                    precision=settings["precision"], decoder=st.decoder_spec)
     rec["settings_run"] = settings
     rec["plan_estimate_gib"] = round(estimate["total"] / GIB, 3)
     rec["plan_estimate_parts_gib"] = {k: round(v / GIB, 3) for k, v in estimate.items()}
@@ -516,6 +512,9 @@ def _add_peak(rec: dict[str, Any], device: torch.device, estimate: dict[str, int
     rec["peak_allocated_gib"] = round(peak / GIB, 3)
     rec["peak_reserved_gib"] = round(torch.cuda.max_memory_reserved(device) / GIB, 3)
     rec["peak_over_estimate"] = round(peak / estimate["total"], 3)
+    # Per category only the plan's side: CUDA's allocator counts bytes, not what they are for (the CPU
+    # plan check attributes them); peak / plan of the total is the figure to set next to its table.
+    rec["plan_categories_gib"] = {k: round(v / GIB, 3) for k, v in estimate.items()}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -733,21 +732,16 @@ def run_check(sizes: Sizes, device: torch.device, work: Path, *, smoke: bool, bu
 
     report["build"] = part("build stand-ins", build, limit_s=clock.left(), min_s=0)
     if "st" not in holder:
-        for key in profiles or plan.GPUS:
+        for key in profiles or planner.GPUS:
             report["profiles"].append({"name": f"{key}/full", "status": "skipped", "reason": "the stand-ins could not be built"})
     else:
         st = holder["st"]
-        has_lora = "lora_rank" in recipe_fields()
         modes = ["full", "lora"]
-        runs = [(key, mode) for key in (profiles or list(plan.GPUS)) for mode in modes]
+        runs = [(key, mode) for key in (profiles or list(planner.GPUS)) for mode in modes]
         profiles_end = clock.budget_s * 0.7  # the ratio measurements get the rest
         for i, (key, mode) in enumerate(runs):
             name = f"{key}/{mode}"
-            if mode == "lora" and not has_lora:
-                report["profiles"].append({"name": name, "gpu_profile": key, "gpu_profile_name": plan.GPUS[key].name, "mode": mode,
-                                           "status": "skipped", "reason": "the recipe has no --lora_rank setting (yet)"})
-                continue
-            left_runs = sum(1 for k, m in runs[i:] if m == "full" or has_lora)
+            left_runs = len(runs) - i
             share = (profiles_end - clock.elapsed()) / max(left_runs, 1)
             limit = min(sizes.run_cap_s, max(share, 0.0) + 0.5 * sizes.run_cap_s, clock.left() - 30)
             report["profiles"].append(part(name, lambda k=key, m=mode: profile_run(k, m, sizes, st, device, work / "runs"), limit_s=limit))
@@ -766,7 +760,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default=None, help="default: cuda when present (always cpu with --smoke)")
     parser.add_argument("--out", type=Path, default=OUT, help="folder for gpu_check.json / .md (default benchmarks/out)")
     parser.add_argument("--budget_s", type=float, default=None, help="time budget in seconds (default 480; --smoke 240)")
-    parser.add_argument("--profiles", nargs="*", default=None, help=f"GPU profiles to run (default all: {', '.join(plan.GPUS)})")
+    parser.add_argument("--profiles", nargs="*", default=None, help=f"GPU profiles to run (default all: {', '.join(planner.GPUS)})")
     parser.add_argument("--keep", type=Path, default=None, help="build in this folder and keep it (default: a temporary folder)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -777,9 +771,9 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cpu" and not args.smoke:
         print("gpu_check: no CUDA GPU here. Run it on a GPU, or use --smoke for the CPU self-test.", file=sys.stderr)
         return 2
-    unknown = sorted(set(args.profiles or []) - set(plan.GPUS))
+    unknown = sorted(set(args.profiles or []) - set(planner.GPUS))
     if unknown:
-        print(f"gpu_check: unknown --profiles {', '.join(unknown)}; choose from {', '.join(plan.GPUS)}", file=sys.stderr)
+        print(f"gpu_check: unknown --profiles {', '.join(unknown)}; choose from {', '.join(planner.GPUS)}", file=sys.stderr)
         return 2
     if device.type == "cpu":
         torch.set_num_threads(min(4, os.cpu_count() or 1))

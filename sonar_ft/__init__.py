@@ -11,7 +11,7 @@ The package follows the data flow, one module per box::
     sonar_ft.training.logs   progress lines / bars, steps.jsonl, TensorBoard, train.log
     sonar_ft.evaluate  BLEU / chrF and predictions
     sonar_ft.export.pack    tarball of a fine-tuned encoder, and loading it back
-    sonar_ft.tune.study      Optuna search over training settings
+    sonar_ft.tune            Optuna search over training settings (space, settings, storage, study, objective, ...)
 """
 
 __version__ = "0.1.0"

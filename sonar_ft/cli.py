@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import re
 import sys
 from typing import Sequence, TextIO
 
@@ -32,6 +33,37 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "download": ("sonar_ft.download", "download one file safely (resumable, size / SHA-256 checked, written atomically)"),
 }
 COMMAND_MODULES: tuple[str, ...] = tuple(dict.fromkeys(module for module, _ in COMMANDS.values()))
+
+
+# A negative number as argparse does not recognise one (it knows -1 and -0.5, not -1e-4, -5. or -inf).
+_NEGATIVE_NUMBER = re.compile(r"-(\d[\d_]*\.?\d*|\.\d+)([eE][-+]?\d+)?|-inf(inity)?|-nan", re.IGNORECASE)
+
+
+def join_negative_values(argv: Sequence[str]) -> list[str]:
+    """``argv`` with each ``--flag -1e-4`` written as ``--flag=-1e-4``.
+
+    argparse takes a value that starts with ``-`` and is not a plain negative number for a flag and
+    answers "expected one argument", which hides the real problem; joined, the value reaches the
+    flag's own check (:meth:`~sonar_ft.config.TrainConfig.validate`: ``--learning_rate must be in (0, inf) (got -0.0001)``).
+    No sonar-ft flag looks like a number, so a number after a long flag is always that flag's value.
+    Everything after ``--`` is left alone.
+    """
+    args = list(argv)
+    out: list[str] = []
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg == "--":
+            out.extend(args[i:])
+            break
+        value = args[i + 1] if i + 1 < len(args) else None
+        if arg.startswith("--") and "=" not in arg and value is not None and _NEGATIVE_NUMBER.fullmatch(value):
+            out.append(f"{arg}={value}")
+            i += 2
+            continue
+        out.append(arg)
+        i += 1
+    return out
 
 
 def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
@@ -79,7 +111,7 @@ def setup_logging(stream: TextIO | None = None) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     setup_logging()
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = join_negative_values(sys.argv[1:] if argv is None else argv)
     args = build_parser(argv).parse_args(argv)
     return run(args.func, args)
 

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Literal, Mapping
 
 from sonar_ft.errors import ConfigError
-from sonar_ft.scores import METRICS
+from sonar_ft.scores import METRICS, SEMANTIC_METRICS
 from sonar_ft.scores import higher_is_better as maximize  # noqa: F401  (the one place that says which way a metric improves)
 
 Metric = Literal[METRICS]  # type: ignore[valid-type]  # bleu, bleu1..4, chrf, rougeL, cosine, r1, r5, loss
@@ -58,7 +58,7 @@ class TrainConfig:
     max_frames: int | None = None
     """Truncate longer clips to this many frames."""
     on_bad_sample: Literal["error", "skip"] = "error"
-    """Clips that cannot be used (missing, unreadable, wrong shape, NaN/Inf, no frames, empty text): ``error`` stops before training, listing all of them; ``skip`` trains without them. Both list them in ``bad_samples.tsv``."""
+    """Clips that cannot be used (missing, unreadable, wrong shape, NaN/Inf, no frames, empty text, a reference longer than the decoder reads or than one sentence can be): ``error`` stops before training, listing all of them; ``skip`` trains without them. Both list them in ``bad_samples.tsv``."""
     num_workers: int = 0
     """Data-loading worker processes."""
     # -- models -------------------------------------------------------------------------------------
@@ -80,7 +80,8 @@ class TrainConfig:
     """Encoder dropout (default: keep the architecture's 0.1)."""
     # -- optimisation -------------------------------------------------------------------------------
     batch_size: int = 8
-    """Clips per batch (per process under torchrun)."""
+    """Clips per micro-batch (per process under torchrun). Each optimiser step's clips are chosen at the effective batch
+    ``batch_size x grad_accum`` and split into micro-batches, so the split may change on resume (another GPU)."""
     epochs: int = 10
     """Number of epochs."""
     learning_rate: float = 1e-4
@@ -140,10 +141,14 @@ class TrainConfig:
     output_dir: str = "runs/finetune"
     """Where metrics, predictions, logs and checkpoints go."""
     state_dir: str | None = None
-    """Keep the resumable ``last.pt`` in this folder on a fast local disk (e.g. ``/content/sonar_state/run``) and copy
-    it into ``--output_dir`` after each epoch, removing the old copy first: the disk plan's ``mirror-replace``
-    (``sonar-ft plan``), for a run folder on a Drive that cannot hold two 9 GB copies. After a disconnect the
-    copy in ``--output_dir`` is brought back here and the run resumes from it."""
+    """Write ``last.pt`` and ``best_encoder.pt`` in this folder on a fast local disk (e.g. ``/content/sonar_state/run``)
+    and copy them into ``--output_dir`` after each save, overwriting fixed files in place (``--state_slots``): on Google
+    Drive a deleted or replaced 9 GB file stays in the trash and counts against the quota. The disk plan
+    (``sonar-ft plan``) says when a run needs it. After a disconnect the newest complete copy comes back here."""
+    state_slots: int = 1
+    """With ``--state_dir``: copies of ``last.pt`` kept in ``--output_dir``, fixed files overwritten in place (Drive keeps
+    no trash of them). 2: the previous copy survives a disconnect during the next copy; 1: one copy (a disconnect during
+    its copy leaves none); 0: none (a disconnect loses the state: continue from ``best_encoder.pt`` as a new run)."""
     device: str = "auto"
     """``auto`` (CUDA when present), ``cuda``, ``cuda:N`` or ``cpu``."""
     precision: Literal["auto", "bf16", "fp32"] = "auto"
@@ -156,6 +161,10 @@ class TrainConfig:
     """Write ``best_encoder.pt`` / ``last.pt`` (tuning trials may switch this off)."""
     checkpoint_every_steps: int = 0
     """Also write the resumable ``last.pt`` every N optimiser steps inside an epoch (0: only at epoch ends)."""
+    checkpoint_every_minutes: float = 0.0
+    """Also write the resumable ``last.pt`` once this many minutes have passed since the last save (checked after each
+    optimiser step; 0: off). A disconnect then costs at most these minutes; with ``--state_dir`` each save is also copied
+    to the run folder (see ``sonar-ft plan`` for what that costs on Drive)."""
     loss_chunk_size: int = 256
     """Target positions per chunk of vocabulary logits in the loss (bounds its memory, see docs/benchmarks.md)."""
     # -- logging ------------------------------------------------------------------------------------
@@ -184,6 +193,10 @@ class TrainConfig:
     @classmethod
     def field_names(cls) -> list[str]:
         return [f.name for f in fields(cls)]
+
+    def computes_semantic_scores(self) -> bool:
+        """Whether evaluations compute cosine / R@1 / R@5: a text encoder is given, or loaded as distillation teacher."""
+        return bool(self.text_encoder) or self.distill_weight > 0
 
     def reporters(self) -> list[str]:
         """``report_to`` as a list of known names."""
@@ -225,6 +238,11 @@ class TrainConfig:
         unknown = [r for r in self.reporters() if r not in REPORTERS]
         if unknown:
             raise ConfigError(f"--report_to: unknown {', '.join(unknown)}; use a comma-separated list of {', '.join(REPORTERS)}")
+        if not self.eval_only and self.select_metric in SEMANTIC_METRICS and not self.computes_semantic_scores():
+            raise ConfigError(
+                f"--select_metric {self.select_metric} is a semantic score, computed only with a SONAR text encoder: "
+                "give --text_encoder text_sonar_basic_encoder (or distil with --distill_weight > 0), or select another metric"
+            )
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
             raise ConfigError(f"--device {self.device!r} is not a device; use auto, cpu, cuda or cuda:N")
         self._validate_lora()
@@ -258,13 +276,14 @@ _RANGES: dict[str, tuple[float, float | None, bool, bool]] = {
     "label_smoothing": (0, 1, False, True), "dropout": (0, 1, False, True), "plateau_factor": (0, 1, True, True),
     "grad_clip": (0, None, False, False), "warmup_steps": (0, None, False, False), "plateau_patience": (0, None, False, False),
     "early_stopping_patience": (0, None, False, False), "distill_weight": (0, None, False, False),
-    "num_workers": (0, None, False, False), "checkpoint_every_steps": (0, None, False, False),
+    "num_workers": (0, None, False, False), "checkpoint_every_steps": (0, None, False, False), "checkpoint_every_minutes": (0, None, False, False),
     "freeze_encoder_layers": (0, None, False, False), "log_every_steps": (0, None, False, False),
-    "progress_seconds": (0, None, False, False), "lora_rank": (0, None, False, False),
+    "progress_seconds": (0, None, False, False), "lora_rank": (0, None, False, False), "state_slots": (0, 2, False, False),
 }
 _RANGE_HINTS = {
     "max_samples": "; leave it out to use all clips",
     "checkpoint_every_steps": "; 0 saves at epoch ends only",
+    "checkpoint_every_minutes": "; 0 turns time-based saves off",
     "early_stopping_patience": "; 0 turns early stopping off",
     "grad_clip": "; 0 turns clipping off",
     "lora_rank": "; 0 fine-tunes every weight",
@@ -307,23 +326,26 @@ def field_docs(cls: type = TrainConfig) -> dict[str, tuple[str, str]]:
     return docs
 
 
-def add_arguments(parser: argparse.ArgumentParser, *, skip: tuple[str, ...] = (), title: str = "") -> None:
-    """Every :class:`TrainConfig` field as ``--name VALUE`` (grouped by section, help from its doc).
+def add_arguments(parser: argparse.ArgumentParser, *, skip: tuple[str, ...] = (), title: str = "",
+                  cls: type = TrainConfig) -> dict[str, argparse._ArgumentGroup]:
+    """Every field of the dataclass ``cls`` (:class:`TrainConfig`) as ``--name VALUE`` (grouped by section, help from
+    its doc); returns the argument groups by title.
 
-    Values stay strings here; :func:`make_config` types them (one coercion for flags and files).
+    Values stay strings here; :func:`make_config` (:func:`coerce`) types them (one coercion for flags and files).
     Booleans take ``--flag`` alone for true, or ``--flag true/false``. Nothing has an argparse
     default (the parser must use ``argument_default=SUPPRESS``) so that only typed flags override
     a ``--config`` file.
     """
-    hints = typing.get_type_hints(TrainConfig)
-    defaults = TrainConfig()
+    hints = typing.get_type_hints(cls)
+    defaults = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+                for f in fields(cls) if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING}
     groups: dict[str, Any] = {}
-    for name, (section, doc) in field_docs(TrainConfig).items():
+    for name, (section, doc) in field_docs(cls).items():
         if name in skip:
             continue
         key = f"{title} ({section})" if title else section
         group = groups.setdefault(key, parser.add_argument_group(key))
-        default = getattr(defaults, name)
+        default = defaults.get(name)
         help_text = doc.replace("%", "%%") + (f" (default {default})" if default not in (None, "") else "")
         options = _options(hints[name])
         allowed = _literal_values(options[0]) if len(options) == 1 else ()
@@ -334,6 +356,7 @@ def add_arguments(parser: argparse.ArgumentParser, *, skip: tuple[str, ...] = ()
         else:
             kind = getattr(options[0], "__name__", "value")
             group.add_argument(f"--{name}", metavar=kind.upper(), help=help_text)
+    return groups
 
 
 def command_line(settings: Mapping[str, Any]) -> list[str]:

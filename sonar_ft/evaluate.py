@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from sonar_ft.config import TrainConfig
 from sonar_ft.data.dataset import make_loader
-from sonar_ft.data.splits import load_split
+from sonar_ft.data.splits import check_feature_dim, load_split
 from sonar_ft.device import decoder_dtype, resolve_device, resolve_precision
 from sonar_ft.errors import ConfigError, OutputDirError
 from sonar_ft.files import atomic
@@ -280,6 +280,7 @@ def evaluate_checkpoint(cfg: TrainConfig) -> dict[str, Any]:
     dataset = load_split(cfg.val_features, cfg.val_manifest, cfg=cfg, split="evaluation")
     batches = make_loader(dataset, cfg.batch_size, shuffle=False, seed=cfg.seed, num_workers=cfg.num_workers)
     encoder, arch = load_encoder(cfg.encoder_checkpoint, device=device)
+    check_feature_dim(dataset, arch.feature_dim, features=cfg.val_features, encoder=cfg.encoder_checkpoint)  # as training does
     decoder = FrozenTextDecoder.load(cfg.decoder, cfg.tokenizer, device=device, dtype=decoder_dtype(cfg.decoder_dtype, device))
     decoder.check_lang(cfg.tgt_lang)
     if arch.output_dim != decoder.embedding_dim:

@@ -24,10 +24,14 @@ from importlib import metadata
 from typing import Any, Sequence
 
 BLEU_ORDERS = (1, 2, 3, 4)
-TEXT_METRICS = ("bleu", "bleu1", "bleu2", "bleu3", "bleu4", "chrf", "rougeL")
+TEXT_METRICS = ("bleu", "bleu1", "bleu2", "bleu3", "bleu4", "rougeL", "chrf")
 SEMANTIC_METRICS = ("cosine", "r1", "r5")
 METRICS = (*TEXT_METRICS, *SEMANTIC_METRICS, "loss")
-"""Every name ``--select_metric`` may follow; all but ``loss`` are better when higher."""
+"""Every metric of an evaluation, in the order papers print them: the one list every other place derives its
+names from (``--select_metric`` / tuning's ``optimize``, ``EpochMetrics.val_*``, TensorBoard tags, notebook
+tables). All but ``loss`` are better when higher."""
+ALIASES = {"bleu4": "bleu"}
+"""Metrics that are another one under a second name (``bleu`` is BLEU-4): tables and plots show them once."""
 LOWER_IS_BETTER = frozenset({"loss"})
 RETRIEVAL_K = (1, 5)
 

@@ -103,3 +103,23 @@ def test_metric_names_and_directions():
     assert not higher_is_better("loss") and higher_is_better("r1")
     with pytest.raises(ValueError):
         higher_is_better("bleurt")
+
+
+def test_every_list_of_metric_names_follows_scores_metrics():
+    import dataclasses
+
+    from sonar_ft.notebook.colab import SCORE_COLUMNS
+    from sonar_ft.scores import ALIASES
+    from sonar_ft.training.logs import EPOCH_TAGS
+    from sonar_ft.training.state import EpochMetrics
+
+    shown = [m for m in METRICS if m not in ALIASES]
+    assert {f"val_{m}" for m in METRICS} <= {f.name for f in dataclasses.fields(EpochMetrics)}
+    assert {f"val_{m}" for m in shown} <= set(EPOCH_TAGS)
+    assert list(SCORE_COLUMNS) == shown
+
+
+def test_the_notebook_helpers_import_no_torch():
+    code = "import sys, sonar_ft.notebook.colab, sonar_ft.colab, sonar_ft.plots; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True)
+    assert out.stdout.strip() == "False", out.stderr

@@ -166,18 +166,23 @@ def select_rows(
 
 
 class LengthBucketSampler(Sampler[list[int]]):
-    """Batches of indices with similar lengths; use as a DataLoader ``batch_sampler``.
+    """Micro-batches of indices with similar lengths, grouped into optimiser-step windows; a DataLoader ``batch_sampler``.
 
-    With ``shuffle`` the indices are randomly split into pools of ``pool_factor * batch_size``,
-    sorted by length inside each pool and cut into batches, and the batch order is shuffled;
-    all of it is a function of ``(seed, epoch)`` (call :meth:`set_epoch` each epoch). Without
-    ``shuffle`` the whole set is sorted by length (least padding, fixed order, for evaluation).
-    For DDP (``num_replicas > 1``), ``batch_size`` is per rank: the batches above are cut at
-    ``batch_size * num_replicas`` (the global batch, exactly as one process with that batch size
-    would cut them) and rank ``r`` takes every ``num_replicas``-th clip of each, from ``r``, so
-    each step of N processes sees the same clips as one process with the whole batch and every
-    rank gets the same number of batches, of similar lengths. A last global batch with fewer
-    clips than ranks repeats some (or is dropped with ``drop_last``).
+    A *window* holds the clips of one optimiser step: ``batch_size * grad_accum * num_replicas``
+    of them (the effective batch). With ``shuffle`` the indices are randomly split into pools of
+    ``pool_factor`` windows, sorted by length inside each pool and cut into windows, and the window
+    order is shuffled; all of it is a function of ``(seed, epoch)`` and of the effective batch only
+    (call :meth:`set_epoch` each epoch). Without ``shuffle`` the whole set is sorted by length
+    (least padding, fixed order, for evaluation). Each window is then split into micro-batches of
+    ``batch_size``: so ``batch_size 8`` and ``batch_size 4, grad_accum 2`` put the very same clips
+    into every step, and a run may change that split on resume.
+
+    For DDP (``num_replicas > 1``) ``batch_size`` is per rank: rank ``r`` takes every
+    ``num_replicas``-th clip of each window, from ``r``, so each step of N processes sees the same
+    clips as one process with the whole window and every rank gets the same number of windows, of
+    similar lengths. A last window with fewer clips than ranks repeats some (or is dropped with
+    ``drop_last``). Only the last window before shuffling can be short; after it it may come anywhere,
+    so the caller groups micro-batches with :meth:`window_sizes`, not by counting ``grad_accum``.
     """
 
     def __init__(
@@ -191,15 +196,19 @@ class LengthBucketSampler(Sampler[list[int]]):
         rank: int = 0,
         pool_factor: int = 100,
         drop_last: bool = False,
+        grad_accum: int = 1,
     ) -> None:
         if batch_size < 1:
             raise ConfigError(f"--batch_size must be >= 1 (got {batch_size})")
+        if grad_accum < 1:
+            raise ConfigError(f"--grad_accum must be >= 1 (got {grad_accum})")
         if num_replicas < 1 or not 0 <= rank < num_replicas:
             raise ConfigError(f"rank {rank} is not valid for {num_replicas} replica(s)")
         if pool_factor < 1:
             raise ConfigError(f"pool_factor must be >= 1 (got {pool_factor})")
         self.lengths = np.asarray(lengths, dtype=np.int64)
         self.batch_size = batch_size
+        self.grad_accum = grad_accum
         self.shuffle = shuffle
         self.seed = seed
         self.num_replicas = num_replicas
@@ -208,49 +217,65 @@ class LengthBucketSampler(Sampler[list[int]]):
         self.drop_last = drop_last
         self.epoch = 0
         self.skip = 0
+        self._cached: tuple[int, list[list[list[int]]]] | None = None
+
+    @property
+    def window_clips(self) -> int:
+        """Clips of one optimiser step over all ranks (the effective batch)."""
+        return self.batch_size * self.grad_accum * self.num_replicas
 
     def set_epoch(self, epoch: int, skip: int = 0) -> None:
-        """Choose the epoch whose batch order the next iteration yields.
+        """Choose the epoch whose order the next iteration yields.
 
-        ``skip`` leaves out that epoch's first ``skip`` batches (of this rank): a run resumed
-        mid-epoch continues with exactly the batches it had not yet seen.
+        ``skip`` leaves out that epoch's first ``skip`` windows (optimiser steps): a run resumed
+        mid-epoch continues with exactly the clips it had not yet seen, whatever micro-batch split
+        it resumes with.
         """
         if skip < 0:
             raise ValueError(f"skip must be >= 0 (got {skip})")
         self.epoch = epoch
         self.skip = skip
 
-    def _batches(self) -> list[list[int]]:
-        n, size = len(self.lengths), self.batch_size * self.num_replicas
+    def windows(self) -> list[list[list[int]]]:
+        """This rank's micro-batches of every window of the epoch (skipped ones included)."""
+        if self._cached is None or self._cached[0] != self.epoch:
+            self._cached = (self.epoch, self._windows())
+        return self._cached[1]
+
+    def window_sizes(self) -> list[int]:
+        """Micro-batches per window of the epoch (skipped ones included), in order."""
+        return [len(w) for w in self.windows()]
+
+    def _windows(self) -> list[list[list[int]]]:
+        n, size = len(self.lengths), self.window_clips
         if self.shuffle:
             # Masking keeps negative seeds valid for numpy's SeedSequence.
             rng = np.random.default_rng([self.seed & 0xFFFFFFFF, self.epoch & 0xFFFFFFFF])
             order = rng.permutation(n)
-            # A pool is a whole number of batches, so only the very last batch can be short.
+            # A pool is a whole number of windows, so only the very last window can be short.
             pool = self.pool_factor * size
             pools = np.split(order, range(pool, n, pool))
             order = np.concatenate([p[np.argsort(self.lengths[p], kind="stable")] for p in pools])
         else:
             order = np.argsort(self.lengths, kind="stable")
-        batches = [order[i : i + size].tolist() for i in range(0, n, size)]
-        if self.drop_last and batches and len(batches[-1]) < size:
-            batches.pop()
+        windows = [order[i : i + size].tolist() for i in range(0, n, size)]
+        if self.drop_last and windows and len(windows[-1]) < size:
+            windows.pop()
         if self.shuffle:
-            batches = [batches[i] for i in rng.permutation(len(batches))]
-        if self.num_replicas > 1:
-            # Interleaved slices of a length-sorted global batch: every rank pads to a similar length.
-            world = self.num_replicas
-            batches = [(b * math.ceil(world / len(b)))[:world] if len(b) < world else b for b in batches]
-            batches = [b[self.rank :: world] for b in batches]
-        return batches
+            windows = [windows[i] for i in rng.permutation(len(windows))]
+        world = self.num_replicas
+        if world > 1:
+            # Interleaved slices of a length-sorted window: every rank pads to a similar length.
+            windows = [(w * math.ceil(world / len(w)))[:world] if len(w) < world else w for w in windows]
+            windows = [w[self.rank :: world] for w in windows]
+        b = self.batch_size
+        return [[w[i : i + b] for i in range(0, len(w), b)] for w in windows]
 
     def __iter__(self) -> Iterator[list[int]]:
-        return iter(self._batches()[self.skip :])
+        return (batch for window in self.windows()[self.skip :] for batch in window)
 
     def __len__(self) -> int:
-        size = self.batch_size * self.num_replicas  # every rank takes a share of each global batch
-        per_rank = len(self.lengths) // size if self.drop_last else -(-len(self.lengths) // size)
-        return max(0, per_rank - self.skip)
+        return sum(self.window_sizes()[self.skip :])
 
 
 @dataclass
@@ -310,10 +335,13 @@ def make_loader(
     rank: int = 0,
     drop_last: bool = False,
     pin_memory: bool = False,
+    grad_accum: int = 1,
 ) -> DataLoader:
     """A DataLoader of :class:`Batch` with a :class:`LengthBucketSampler`.
 
-    Call ``loader.batch_sampler.set_epoch(epoch)`` before each epoch for a fresh order.
+    Call ``loader.batch_sampler.set_epoch(epoch)`` before each epoch for a fresh order. With
+    ``grad_accum`` the clips of each optimiser step are chosen at the effective batch and split into
+    micro-batches of ``batch_size`` (see :class:`LengthBucketSampler`).
     A caching dataset is read in the main process: worker processes would each fill a cache
     of their own, multiplying memory and losing it at exit.
     """
@@ -328,6 +356,7 @@ def make_loader(
         num_replicas=num_replicas,
         rank=rank,
         drop_last=drop_last,
+        grad_accum=grad_accum,
     )
     return DataLoader(
         dataset,

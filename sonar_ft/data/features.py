@@ -170,6 +170,19 @@ class FeatureStore:
         return f"FeatureStore({str(self.root)!r}, {len(self)} files, {self.layout}{epoch})"
 
 
+def check_feature_width(
+    width: int, expected: int, *, features: str | Path, encoder: str | Path, clip: str | None = None,
+) -> None:
+    """Stop when the clips' features per frame are not the encoder's input size: the one check, and message, of
+    training, ``--eval_only``, ``sonar-ft embed`` and ``sonar-ft translate``. ``clip`` names the clip seen."""
+    if width != expected:
+        seen = f" (clip {clip!r})" if clip is not None else ""
+        raise DataError(
+            f"the clips in {features} have {width} features per frame{seen} but the encoder {encoder} expects {expected}: "
+            "use features from the extractor the encoder was trained with (SignHiera: 768), or the matching checkpoint"
+        )
+
+
 def _bad_file(path: Path, why: str) -> DataError:
     return DataError(f"feature file {path} {why}; re-extract or copy it again, or drop the clip from the manifest")
 

@@ -7,18 +7,17 @@ Formats read by :func:`read_manifest` (all tab-separated):
 - How2Sign's "English translation (manually re-aligned)" CSV, which is tab-separated despite
   its name; detected by its header: id = ``SENTENCE_NAME``, text = ``SENTENCE``.
 
-Our TSVs (and ssvp_slt's) are read byte for byte: one clip per line, fields split at tabs, and
-nothing else. A double quote is text (``"Hello," she said.`` stays exactly that), so a text can hold
-neither a tab nor a line break; :func:`write_manifest` refuses such a text instead of quoting it.
-Only How2Sign's CSV is read with CSV quoting (a field in ``"..."`` with inner quotes doubled), as
-it was written that way.
+Quoting (the same rule for every format): a field that is CSV-quoted the way Python's ``csv`` module
+and pandas' ``to_csv(sep="\t")`` write it -- it starts and ends with a double quote and every quote
+inside is doubled -- is read as the text that was written, and may then hold tabs and line breaks.
+Any other field is kept byte for byte, quotes included (``"Stop," she said.``, a lone opening
+quote, or one opened in a row and closed rows later). :func:`write_manifest` quotes exactly as
+Python's ``csv`` module does, so what it writes reads back equal here and with ``csv`` / pandas.
 """
 
 from __future__ import annotations
 
 import collections
-import csv
-import io
 import logging
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -44,8 +43,11 @@ MAX_LISTED = 20
 
 _FORMAT_HINT = (
     "expected tab-separated columns id, length (optional), text, one clip per line; "
-    "texts are read exactly as written (quotes are part of the text) and cannot hold tabs or line breaks"
+    "a text holding a tab or a line break is written CSV-quoted (in double quotes, inner quotes doubled), "
+    "as Python's csv module and pandas write it"
 )
+QUOTE = '"'
+_LINE_ENDS = "\r\n"
 
 
 @dataclass(frozen=True)
@@ -91,42 +93,72 @@ def _decode(path: Path) -> str:
 
 def _is_how2sign(text: str) -> bool:
     first = next((line for line in text.splitlines() if line.strip()), "")
-    names = [f.strip().strip('"').lower() for f in first.split("\t")]
+    names = [f.strip().strip(QUOTE).lower() for f in first.split("\t")]
     return HOW2SIGN_ID in names or HOW2SIGN_TEXT in names
 
 
-def _records(path: Path, text: str) -> Iterator[_Record]:
-    """Yield non-blank records with the physical lines they span (CSV quoting only for How2Sign)."""
-    if not _is_how2sign(text):
-        yield from _tsv_records(text)
-        return
-    # newline="" keeps line endings for csv and splits only on \n, \r\n, \r (not U+2028 etc.).
-    reader = csv.reader(io.StringIO(text, newline=""), delimiter="\t", quotechar='"')
-    last = 0
+def _quoted_field(text: str, start: int) -> tuple[str, int] | None:
+    """The CSV-quoted field opening at ``text[start]`` (a quote): ``(value, end)``, or None when it is not one.
+
+    It is one when a closing quote (not doubled) comes before the end of the data and is followed by
+    a tab, a line end or the end of the data; every quote between is doubled. Anything else -- a
+    quote that never closes, or one followed by more text (``"Stop," she said.``) -- is text. So is
+    a "field" that would take in whole rows (a line after a line break holds a tab): that is a text
+    opening a quote in one row and another closing one rows later, and merging them would lose clips.
+    """
+    pos = start + 1
     while True:
-        try:
-            fields = next(reader)
-        except StopIteration:
-            return
-        except csv.Error as exc:
-            raise DataError(
-                f"manifest {path} line {last + 1}: {exc} (a double quote that is never closed?); "
-                'How2Sign CSV texts holding tabs or quotes are written as "..." with inner quotes doubled'
-            ) from None
-        first, last = last + 1, reader.line_num
-        if all(not f.strip() for f in fields):
+        close = text.find(QUOTE, pos)
+        if close < 0:
+            return None
+        if text.startswith(QUOTE, close + 1):
+            pos = close + 2  # a doubled quote inside the field
             continue
-        yield _Record(first, last, fields)
+        after = close + 1
+        if after < len(text) and text[after] not in "\t" + _LINE_ENDS:
+            return None
+        value = text[start + 1 : close]
+        if _holds_a_row(value):
+            return None
+        return value.replace(QUOTE * 2, QUOTE), after
 
 
-def _tsv_records(text: str) -> Iterator[_Record]:
-    """Our TSV: one record per line, split at tabs, every other character kept as written."""
-    # Only \n, \r\n and \r end a line (str.splitlines would also split at U+2028, \x0c...).
-    lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        yield _Record(number, number, line.split("\t"))
+def _line_breaks(text: str) -> int:
+    """Line breaks in ``text`` (``\\r\\n``, ``\\n`` and ``\\r`` count one each, nothing else does)."""
+    return text.count("\n") + text.count("\r") - text.count("\r\n")
+
+
+def _records(text: str) -> Iterator[_Record]:
+    """Non-blank records with the physical lines they span: fields split at tabs, records at line ends.
+
+    Only ``\\n``, ``\\r\\n`` and ``\\r`` end a line (``str.splitlines`` would also split at U+2028,
+    ``\\x0c``...). A CSV-quoted field (:func:`_quoted_field`) is decoded and may span lines; every
+    other field is kept exactly as written.
+    """
+    pos, line, size = 0, 1, len(text)
+    while pos < size:
+        first = line
+        fields: list[str] = []
+        while True:
+            quoted = _quoted_field(text, pos) if text.startswith(QUOTE, pos) else None
+            if quoted is not None:
+                value, end = quoted
+                line += _line_breaks(text[pos:end])
+            else:
+                end = pos
+                while end < size and text[end] not in "\t" + _LINE_ENDS:
+                    end += 1
+                value = text[pos:end]
+            fields.append(value)
+            pos = end
+            if pos < size and text[pos] == "\t":
+                pos += 1
+                continue
+            break
+        pos += 2 if text.startswith("\r\n", pos) else 1  # the line end (or past the end of the data)
+        if any(f.strip() for f in fields):
+            yield _Record(first, line, fields)
+        line += 1
 
 
 def _find(names: list[str], wanted: Iterable[str]) -> int | None:
@@ -179,7 +211,7 @@ def read_manifest(path: str | Path, *, allow_duplicates: bool = False) -> list[M
     Rows with an empty text are kept; ``verify`` reports them.
     """
     path = Path(path)
-    records = list(_records(path, _decode(path)))
+    records = list(_records(_decode(path)))
     if not records:
         raise DataError(f"manifest {path} is empty; {_FORMAT_HINT}")
     i_id, i_len, i_text, width, has_header = _layout(path, records)
@@ -192,18 +224,11 @@ def read_manifest(path: str | Path, *, allow_duplicates: bool = False) -> list[M
     problems: list[str] = []
     for rec in body:
         if len(rec.fields) != width:
-            if rec.first != rec.last:
-                hint = " (a double quote opened here is never closed?)"
-            elif len(rec.fields) > width and not how2sign:
-                hint = (" (a tab inside the text? a TSV manifest's text cannot hold tabs: replace them with spaces;"
-                        " quotes are kept as text, so quoting does not help)")
-            else:
-                hint = ""
+            hint = ""
+            if len(rec.fields) > width and rec.first == rec.last:
+                hint = (" (a tab inside the text? write that text CSV-quoted -- in double quotes, inner quotes doubled, "
+                        "as Python's csv module and pandas do -- or replace the tab with a space)")
             problems.append(f"{_where(rec)}: expected {width} fields, found {len(rec.fields)}{hint}")
-            continue
-        # A quote left open swallows the following rows into one text; their tabs give it away.
-        if rec.first != rec.last and any("\n" in f and "\t" in f for f in rec.fields):
-            problems.append(f"{_where(rec)}: a double quote opened here is never closed")
             continue
         clip_id = rec.fields[i_id].strip()
         if not clip_id:
@@ -221,8 +246,6 @@ def read_manifest(path: str | Path, *, allow_duplicates: bool = False) -> list[M
         text = rec.fields[i_text].strip() if how2sign else rec.fields[i_text]
         rows.append(ManifestRow(id=clip_id, text=text, length=length, line=rec.first))
 
-    if not how2sign:
-        _warn_old_quoting(path, rows)
     if not allow_duplicates:
         problems.extend(
             f"duplicate id {clip_id!r} on lines {', '.join(str(n) for n in lines)}"
@@ -235,21 +258,9 @@ def read_manifest(path: str | Path, *, allow_duplicates: bool = False) -> list[M
     return rows
 
 
-def _looks_csv_quoted(text: str) -> bool:
-    """True for ``"..."`` with every inner quote doubled and holding a quote: how older sonar-ft versions wrote such texts."""
-    inner = text[1:-1]
-    return len(text) >= 4 and text[0] == text[-1] == '"' and '""' in inner and '"' not in inner.replace('""', "")
-
-
-def _warn_old_quoting(path: Path, rows: list[ManifestRow]) -> None:
-    quoted = [r.line for r in rows if _looks_csv_quoted(r.text)]
-    if quoted:
-        log.warning(
-            "manifest %s: %d text(s) look CSV-quoted (e.g. line %d), as older sonar-ft versions wrote texts holding "
-            "quotes; texts are now read exactly as written, quotes included. Re-create the manifest (sonar-ft manifest "
-            "how2sign) if those quotes are not part of the sentences",
-            path, len(quoted), quoted[0],
-        )
+def _holds_a_row(value: str) -> bool:
+    """True when a line after a line break in ``value`` holds a tab, i.e. looks like a manifest row of its own."""
+    return any("\t" in part for part in value.replace("\r\n", "\n").replace("\r", "\n").split("\n")[1:])
 
 
 def _is_how2sign_layout(records: list[_Record], has_header: bool) -> bool:
@@ -264,26 +275,38 @@ def duplicate_ids(rows: Iterable[ManifestRow]) -> dict[str, list[int]]:
     return {clip_id: where for clip_id, where in lines.items() if len(where) > 1}
 
 
-def write_manifest(path: str | Path, rows: Iterable[ManifestRow], *, source: str | Path | None = None) -> None:
-    """Atomically write ``rows`` as our TSV with header ``id  length  text``, texts exactly as given.
+def csv_field(value: str) -> str:
+    """``value`` as Python's ``csv`` module writes it into a TSV (``QUOTE_MINIMAL``): quoted, inner quotes
+    doubled, when it holds a tab, a quote or a line end (``\\r`` too, which ``csv.writer`` leaves bare
+    under a ``\\n`` line terminator although its reader ends a line there); as is otherwise."""
+    if any(c in value for c in "\t" + QUOTE + _LINE_ENDS):
+        return QUOTE + value.replace(QUOTE, QUOTE * 2) + QUOTE
+    return value
 
-    Nothing is quoted (quotes are text). A text or id holding a tab or line break cannot be written
-    so that it reads back the same: DataError names the row (and its line in ``source``, if given).
+
+def write_manifest(path: str | Path, rows: Iterable[ManifestRow], *, source: str | Path | None = None) -> None:
+    """Atomically write ``rows`` as our TSV with header ``id  length  text``.
+
+    Fields are CSV-quoted where Python's ``csv`` needs it (:func:`csv_field`), so the file reads back
+    equal with :func:`read_manifest`, ``csv.reader(delimiter="\\t")`` and ``pandas.read_csv(sep="\\t")``.
+    The one text that cannot be written so is one holding a line break followed by a tab (read back,
+    that line would be taken for a row of its own): DataError names the row (and its line in
+    ``source``, if given) and nothing is written.
     """
     lines = ["\t".join(HEADER)]
     bad: list[str] = []
     for row in rows:
         fields = [row.id, "" if row.length is None else str(row.length), row.text]
-        if any(c in f for f in fields for c in "\t\n\r"):
+        if any(_holds_a_row(f) for f in fields):
             where = f"line {row.line} of {source}" if source and row.line else f"id {row.id!r}"
             bad.append(f"{where}: {row.text!r}")
             continue
-        lines.append("\t".join(fields))
+        lines.append("\t".join(csv_field(f) for f in fields))
     if bad:
         listed = "; ".join(bad[:MAX_LISTED]) + (f"; ... and {len(bad) - MAX_LISTED} more" if len(bad) > MAX_LISTED else "")
         raise DataError(
-            f"cannot write manifest {path}: {len(bad)} text(s) or id(s) hold a tab or line break, which a TSV manifest "
-            f"cannot hold ({listed}); replace them with spaces in the source"
+            f"cannot write manifest {path}: {len(bad)} text(s) or id(s) hold a line break followed by a tab, which "
+            f"would read back as a row of its own ({listed}); replace those tabs with spaces in the source"
         )
     write_text(path, "\n".join(lines) + "\n")
 

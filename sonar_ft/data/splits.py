@@ -14,9 +14,9 @@ from typing import Any
 import torch
 
 from sonar_ft.config import TrainConfig
-from sonar_ft.data.bad_samples import BadSample, find_bad_samples
+from sonar_ft.data.bad_samples import BadSample, CountTokens, find_bad_samples
 from sonar_ft.data.dataset import SignFeatureDataset, prepare_features, select_rows
-from sonar_ft.data.features import FeatureStore
+from sonar_ft.data.features import FeatureStore, check_feature_width
 from sonar_ft.data.manifest import read_manifest
 from sonar_ft.errors import ConfigError, DataError
 
@@ -40,23 +40,27 @@ def feature_cache(cfg: Any) -> dict[str, Any]:
 def load_split(
     features: str, manifest: str, *, cfg: TrainConfig, split: str, fraction: float | None = None,
     bad: list[BadSample] | None = None, reuse: dict[tuple, Any] | None = None,
+    count_tokens: CountTokens | None = None, max_tokens: int | None = None,
 ) -> SignFeatureDataset:
     """Manifest rows with a feature file each, subset as asked, as a dataset.
 
     With ``bad`` (a list), every selected clip's file is read once first; the clips training
     would fail on are appended to ``bad`` and left out (the caller decides whether to stop).
+    ``count_tokens`` (the run's tokenizer) and ``max_tokens`` (the decoder's limit) add the
+    references the decoder cannot read to them.
     ``reuse`` (a dict the caller keeps, e.g. across tuning trials) hands back the dataset and bad
     clips of an earlier call with the same split, files and data settings instead of scanning (and,
     with ``--cache_features``, reading) every file again. A manifest is recognised by its size and
     modification time; feature files changed in between are not noticed.
     """
-    key = _split_key(features, manifest, cfg, split, fraction) if reuse is not None and bad is not None else None
+    key = _split_key(features, manifest, cfg, split, fraction, max_tokens) if reuse is not None and bad is not None else None
     if key is not None and key in reuse:
         dataset, found = reuse[key]
         bad.extend(found)
         return dataset
     found: list[BadSample] | None = [] if bad is not None else None
-    dataset = _read_split(features, manifest, cfg=cfg, split=split, fraction=fraction, bad=found)
+    dataset = _read_split(features, manifest, cfg=cfg, split=split, fraction=fraction, bad=found,
+                          count_tokens=count_tokens, max_tokens=max_tokens)
     if bad is not None:
         bad.extend(found)
     if key is not None:
@@ -64,18 +68,22 @@ def load_split(
     return dataset
 
 
-def _split_key(features: str, manifest: str, cfg: TrainConfig, split: str, fraction: float | None) -> tuple | None:
+def _split_key(
+    features: str, manifest: str, cfg: TrainConfig, split: str, fraction: float | None, max_tokens: int | None,
+) -> tuple | None:
     """Everything that decides a split's dataset; None when the manifest cannot be looked at."""
     try:
         stat = Path(manifest).stat()
     except OSError:
         return None  # _read_split says what is wrong
     return (split, str(Path(features).resolve()), str(Path(manifest).resolve()), stat.st_size, stat.st_mtime_ns,
-            cfg.max_samples, fraction, cfg.seed, cfg.max_frames, cfg.cache_features, cfg.cache_dtype)
+            cfg.max_samples, fraction, cfg.seed, cfg.max_frames, cfg.cache_features, cfg.cache_dtype,
+            cfg.decoder, cfg.tokenizer, cfg.tgt_lang, max_tokens)  # what decides which references are too long
 
 
 def _read_split(
     features: str, manifest: str, *, cfg: TrainConfig, split: str, fraction: float | None, bad: list[BadSample] | None,
+    count_tokens: CountTokens | None = None, max_tokens: int | None = None,
 ) -> SignFeatureDataset:
     store = FeatureStore.open(features)
     rows = read_manifest(manifest)
@@ -92,7 +100,8 @@ def _read_split(
             preloaded[clip_id] = prepare_features(features, clip_id=clip_id, path=store.path(clip_id),
                                                   max_frames=cfg.max_frames, cache_dtype=cache.get("cache_dtype"))
 
-        found = find_bad_samples(store, rows, split=split, frames=frames, keep=keep if cache else None)
+        found = find_bad_samples(store, rows, split=split, frames=frames, keep=keep if cache else None,
+                                 count_tokens=count_tokens, max_tokens=max_tokens)
         bad.extend(found)
         dropped = {b.id for b in found}
         rows = [replace(r, length=frames[r.id]) for r in rows if r.id not in dropped]
@@ -110,12 +119,7 @@ def _read_split(
 
 
 def check_feature_dim(dataset: SignFeatureDataset, expected: int, *, features: str, encoder: str) -> None:
-    """Stop before training when the clips' feature dimension is not the encoder's input size."""
+    """Stop before training (or evaluating) when the clips' feature dimension is not the encoder's input size."""
     if len(dataset) == 0:
         return
-    dim = dataset[0].features.shape[1]
-    if dim != expected:
-        raise DataError(
-            f"the clips in {features} have {dim} features per frame but the encoder {encoder} expects {expected}: "
-            "use features from the extractor the encoder was trained with (SignHiera: 768), or the matching checkpoint"
-        )
+    check_feature_width(dataset[0].features.shape[1], expected, features=features, encoder=encoder)

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from sonar_ft.data.bad_samples import MAX_TEXT_CHARS
 from sonar_ft.data.features import FeatureStore, read_features
 from sonar_ft.data.manifest import ManifestRow, duplicate_ids, read_manifest
 from sonar_ft.errors import ConfigError, DataError
@@ -30,6 +31,7 @@ ERROR_CHECKS: tuple[tuple[str, str], ...] = (
     ("non_finite", "files with NaN/Inf"),
     ("zero_length", "zero-length clips"),
     ("empty_text", "empty texts"),
+    ("long_text", f"texts over {MAX_TEXT_CHARS:,} characters"),
 )
 WARNING_CHECKS: tuple[tuple[str, str], ...] = (
     ("extra_features", "feature files not in manifest"),
@@ -55,6 +57,7 @@ class VerifyReport:
     non_finite: list[str] = field(default_factory=list)
     zero_length: list[str] = field(default_factory=list)
     empty_text: list[str] = field(default_factory=list)
+    long_text: list[str] = field(default_factory=list)  # too long for one sentence: merged rows
     extra_features: list[str] = field(default_factory=list)
     length_mismatch: list[dict[str, Any]] = field(default_factory=list)  # {id, manifest, file}
     dims: dict[int, int] = field(default_factory=dict)  # D -> number of files
@@ -111,6 +114,7 @@ class VerifyReport:
             "non_finite": self.non_finite,
             "zero_length": self.zero_length,
             "empty_text": self.empty_text,
+            "long_text": self.long_text,
             "extra_features": self.extra_features,
             "length_mismatch": self.length_mismatch,
             "dims": {str(d): n for d, n in self.dims.items()},
@@ -224,6 +228,8 @@ def verify_dataset(
     )
     report.duplicate_ids = duplicate_ids(rows)
     report.empty_text = [r.id for r in rows if not r.text.strip()]
+    # Tokens are counted when training starts (verify loads no tokenizer); length in characters needs none.
+    report.long_text = [r.id for r in rows if len(r.text) > MAX_TEXT_CHARS]
     in_manifest = {r.id for r in rows}
     report.extra_features = [i for i in store.ids() if i not in in_manifest]
 

@@ -290,7 +290,8 @@ def build_export(run_dir: str | Path, out: str | Path, *, test_results: str | Pa
             atomic.write_json(staged / TEST_RESULTS, {k: v for k, v in test.items() if k != "samples"})
             members[TEST_RESULTS] = staged / TEST_RESULTS
         members.update(packed.staged)
-        with atomic.atomic_path(out) as tmp_out:
+        # Weights barely compress: the tarball needs about the members' size.
+        with atomic.atomic_path(out, needed=sum(p.stat().st_size for p in members.values())) as tmp_out:
             with tarfile.open(tmp_out, "w:gz") as tar:
                 for name, path in members.items():
                     tar.add(path, arcname=name, recursive=False)

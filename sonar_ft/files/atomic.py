@@ -32,57 +32,130 @@ TMP_PREFIX = ".tmp-"
 # SONAR encoder ~3 GB): larger declared sizes are refused before anything is allocated.
 MAX_TENSOR_BYTES = 32 * 1024**3
 _DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
-# torch.save reports a failed write as a RuntimeError from C++ (errno lost): recognised by its text.
-_TORCH_WRITE_FAILED = ("file write failed", "PytorchStreamWriter failed writing")
+# torch's C++ zip writer given a path reports a failed write without its errno, in one of these texts.
+_TORCH_WRITE_FAILED = ("file write failed", "PytorchStreamWriter failed writing", "unexpected pos")
+# Any other writer that loses the errno (safetensors' Rust writer) is taken for a full disk when this little is left.
+_NEARLY_FULL_BYTES = 1 << 20
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; rename it onto ``path`` if the block succeeds."""
+def atomic_path(path: str | Path, *, needed: int | None = None) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; rename it onto ``path`` if the block succeeds.
+
+    When the disk fills up on the way, the temporary is removed and :class:`DiskFullError` says so in one
+    line, with ``needed`` (the bytes the file takes, when the caller knows them) and the free space:
+    ``path`` itself, and every other file, are as they were.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX + path.name + ".", dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
-    # mkstemp creates the file 0600; give the result the permissions a plain open() would.
-    os.chmod(tmp_path, 0o666 & ~_UMASK)
+    tmp_path: Path | None = None
     try:
         try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX + path.name + ".", dir=path.parent)
+            os.close(fd)
+            tmp_path = Path(tmp)
+            # mkstemp creates the file 0600; give the result the permissions a plain open() would.
+            os.chmod(tmp_path, 0o666 & ~_UMASK)
             yield tmp_path
             with open(tmp_path, "rb+") as f:
                 os.fsync(f.fileno())
             os.replace(tmp_path, path)
-        except (OSError, RuntimeError) as exc:
-            if not _is_disk_full(exc):
+        except Exception as exc:
+            if not is_disk_full(exc, path.parent):
                 raise
-            with contextlib.suppress(OSError):
-                tmp_path.unlink()  # frees what the failed write took, so the free space shown is real
-            raise disk_full_error(path, exc) from exc
+            written = _size(tmp_path)
+            if tmp_path is not None:
+                with contextlib.suppress(OSError):
+                    tmp_path.unlink()  # frees what the failed write took, so the free space shown is real
+            raise disk_full_error(path, exc, needed=needed, written=written) from exc
         _fsync_dir(path.parent)
     finally:
-        if tmp_path.exists():
+        if tmp_path is not None and tmp_path.exists():
             tmp_path.unlink()
 
 
-def _is_disk_full(exc: BaseException) -> bool:
+@contextlib.contextmanager
+def explain_full_disk(path: str | Path, *, needed: int | None = None, appended: bool = False) -> Iterator[None]:
+    """Turn a full disk during the block's writes of ``path`` into :class:`DiskFullError` (one line, see
+    :func:`disk_full_error`), for writers that cannot go through :func:`atomic_path` (appended logs, TensorBoard)."""
+    try:
+        yield
+    except Exception as exc:
+        if not is_disk_full(exc, Path(path).absolute().parent):
+            raise
+        raise disk_full_error(Path(path), exc, needed=needed, appended=appended) from exc
+
+
+def _size(path: Path | None) -> int:
+    try:
+        return path.stat().st_size if path is not None else 0
+    except OSError:
+        return 0
+
+
+def _os_error(exc: BaseException) -> OSError | None:
+    """The first OSError with an errno in ``exc``'s chain: torch's zip writer, given a file object, turns the
+    OSError of the failed write into a RuntimeError ("unexpected pos 704 vs 598") raised while handling it."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno is not None:
+            return current
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def is_disk_full(exc: BaseException, folder: Path) -> bool:
+    """Whether ``exc``, raised while writing into ``folder``, means the disk is full (or the file over its size limit)."""
     if isinstance(exc, DiskFullError):
         return False  # already explained by an inner atomic_path
-    if isinstance(exc, OSError):
-        return exc.errno in _DISK_FULL_ERRNOS
-    return isinstance(exc, RuntimeError) and any(s in str(exc) for s in _TORCH_WRITE_FAILED)
-
-
-def disk_full_error(path: Path, exc: BaseException) -> DiskFullError:
-    """The error for a write of ``path`` that failed for lack of space: names the folder and its free space."""
-    folder = path.parent
+    os_error = _os_error(exc)
+    if os_error is not None:
+        return os_error.errno in _DISK_FULL_ERRNOS
+    if isinstance(exc, RuntimeError) and any(s in str(exc) for s in _TORCH_WRITE_FAILED):
+        return True
+    # No errno to go by: the disk itself says whether it is full.
     try:
-        free = f"{shutil.disk_usage(folder).free / 1e6:,.1f} MB free"
+        return shutil.disk_usage(folder).free < _NEARLY_FULL_BYTES
+    except OSError:
+        return False
+
+
+def _megabytes(n: int) -> str:
+    return f"{n / 1e6:,.1f} MB"
+
+
+def disk_full_error(
+    path: Path, exc: BaseException, *, needed: int | None = None, written: int = 0, appended: bool = False,
+    kept: str | None = None,
+) -> DiskFullError:
+    """The one-line error for a write of ``path`` that failed for lack of space.
+
+    It names the file and its folder, the space the file needs (``needed`` bytes when known, else more than
+    the ``written`` bytes that got onto the disk), the space free, and that nothing was lost: an atomic write
+    leaves the previous file as it was; an append (``appended``) keeps the lines written before; other
+    writers say what is intact in ``kept``.
+    """
+    folder = path.absolute().parent
+    try:
+        free = f"{_megabytes(shutil.disk_usage(folder).free)} free"
     except OSError:
         free = "free space unknown"
-    cause = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).strip().splitlines()[-1]
+    if needed:
+        need = f"it needs about {_megabytes(max(needed, written))}"
+    elif written:
+        need = f"it needs more than the {_megabytes(written)} written before the disk filled up"
+    else:
+        need = "it needs more space than is left"
+    os_error = _os_error(exc)
+    cause = os_error.strerror if os_error is not None and os_error.strerror else str(exc).strip().splitlines()[-1]
+    if kept is None:
+        kept = (f"the lines written to {path.name} before are intact" if appended
+                else f"the previous {path.name}, if there was one, is intact")
     error = DiskFullError(
-        f"cannot write {path.name} in {folder}: the disk is full ({free}; {cause}). The previous {path.name}, "
-        "if there was one, is intact. Free some space (or choose an output folder on another disk) and run again."
+        f"cannot write {path.name} in {folder}: the disk is full ({need}, {free}; {cause}). Nothing was lost: {kept}, "
+        "as is every other file. Free some space (or choose an output folder on another disk) and run again."
     )
     error.errno = errno.ENOSPC
     return error
@@ -147,14 +220,13 @@ def commit_file(tmp: str | Path, path: str | Path) -> None:
 
 def write_bytes(path: str | Path, data: bytes) -> None:
     """Atomically write a binary file."""
-    with atomic_path(path) as tmp:
+    with atomic_path(path, needed=len(data)) as tmp:
         tmp.write_bytes(data)
 
 
 def write_text(path: str | Path, text: str) -> None:
     """Atomically write a UTF-8 text file."""
-    with atomic_path(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")
+    write_bytes(path, text.encode("utf-8"))
 
 
 def write_json(path: str | Path, obj: Any) -> None:
@@ -168,8 +240,9 @@ def append_lines(path: str | Path, lines: list[str]) -> None:
     Append-only files cannot be replaced atomically on every record; a line cut short by a crash
     is the last one, and readers skip it.
     """
-    with open(path, "a", encoding="utf-8") as f:
-        f.write("".join(line.rstrip("\n") + "\n" for line in lines))
+    data = "".join(line.rstrip("\n") + "\n" for line in lines)
+    with explain_full_disk(path, needed=len(data.encode("utf-8")), appended=True), open(path, "a", encoding="utf-8") as f:
+        f.write(data)
         f.flush()
         os.fsync(f.fileno())
 
@@ -183,14 +256,18 @@ def _json_default(obj: Any) -> Any:
 
 
 def save_torch(path: str | Path, obj: Any) -> None:
-    """Atomically ``torch.save`` ``obj``."""
+    """Atomically ``torch.save`` ``obj``; a full disk is a :class:`DiskFullError` naming the space needed."""
     import torch  # here, not at the top: notebook kernels import this module without torch
 
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for _, t in _tensors(obj, "")}
+    needed = sum(storages.values())
+    # Through a Python file object: torch's zip writer then fails with the OSError (ENOSPC) of the write itself;
+    # given a path, its C++ writer reports "unexpected pos 576 vs 534" and the errno is lost.
+    with atomic_path(path, needed=needed or None) as tmp, open(tmp, "wb") as f:
+        torch.save(obj, f)
 
 
-def load_torch(path: str | Path, *, what: str = "file", fix: str | None = None) -> Any:
+def load_torch(path: str | Path, *, what: str = "file", fix: str | None = None, mmap: bool = False) -> Any:
     """Load a ``.pt`` / ``.pth`` file without running any code from it.
 
     Raises :class:`CheckpointError` naming the file when it is missing, truncated, not a torch
@@ -199,6 +276,11 @@ def load_torch(path: str | Path, *, what: str = "file", fix: str | None = None) 
     larger than the data it stores (a stride-0 tensor expanding to terabytes when copied). These
     sizes are checked before any tensor is materialised. ``fix`` replaces the default advice
     ("download or copy it again") for files we wrote ourselves.
+
+    ``mmap``: map the file instead of reading it (files in torch's zip format; a legacy file is read
+    whole): tensors are file-backed and copy-on-write, pages are read when touched and can be dropped
+    again by the kernel, so a 9 GB ``last.pt`` costs no 9 GB of host RAM on resume. Every check above
+    holds the same: they read the zip directory and the tensors' sizes, never their data.
     """
     path = Path(path)
     if fix is None:
@@ -207,11 +289,11 @@ def load_torch(path: str | Path, *, what: str = "file", fix: str | None = None) 
         raise CheckpointError(f"{what} not found: {path}")
     if path.stat().st_size == 0:
         raise CheckpointError(f"{what} is empty (0 bytes): {path}; {fix}")
-    _check_torch_container(path, what, fix)
+    zipped = _check_torch_container(path, what, fix)
     import torch
 
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=False)
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap and zipped)
     except Exception as exc:  # torch raises many types for bad files
         msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         if "weights_only" in str(exc) or "Unsupported global" in str(exc) or "GLOBAL" in str(exc):
@@ -238,8 +320,10 @@ _ZIP_MAGIC = b"PK\x03\x04"
 _PICKLE_PROTO = b"\x80"  # torch's legacy (pre-1.6) format starts with a pickle protocol marker
 
 
-def _check_torch_container(path: Path, what: str, fix: str) -> None:
-    """Refuse what is not a torch file, and zip records larger than :data:`MAX_TENSOR_BYTES`, before torch reads it."""
+def _check_torch_container(path: Path, what: str, fix: str) -> bool:
+    """Refuse what is not a torch file, and zip records larger than :data:`MAX_TENSOR_BYTES`, before torch reads it.
+
+    Returns True for torch's zip format, False for its legacy format."""
     with open(path, "rb") as f:
         head = f.read(2048)
     if head.startswith(_ZIP_MAGIC):
@@ -255,12 +339,12 @@ def _check_torch_container(path: Path, what: str, fix: str) -> None:
                 f"{what} {path} declares {declared:,} bytes of data ({path.stat().st_size:,} bytes on disk), more than "
                 f"the {MAX_TENSOR_BYTES:,} bytes any sonar-ft file needs; refusing to unpack it"
             )
-        return
+        return True
     if head.startswith(_PICKLE_PROTO):
         # torch's legacy format opens with its magic number as a pickled long (opcode 0x8a), after an
         # optional frame header; any other pickle is not a torch file.
         if b"\x8a" in head[2:16]:
-            return
+            return False
         raise CheckpointError(
             f"{what} {path} is not a PyTorch checkpoint (it is a plain Python pickle, which could run code when "
             f"loaded; refusing it); {fix}"

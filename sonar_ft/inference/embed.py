@@ -19,6 +19,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from sonar_ft.data import FeatureStore, load_feature_file, read_manifest
+from sonar_ft.data.features import check_feature_width
 from sonar_ft.models.encoder import SignT5SonarEncoder
 from sonar_ft.errors import ConfigError, DataError
 from sonar_ft.export.load import load_any_encoder
@@ -155,7 +156,8 @@ def _embed_locked(args: argparse.Namespace, out: Path) -> int:
     with tqdm(total=len(ids), desc="embed", unit="clip") as progress:
         for start in range(0, len(ids), chunk):
             chunk_ids = ids[start : start + chunk]
-            clips = [_checked(clip_id, load(clip_id), config.feature_dim, args.features) for clip_id in chunk_ids]
+            clips = [_checked(clip_id, load(clip_id), config.feature_dim, args.features, args.encoder_checkpoint)
+                     for clip_id in chunk_ids]
             embeddings[start : start + len(clips)] = embed_features(model, clips, args.batch_size).numpy()
             progress.update(len(clips))
     bad = [clip_id for clip_id, row in zip(ids, np.isfinite(embeddings).all(axis=1)) if not row]
@@ -173,12 +175,8 @@ def _embed_locked(args: argparse.Namespace, out: Path) -> int:
     return 0
 
 
-def _checked(clip_id: str, clip: Tensor, feature_dim: int, source: Path) -> Tensor:
-    if clip.shape[1] != feature_dim:
-        raise DataError(
-            f"clip {clip_id!r} in {source} has {clip.shape[1]}-dimensional features but the encoder "
-            f"expects {feature_dim}; use features from the matching extractor or another checkpoint"
-        )
+def _checked(clip_id: str, clip: Tensor, feature_dim: int, source: Path, encoder: str | Path) -> Tensor:
+    check_feature_width(clip.shape[1], feature_dim, features=source, encoder=encoder, clip=clip_id)  # training's check
     if clip.shape[0] == 0:
         raise DataError(f"clip {clip_id!r} in {source} has no frames; drop it from the manifest")
     if not torch.isfinite(clip).all():

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from sonar_ft.data import FeatureStore, load_feature_file
+from sonar_ft.data.features import check_feature_width
 from sonar_ft.device import resolve_device
 from sonar_ft.errors import ConfigError, DataError
 from sonar_ft.export.load import decoder_for, opened_encoder
@@ -54,26 +55,20 @@ def translate(
     if (features is None) == (not videos):
         raise ConfigError("give either --features or --video, not both")
     dev = resolve_device(device)
-    video_clips = _video_features(videos, signhiera, crop, dev) if videos else None
+    if videos:  # SignHiera first, freed before the encoder and decoder need the memory
+        video_clips = _video_features(videos, signhiera, crop, dev)
+        clip_ids, clips, features = list(video_clips), list(video_clips.values()), Path(str(videos[0]))
+    else:
+        features = Path(features)
     with opened_encoder(encoder) as (checkpoint, files):
         model, _ = load_encoder(checkpoint, device=dev)
+        if not videos:
+            clip_ids, clips = _read_clips(features, ids)
+        _check_clips(clip_ids, clips, model.config.feature_dim, features, encoder)  # before the decoder is loaded
         decoder_spec, tokenizer_spec = decoder_for(files, decoder, tokenizer)
         dec = FrozenTextDecoder.load(decoder_spec, tokenizer_spec, device=dev)  # while packed files still exist
     for lang in tgt_langs:
         dec.check_lang(lang)
-    if video_clips is not None:
-        clip_ids, clips = list(video_clips), list(video_clips.values())
-        features = Path(str(videos[0]))
-    elif (features := Path(features)).is_file():
-        clip_ids, clips = [features.stem], [load_feature_file(features)]
-    else:
-        store = FeatureStore.open(features)
-        clip_ids = list(ids) if ids else store.ids()
-        unknown = [i for i in clip_ids if store.path(i) is None]
-        if unknown:
-            raise DataError(f"no feature file for {', '.join(unknown[:5])} in {features}")
-        clips = [store.load(i) for i in clip_ids]
-    _check_clips(clip_ids, clips, model.config.feature_dim, features)
     emb = embed_features(model, clips, batch_size=batch_size, device=dev)
     rows: list[dict[str, Any]] = [{"id": i} for i in clip_ids]
     for lang in tgt_langs:
@@ -100,8 +95,27 @@ def _video_features(videos: list[str | Path], signhiera: str | Path | None, crop
     return features
 
 
-def _check_clips(clip_ids: list[str], clips: list[Any], feature_dim: int, source: Path) -> None:
-    """Refuse clips the encoder cannot embed, naming each (zero frames, wrong dimension, NaN / Inf)."""
+def _read_clips(features: Path, ids: list[str] | None) -> tuple[list[str], list[Any]]:
+    """The clip ids to translate and their features: one file, or ``ids`` (default: all) of a feature folder."""
+    if features.is_file():
+        return [features.stem], [load_feature_file(features)]
+    store = FeatureStore.open(features)
+    clip_ids = list(ids) if ids else store.ids()
+    unknown = [i for i in clip_ids if store.path(i) is None]
+    if unknown:
+        raise DataError(f"no feature file for {', '.join(unknown[:5])} in {features}")
+    return clip_ids, [store.load(i) for i in clip_ids]
+
+
+def _check_clips(clip_ids: list[str], clips: list[Any], feature_dim: int, source: Path, encoder: str | Path) -> None:
+    """Refuse clips the encoder cannot embed, naming each (zero frames, wrong dimension, NaN / Inf).
+
+    Clips that all have another width than the encoder's input (features of another extractor) get
+    training's message for it (:func:`~sonar_ft.data.features.check_feature_width`)."""
+    widths = {clip.shape[1] for clip in clips if clip.shape[0]}
+    if len(widths) == 1:
+        first = next(i for i, clip in zip(clip_ids, clips) if clip.shape[0])
+        check_feature_width(widths.pop(), feature_dim, features=source, encoder=encoder, clip=first)
     problems = []
     for clip_id, clip in zip(clip_ids, clips):
         if clip.shape[0] == 0:

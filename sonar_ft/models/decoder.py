@@ -180,13 +180,10 @@ class FrozenTextDecoder(nn.Module):
         """The longest target sequence (special tokens included) the decoder's positions cover."""
         return int(getattr(self.model, "max_target_seq_len", 10**9))
 
-    def text_problem(self, text: str, lang: str) -> str | None:
-        """Why ``text`` cannot be a target for this decoder (too many tokens), or None when it can."""
-        n = len(self._encoder(lang)(text))
-        if n > self.max_target_len:
-            return (f"reference has {n} tokens, more than the {self.max_target_len} decoder {self.source!r} can read; "
-                    "shorten or split it in the manifest")
-        return None
+    def count_tokens(self, texts: Sequence[str], lang: str) -> list[int]:
+        """Each text's length as a target sequence (special tokens included), to compare with :attr:`max_target_len`."""
+        enc = self._encoder(lang)
+        return [len(enc(t)) for t in texts]
 
     def tokenize(self, texts: Sequence[str], lang: str, *, max_len: int | None = None) -> tuple[Tensor, Tensor]:
         """Target sequences ``</s> __lang__ tokens </s>`` padded with the pad index: (B, S) and lengths (B,)."""

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from sonar_ft.errors import CheckpointError, ConfigError
+from sonar_ft.errors import CheckpointError, ConfigError, DataError
 from sonar_ft.files.atomic import load_torch, save_torch
 
 logger = logging.getLogger(__name__)
@@ -419,6 +419,21 @@ class DecoderStack(nn.Module):
         return self.dropout(self.final_layer_norm(x))  # (B, L, d_model)
 
 
+def _refuse_empty_rows(mask: Tensor) -> None:
+    """Raise :class:`DataError` naming the rows of ``mask`` (B, T) without a real frame (one device sync)."""
+    if torch.compiler.is_compiling():
+        return  # a data-dependent branch would break the graph; training's bad-clip scan refuses zero-frame clips anyway
+    empty = ~mask.any(dim=1)  # (B,)
+    if bool(empty.any()):
+        rows = empty.nonzero().flatten().tolist()
+        listed = ", ".join(map(str, rows[:10])) + (" ..." if len(rows) > 10 else "")
+        raise DataError(
+            f"batch row(s) {listed} of {mask.shape[0]} have no real frame (their mask is all padding): an embedding "
+            "pools over a clip's frames, and over none it has no meaning. Leave clips with zero frames out of the batch "
+            "(`sonar-ft verify` lists them)"
+        )
+
+
 class SignT5SonarEncoder(nn.Module):
     """SONAR ASL encoder: ``forward(features (B, T, D), mask (B, T) bool) -> (B, output_dim)``.
 
@@ -465,7 +480,8 @@ class SignT5SonarEncoder(nn.Module):
     def forward(self, features: Tensor, mask: Tensor | None = None) -> Tensor:
         """Embed a padded batch: ``features`` (B, T, D), ``mask`` (B, T) True on real frames.
 
-        Every item needs at least one real frame. Returns (B, output_dim).
+        Every item needs at least one real frame: a row whose mask is all padding (or ``T == 0``) raises
+        :class:`DataError` naming it, since pooling over no frames has no meaning. Returns (B, output_dim).
         """
         if features.dim() != 3 or features.shape[-1] != self.config.feature_dim:
             raise ValueError(
@@ -475,6 +491,9 @@ class SignT5SonarEncoder(nn.Module):
         if mask is None:
             mask = torch.ones(B, T, dtype=torch.bool, device=features.device)
         mask = mask.bool()
+        if mask.shape != (B, T):
+            raise ValueError(f"expected a mask of shape ({B}, {T}) for features {tuple(features.shape)}, got {tuple(mask.shape)}")
+        _refuse_empty_rows(mask)
         features = features.to(self.encoder.feature_projection.feature_proj.weight.dtype)
         use_checkpoint = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
 

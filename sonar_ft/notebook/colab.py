@@ -34,6 +34,7 @@ from sonar_ft.config import command_line
 from sonar_ft.demo.paths import DemoPaths
 from sonar_ft.errors import SonarFtError
 from sonar_ft.run_files import BEST_ENCODER
+from sonar_ft.scores import ALIASES, METRICS
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -226,7 +227,7 @@ def setup(
 def show_plan(project: Project, effective_batch: int, run_name: str | None = None, lora_rank: int = 0) -> list[str]:
     """Memory and disk settings for this runtime's GPU from ``sonar-ft plan --gpu auto``: shown, returned as flags.
 
-    When the disk plan keeps ``last.pt`` on the runtime's local disk (``mirror-replace``: a free Drive cannot
+    When the disk plan keeps ``last.pt`` on the runtime's local disk (``needs_state_dir``: a free Drive cannot
     hold two copies), the flags include ``--state_dir`` under :data:`LOCAL_STATE_ROOT` for ``run_name``.
     ``lora_rank`` > 0 plans LoRA fine-tuning (``--lora_rank`` is among the flags).
     In DEMO mode (CPU, the demo's small encoder) and on a runtime without a GPU there is nothing
@@ -239,16 +240,16 @@ def show_plan(project: Project, effective_batch: int, run_name: str | None = Non
             print(f"LoRA chosen (LORA_RANK = {lora_rank}): adapters train, the encoder's weights stay frozen")
         return ["--lora_rank", str(lora_rank)] if lora_rank else []
     out = project.runs / "plan.json"
-    run_command(project.cli_command("plan", "--gpu", "auto", "--batch_size", effective_batch, "--lora_rank", lora_rank, "--json", out))
+    run_command(project.cli_command("plan", "--gpu", "auto", "--effective_batch", effective_batch, "--lora_rank", lora_rank, "--json", out))
     if lora_rank:
         print(f"LoRA chosen (LORA_RANK = {lora_rank}): adapters train, the encoder's weights stay frozen; "
               "best_encoder.pt is still the whole (merged) encoder")
     plan = json.loads(out.read_text(encoding="utf-8"))
     show_table([{"setting": k, "value": str(v)} for k, v in plan["settings"].items()])
     flags = [str(f) for f in plan["flags"]]
-    if plan["disk"]["strategy"] == "mirror-replace" and run_name:
-        flags += ["--state_dir", str(LOCAL_STATE_ROOT / run_name)]
-        print(f"last.pt is kept in {LOCAL_STATE_ROOT / run_name} (local disk) and copied to the run folder after each epoch")
+    if plan["disk"].get("needs_state_dir") and run_name:
+        flags += ["--state_dir", str(LOCAL_STATE_ROOT / run_name), *plan["disk"]["flags"]]
+        print(f"last.pt is kept in {LOCAL_STATE_ROOT / run_name} (local disk) and copied into the run folder in place after each save")
     return flags
 
 
@@ -352,8 +353,8 @@ def show_table(rows: Sequence[Mapping[str, Any]] | Any, columns: Sequence[str] |
         print(frame.to_string(index=False))
 
 
-# Score columns of the notebooks' tables, in the order papers print them (sonar_ft.scores names).
-SCORE_COLUMNS = ("bleu", "bleu1", "bleu2", "bleu3", "rougeL", "chrf", "cosine", "r1", "r5", "loss")  # bleu is BLEU-4
+# Score columns of the notebooks' tables: sonar_ft.scores.METRICS (in the order papers print them), bleu4 shown as bleu.
+SCORE_COLUMNS = tuple(m for m in METRICS if m not in ALIASES)
 SAMPLE_SCORE_COLUMNS = ("bleu_score", "rougeL", "chrf", "cosine", "rank")
 
 

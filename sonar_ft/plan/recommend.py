@@ -31,15 +31,18 @@ class GpuSpec:
     name: str
     memory_bytes: int
     bf16: bool
+    peak_tflops: float | None = None
+    """Dense matmul peak in the precision the plan trains the encoder in (bf16, or fp32 without bf16); None: unknown."""
 
 
 GPUS: dict[str, GpuSpec] = {
-    # Memory as torch.cuda.get_device_properties reports it on Colab (a little under the label).
-    "t4": GpuSpec("T4 (16 GB)", int(15.0 * GIB), bf16=False),
-    "l4": GpuSpec("L4 (24 GB)", int(22.0 * GIB), bf16=True),
-    "a100": GpuSpec("A100 (40 GB)", int(39.4 * GIB), bf16=True),
-    "a100-80": GpuSpec("A100 (80 GB)", int(79.1 * GIB), bf16=True),
-    "h100": GpuSpec("H100 (80 GB)", int(79.1 * GIB), bf16=True),
+    # Memory as torch.cuda.get_device_properties reports it on Colab (a little under the label); peak
+    # TFLOP/s from the vendors' data sheets (dense): T4 fp32 (no bf16, no TF32), the others bf16.
+    "t4": GpuSpec("T4 (16 GB)", int(15.0 * GIB), bf16=False, peak_tflops=8.1),
+    "l4": GpuSpec("L4 (24 GB)", int(22.0 * GIB), bf16=True, peak_tflops=121.0),
+    "a100": GpuSpec("A100 (40 GB)", int(39.4 * GIB), bf16=True, peak_tflops=312.0),
+    "a100-80": GpuSpec("A100 (80 GB)", int(79.1 * GIB), bf16=True, peak_tflops=312.0),
+    "h100": GpuSpec("H100 (80 GB)", int(79.1 * GIB), bf16=True, peak_tflops=989.0),
 }
 
 
@@ -219,11 +222,16 @@ def recommend_lora(
 
 
 def estimate_for(cfg: Any, config: SignT5Config, *, frames: int, target_tokens: int, precision: str,
-                 decoder: DecoderSpec | None = None) -> dict[str, int]:
-    """The estimate of the run a ``TrainConfig`` describes (per process): LoRA's when ``lora_rank`` > 0, else full fine-tuning's."""
+                 decoder: DecoderSpec | None = None, attention: str = "fused") -> dict[str, int]:
+    """The estimate of the run a ``TrainConfig`` describes (per process): LoRA's when ``lora_rank`` > 0, else full fine-tuning's.
+
+    ``attention="math"`` gives the figure of the path a CPU runs (see :func:`~sonar_ft.plan.memory.encoder_activation_bytes`).
+    """
     common = dict(batch_size=cfg.batch_size, max_frames=frames, target_tokens=target_tokens, precision=precision,
                   gradient_checkpointing=cfg.gradient_checkpointing, decoder_dtype=cfg.decoder_dtype,
-                  loss_chunk_size=cfg.loss_chunk_size, decoder=decoder)
+                  loss_chunk_size=cfg.loss_chunk_size, decoder=decoder, attention=attention)
+    if decoder is not None:
+        common["vocab"] = decoder.vocab
     if getattr(cfg, "lora_rank", 0):
         return estimate_lora_memory(config, rank=cfg.lora_rank, lora_dropout=cfg.lora_dropout, **common)
     return estimate_memory(config, grad_accum=cfg.grad_accum, optimizer=cfg.optimizer,

@@ -57,10 +57,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``train_sonar_finetuning.py``: parse, run, one summary; user errors are one line and exit code 2."""
-    from sonar_ft.cli import run, setup_logging
+    from sonar_ft.cli import join_negative_values, run, setup_logging
 
     setup_logging(sys.stdout)
-    flags = vars(build_parser().parse_args(argv))
+    flags = vars(build_parser().parse_args(join_negative_values(sys.argv[1:] if argv is None else argv)))
     config_file = flags.pop("config", None)
     return run(lambda _: run_recipe(flags, config_file), argparse.Namespace())
 

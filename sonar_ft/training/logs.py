@@ -24,6 +24,7 @@ from typing import Any, Callable, Iterator
 
 from sonar_ft.files import atomic
 from sonar_ft.run_files import STEPS_FILE, TENSORBOARD_DIR, TRAIN_LOG
+from sonar_ft.scores import ALIASES, METRICS
 
 log = logging.getLogger(__name__)
 
@@ -36,8 +37,9 @@ STEP_TAGS = {
     "grad_norm": "train/grad_norm", "tokens_per_s": "train/tokens_per_s", "clips_per_s": "train/clips_per_s",
     "peak_memory_gib": "train/peak_memory_gib",
 }
+# TensorBoard tag of each epoch-record field: every validation score of sonar_ft.scores.METRICS as val/<metric>.
 EPOCH_TAGS = {
-    "train_loss": "epoch/train_loss", "val_loss": "val/loss", "val_bleu": "val/bleu", "val_chrf": "val/chrf", "lr": "epoch/lr",
+    "train_loss": "epoch/train_loss", **{f"val_{m}": f"val/{m}" for m in METRICS if m not in ALIASES}, "lr": "epoch/lr",
     "samples_per_second": "epoch/clips_per_s",
 }
 
@@ -197,24 +199,31 @@ class StepRecorder:
         if self.jsonl is not None:
             atomic.append_lines(self.jsonl, [json.dumps(rec)])
         if self.writer is not None:
-            for key, tag in STEP_TAGS.items():
-                if rec.get(key) is not None:
-                    self.writer.add_scalar(tag, rec[key], step)
+            with self._tensorboard_writes():
+                for key, tag in STEP_TAGS.items():
+                    if rec.get(key) is not None:
+                        self.writer.add_scalar(tag, rec[key], step)
         return rec
+
+    def _tensorboard_writes(self) -> Any:
+        """A full disk met by TensorBoard's writer (raised on a later call) as one clear line."""
+        return atomic.explain_full_disk(Path(self.writer.get_logdir()) / "events.out.tfevents", appended=True)
 
     def record_epoch(self, metrics: dict[str, Any], step: int) -> None:
         """The epoch's numbers (validation scores among them) as TensorBoard scalars at ``step``."""
         if self.writer is None:
             return
-        for key, tag in EPOCH_TAGS.items():
-            if metrics.get(key) is not None:
-                self.writer.add_scalar(tag, metrics[key], step)
-        self.writer.flush()
+        with self._tensorboard_writes():
+            for key, tag in EPOCH_TAGS.items():
+                if metrics.get(key) is not None:
+                    self.writer.add_scalar(tag, metrics[key], step)
+            self.writer.flush()
 
     def close(self) -> None:
         if self.writer is not None:
-            self.writer.close()
-            self.writer = None
+            writer, self.writer = self.writer, None
+            with atomic.explain_full_disk(Path(writer.get_logdir()) / "events.out.tfevents", appended=True):
+                writer.close()
 
 
 def _tensorboard_writer(folder: Path, purge_step: int | None) -> Any:
@@ -239,6 +248,24 @@ def read_steps(path: str | Path) -> list[dict[str, Any]]:
     return out
 
 
+class _TrainLogHandler(logging.FileHandler):
+    """``train.log``: when the disk fills up the file stops (the console goes on and the save that meets the full
+    disk says so in one line) instead of logging's "--- Logging error ---" traceback for every later line."""
+
+    disk_full = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not self.disk_full:
+            super().emit(record)
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        exc = sys.exc_info()[1]
+        if exc is not None and atomic.is_disk_full(exc, Path(self.baseFilename).parent):
+            self.disk_full = True
+            return
+        super().handleError(record)
+
+
 class attach_train_log:
     """Context manager: the ``sonar_ft`` loggers' INFO and above also go to ``folder/train.log`` (appended)."""
 
@@ -251,7 +278,7 @@ class attach_train_log:
         if self.path is None:
             return self
         logger = logging.getLogger("sonar_ft")
-        self.handler = logging.FileHandler(self.path, encoding="utf-8", delay=True)
+        self.handler = _TrainLogHandler(self.path, encoding="utf-8", delay=True)
         self.handler.setLevel(logging.INFO)
         self.handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S"))
         logger.addHandler(self.handler)

@@ -41,7 +41,7 @@ from sonar_ft.files.lock import output_lock
 from sonar_ft.models.decoder import FrozenTextDecoder
 from sonar_ft.models.encoder import load_encoder, save_encoder
 from sonar_ft.plan.recommend import longest_target, startup_check
-from sonar_ft.run_files import ADAPTER_DIR, BAD_SAMPLES, BEST_ENCODER, LAST_STATE, metrics_file, predictions_file
+from sonar_ft.run_files import ADAPTER_DIR, BAD_SAMPLES, BEST_ENCODER, metrics_file, predictions_file
 from sonar_ft.training import distributed, perf
 from sonar_ft.training.failures import (
     count_bad_step, out_of_memory_error, refuse_broken_weights, screen_bad_samples,
@@ -52,7 +52,7 @@ from sonar_ft.training.run_dir import (
     check_inputs, clear_run_files, finished_run, last_state_path, prepare_output_dir, write_run_summary,
 )
 from sonar_ft.training.state import EpochMetrics, TrainResult, TrainState, seed_everything, set_rng_state
-from sonar_ft.training.state_mirror import mirror_state
+from sonar_ft.training.state_mirror import best_copy_is_torn, mirror_best, mirror_state
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +97,7 @@ class FineTuneRecipe:
             # Rank 0 writes every file; the others differ in dropout noise only.
             self.cfg = cfg = replace(cfg, save_checkpoints=False, write_predictions=False)
             torch.manual_seed(cfg.seed + ddp.rank)
+        self.decoder = self.build_decoder()  # before the data: its tokenizer checks every reference in the bad-clip scan
         self.load_data()
         self.build_models()
         self.build_optimizer()
@@ -124,10 +125,12 @@ class FineTuneRecipe:
     def load_data(self) -> None:
         cfg, ddp = self.cfg, self.ddp
         bad: list[BadSample] = []  # every unusable clip of both splits, reported together
+        references = {"count_tokens": lambda texts: self.decoder.count_tokens(texts, cfg.tgt_lang),
+                      "max_tokens": self.decoder.max_target_len}
         self.train_set = load_split(cfg.train_features, cfg.train_manifest, cfg=cfg, split="training",
-                                               fraction=cfg.subset_fraction, bad=bad, reuse=self.reuse_data)
+                                    fraction=cfg.subset_fraction, bad=bad, reuse=self.reuse_data, **references)
         self.val_set = load_split(cfg.val_features, cfg.val_manifest, cfg=cfg, split="validation", bad=bad,
-                                             reuse=self.reuse_data)
+                                  reuse=self.reuse_data, **references)
         ddp.on_main(lambda: screen_bad_samples(self.out, cfg, bad))
         for split, dataset, manifest in (("training", self.train_set, cfg.train_manifest), ("validation", self.val_set, cfg.val_manifest)):
             if len(dataset) == 0:
@@ -135,20 +138,26 @@ class FineTuneRecipe:
                                 + (f" (all listed in {self.out / BAD_SAMPLES})" if bad else ""))
         if cfg.batch_size > len(self.train_set):
             log.warning("--batch_size %d is larger than the %d training clips: every batch holds all of them", cfg.batch_size, len(self.train_set))
-        self.train_batches = make_loader(self.train_set, cfg.batch_size, shuffle=True, seed=cfg.seed,
-                                                     num_workers=cfg.num_workers, num_replicas=ddp.world_size, rank=ddp.rank)
+        # Each step's clips are chosen at the effective batch, then split into micro-batches: the split may change on resume.
+        self.train_batches = make_loader(self.train_set, cfg.batch_size, shuffle=True, seed=cfg.seed, grad_accum=cfg.grad_accum,
+                                         num_workers=cfg.num_workers, num_replicas=ddp.world_size, rank=ddp.rank)
         self.val_batches = make_loader(ddp.shard(self.val_set), cfg.batch_size, shuffle=False, seed=cfg.seed,
                                                    num_workers=cfg.num_workers)
 
+    def build_decoder(self) -> FrozenTextDecoder:
+        """The frozen decoder, with its tokenizer checked against ``--tgt_lang``."""
+        cfg = self.cfg
+        decoder = FrozenTextDecoder.load(cfg.decoder, cfg.tokenizer, device=self.device,
+                                         dtype=decoder_dtype(cfg.decoder_dtype, self.device))
+        if cfg.gradient_checkpointing:
+            perf.checkpoint_decoder_layers(decoder.model)
+        decoder.check_lang(cfg.tgt_lang)
+        return decoder
+
     def build_models(self) -> None:
-        """The trainable encoder, the frozen decoder and the optional distillation teacher."""
+        """The trainable encoder (matched against the decoder and the data) and the optional distillation teacher."""
         cfg = self.cfg
         self.encoder, self.arch = self.build_encoder()
-        self.decoder = FrozenTextDecoder.load(cfg.decoder, cfg.tokenizer, device=self.device,
-                                              dtype=decoder_dtype(cfg.decoder_dtype, self.device))
-        if cfg.gradient_checkpointing:
-            perf.checkpoint_decoder_layers(self.decoder.model)
-        self.decoder.check_lang(cfg.tgt_lang)
         if self.arch.output_dim != self.decoder.embedding_dim:
             raise ConfigError(
                 f"the encoder {cfg.encoder_checkpoint} outputs {self.arch.output_dim}-d embeddings but the decoder {cfg.decoder} "
@@ -199,9 +208,13 @@ class FineTuneRecipe:
                       target_tokens=longest_target(self.decoder, [r.text for r in self.train_set.rows], cfg.tgt_lang))
 
     def load_last(self) -> None:
-        """Continue from ``last.pt``; the loaded file is released before training goes on."""
+        """Continue from ``last.pt``; the loaded file is released before training goes on.
+
+        The file is memory-mapped: its tensors are copied straight into the encoder and (on a GPU)
+        into the optimiser's state on the device, so host RAM never holds the whole 9 GB file at once.
+        """
         path = last_state_path(self.cfg)
-        state = atomic.load_torch(path, what="training state")
+        state = atomic.load_torch(path, what="training state", mmap=True)
         if self.peft_model is not None:  # LoRA: last.pt holds only the trainable tensors
             from sonar_ft.models import lora
 
@@ -225,8 +238,11 @@ class FineTuneRecipe:
         if self.state.position is None:
             self.state.rng = None
         else:
-            log.info("resuming inside epoch %d after batch %d", self.state.position["epoch"], self.state.position["batches"])
+            log.info("resuming inside epoch %d after step %d of it", self.state.position["epoch"], position_windows(self.state.position, self.cfg))
         best = self.state.best
+        if self.cfg.state_dir and best["epoch"] is not None and best_copy_is_torn(self.out):
+            log.warning("%s was being copied when the runtime stopped and is incomplete: the best encoder so far (epoch %s) "
+                        "is lost; the next improvement writes it again", self.out / BEST_ENCODER, best["epoch"])
         log.info("resuming from epoch %d (step %d, best %s at epoch %s)", self.state.epoch, self.state.step, best["score"], best["epoch"])
 
     # =============================================================================================
@@ -266,46 +282,67 @@ class FineTuneRecipe:
         cfg, st = self.cfg, self.state
         started = time.perf_counter()
         self.encoder.train()
-        sums, done, restore_rng = EpochSums(), 0, None
+        sums, done, restore_rng = EpochSums(), 0, None  # done: windows (optimiser steps) of this epoch
         self._resumed_seconds = 0.0
         if st.position is not None and st.position["epoch"] == epoch:
-            done = st.position["batches"]
+            done = position_windows(st.position, cfg)
             if self.ddp.is_main:  # the partial sums were saved summed over all ranks: counted once, on rank 0
                 sums = EpochSums(st.position["loss_sum"], int(st.position["token_sum"]), int(st.position["seen"]))
             self._resumed_seconds = st.position["seconds"]
             started -= st.position["seconds"]
             restore_rng, st.position, st.rng = st.rng, None, None
-        self.train_batches.batch_sampler.set_epoch(epoch, skip=done)
+        sampler = self.train_batches.batch_sampler
+        sampler.set_epoch(epoch, skip=done)
+        sizes = sampler.window_sizes()  # micro-batches per window: the progress counts micro-batches
         self.optimizer.zero_grad(set_to_none=True)
-        self.progress.epoch_start(epoch, done + len(self.train_batches), done)
-        for window in self._windows(iter(self.train_batches)):
+        self.progress.epoch_start(epoch, sum(sizes), sum(sizes[:done]))
+        self._last_save = self.clock()
+        for window in self._windows(iter(self.train_batches), sizes[done:]):
             if restore_rng is not None:
                 # Starting the DataLoader drew from the global RNG; dropout must go on from the
                 # state of the moment last.pt was written, as it would have without the stop.
                 set_rng_state(restore_rng)
                 restore_rng = None
-            done += len(window)
+            done += 1
             stepped = self.train_step(window, sums, epoch, done)
-            if stepped and self.checkpointing and cfg.checkpoint_every_steps and st.step % cfg.checkpoint_every_steps == 0:
+            if stepped and self.checkpointing and self.mid_epoch_save_due():
                 # The epoch's partial sums over all ranks (every rank takes part), written by rank 0.
                 partial = self.ddp.sum(sums.loss_sum, sums.token_sum, sums.seen)
-                self.save_last(position={"epoch": epoch, "batches": done, "micro": done, "loss_sum": partial[0],
+                self.save_last(position={"epoch": epoch, "windows": done, "loss_sum": partial[0],
                                          "token_sum": partial[1], "seen": partial[2], "seconds": time.perf_counter() - started})
+                self._last_save = self.clock()
         if restore_rng is not None:  # resumed at the very end of the epoch: no batch was left to restore it
             set_rng_state(restore_rng)
         train_seconds = time.perf_counter() - started
         loss_sum, token_sum, seen = self.ddp.sum(sums.loss_sum, sums.token_sum, sums.seen)  # over all ranks
         return EpochSums(loss_sum, int(token_sum), int(seen)), train_seconds
 
-    def _windows(self, batches: Iterator[Any]) -> Iterator[list[Any]]:
-        """Consecutive groups of ``grad_accum`` batches; the last of an epoch may be shorter."""
-        window: list[Any] = []
-        for batch in batches:
-            window.append(batch)
-            if len(window) == self.cfg.grad_accum:
-                yield window
-                window = []
-        if window:
+    def mid_epoch_save_due(self) -> bool:
+        """Whether ``last.pt`` is written after this step: every ``checkpoint_every_steps`` steps, or once
+        ``checkpoint_every_minutes`` have passed since the last save (or the epoch's start).
+
+        The time is rank 0's clock, shared with one reduction, so every rank decides the same (a
+        mid-epoch save takes all ranks part). Saving changes no result: a run resumed from any save
+        continues exactly as the uninterrupted one.
+        """
+        cfg = self.cfg
+        due = bool(cfg.checkpoint_every_steps) and self.state.step % cfg.checkpoint_every_steps == 0
+        if cfg.checkpoint_every_minutes:
+            elapsed = self.clock() - self._last_save if self.ddp.is_main else 0.0
+            if self.ddp.active:
+                elapsed = self.ddp.sum(elapsed)[0]
+            due = due or elapsed >= 60.0 * cfg.checkpoint_every_minutes
+        return due
+
+    clock: Callable[[], float] = staticmethod(time.monotonic)
+    """Seconds for ``checkpoint_every_minutes`` (injectable: tests step it deterministically)."""
+    _last_save = 0.0
+
+    @staticmethod
+    def _windows(batches: Iterator[Any], sizes: list[int]) -> Iterator[list[Any]]:
+        """The micro-batches of ``batches`` grouped into windows of ``sizes`` micro-batches (one optimiser step each)."""
+        for size in sizes:
+            window = [next(batches) for _ in range(size)]
             yield window
 
     def train_step(self, window: list[Any], sums: EpochSums, epoch: int, done: int) -> bool:
@@ -356,13 +393,13 @@ class FineTuneRecipe:
                     local["distill_sum"] += float(distill.detach()) * len(batch)
                 local["clips"] += len(batch)
             elif bad_loss_at is None:
-                bad_loss_at = f"epoch {epoch}, batch {done - len(window) + i + 1} ({batch.ids[0]}, ...)"
+                bad_loss_at = f"epoch {epoch}, step {done} of the epoch, micro-batch {i + 1} ({batch.ids[0]}, ...)"
             sums.seen += len(batch)
         stepped, norm = self.optimizer_step()
         if stepped:
             self.bad_steps = 0
         else:
-            what, where = ("loss", bad_loss_at) if bad_loss_at else ("gradient", f"epoch {epoch}, batch {done}")
+            what, where = ("loss", bad_loss_at) if bad_loss_at else ("gradient", f"epoch {epoch}, step {done} of the epoch")
             self.bad_steps = count_bad_step(self.bad_steps, self.out, cfg, what, where)
         self.record_step(epoch, window, local, norm, stepped)
         return stepped
@@ -476,16 +513,19 @@ class FineTuneRecipe:
         """``best_encoder.pt`` in the official layout (the place LoRA writes the merged encoder)."""
         if not self.cfg.save_checkpoints:
             return
-        path = self.out / BEST_ENCODER
+        # With --state_dir it is written locally, then copied onto the run folder's in place (no Drive trash).
+        path = Path(self.cfg.state_dir) / BEST_ENCODER if self.cfg.state_dir else self.out / BEST_ENCODER
         refuse_broken_weights(self.encoder, path, f"epoch {epoch}")
         extra = {"epoch": epoch, "val_bleu": result.bleu, "val_loss": result.loss}
         if self.peft_model is None:
             save_encoder(self.encoder, path, extra=extra)
-            return
-        from sonar_ft.models import lora  # the merged encoder in the official layout, and the adapter alone in peft's format
+        else:
+            from sonar_ft.models import lora  # the merged encoder in the official layout, and the adapter alone in peft's format
 
-        save_encoder(self.encoder, path, extra=extra, state_dict=lora.merged_state_dict(self.encoder))
-        lora.save_adapter(self.peft_model, self.out / ADAPTER_DIR)
+            save_encoder(self.encoder, path, extra=extra, state_dict=lora.merged_state_dict(self.encoder))
+            lora.save_adapter(self.peft_model, self.out / ADAPTER_DIR)
+        if self.cfg.state_dir:
+            mirror_best(path, self.out)
 
     def encoder_state_for_last(self) -> dict[str, torch.Tensor]:
         """The encoder tensors ``last.pt`` keeps (LoRA: the trainable ones only)."""
@@ -510,8 +550,8 @@ class FineTuneRecipe:
             "encoder": self.encoder_state_for_last(), "optimizer": self.optimizer.state_dict(), "plateau": self.plateau.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None, **saved.state_dict(),
         })
-        if self.cfg.state_dir and position is None:  # epoch end: the copy in the run folder (room for one copy only)
-            mirror_state(path, self.out / LAST_STATE, replace=True)
+        if self.cfg.state_dir:  # its copy in the run folder: a slot file overwritten in place
+            mirror_state(path, self.out, slots=self.cfg.state_slots, step=st.step)
 
     def result(self) -> TrainResult:
         best = self.state.best
@@ -519,6 +559,17 @@ class FineTuneRecipe:
             best_epoch=best["epoch"], best_score=best["score"], best_val_bleu=best["bleu"], best_val_loss=best["loss"],
             history=list(self.state.history), stopped_early=self.stopped_early, output_dir=str(self.out),
         )
+
+
+def position_windows(position: dict[str, Any], cfg: TrainConfig) -> int:
+    """Windows (optimiser steps) of its epoch a mid-epoch ``last.pt`` had consumed.
+
+    Files written before positions counted windows hold ``batches`` (micro-batches, always a whole
+    number of windows there).
+    """
+    if "windows" in position:
+        return int(position["windows"])
+    return int(position["batches"]) // cfg.grad_accum
 
 
 def peak_memory_gib(device: torch.device) -> float:

@@ -18,7 +18,7 @@ from sonar_ft.config import TrainConfig
 from sonar_ft.errors import ConfigError, OutputDirError
 from sonar_ft.files import atomic
 from sonar_ft.run_files import (
-    ADAPTER_DIR, BEST_ENCODER, CONFIG_FILE, LAST_STATE, METRICS_GLOB, PREDICTIONS_GLOB, RUN_FILES, RUN_SUMMARY, STEPS_FILE,
+    ADAPTER_DIR, BEST_ENCODER, CONFIG_FILE, LAST_STATE, LAST_STATE_SLOTS, METRICS_GLOB, STATE_SLOTS_FILE, PREDICTIONS_GLOB, RUN_FILES, RUN_SUMMARY, STEPS_FILE,
     TENSORBOARD_DIR, metrics_file,
 )
 from sonar_ft.training.state import EpochMetrics, TrainResult
@@ -27,10 +27,15 @@ from sonar_ft.training.state_mirror import restore_state
 log = logging.getLogger(__name__)
 
 
-# Settings that may change between a run and its resumption without making it another run.
+# Settings that may change between a run and its resumption without making it another run: where and how
+# often it saves and reports, and the memory settings a GPU needs (re-planned for whatever GPU a resume gets).
 _RESUMABLE_CHANGES = {"output_dir", "epochs", "resume", "overwrite", "num_workers", "eval_every", "device", "early_stopping_patience",
-                      "checkpoint_every_steps", "gradient_checkpointing", "cache_features", "cache_dtype", "compile", "loss_chunk_size",
-                      "log_every_steps", "report_to", "progress", "progress_seconds", "state_dir"}
+                      "checkpoint_every_steps", "checkpoint_every_minutes", "gradient_checkpointing", "cache_features",
+                      "cache_dtype", "compile", "loss_chunk_size", "decoder_dtype", "log_every_steps", "report_to", "progress",
+                      "progress_seconds", "state_dir", "state_slots"}
+# The micro-batch / accumulation split may change too, as long as the effective batch (their product) does not:
+# every optimiser step sees the same clips (sonar_ft.data.dataset.LengthBucketSampler forms windows at the effective batch).
+_SPLIT = ("batch_size", "grad_accum")
 
 
 def check_inputs(cfg: TrainConfig) -> None:
@@ -66,7 +71,7 @@ def prepare_output_dir(cfg: TrainConfig) -> tuple[Path, bool]:
     except OSError as exc:
         raise OutputDirError(f"cannot write to --output_dir {out}: {exc.strerror or exc}. Choose a writable folder.") from None
     if cfg.state_dir and not cfg.overwrite:  # a fresh runtime after a disconnect: the local last.pt comes back from its copy
-        restore_state(out / LAST_STATE, Path(cfg.state_dir) / LAST_STATE)
+        restore_state(out, Path(cfg.state_dir) / LAST_STATE)
     stale = atomic.remove_stale_temps(out)
     if stale:
         log.info("removed %d half-written file(s) left in %s by a run that was stopped", len(stale), out)
@@ -108,8 +113,9 @@ def clear_run_files(out: Path, last: Path | None = None) -> None:
     """``--overwrite``: remove the previous run's checkpoints and records (called once the new run has started);
     ``last``: its ``last.pt`` when kept elsewhere (``--state_dir``)."""
     removed = list(out.glob(METRICS_GLOB)) + list(out.glob(PREDICTIONS_GLOB))
-    removed += [out / n for n in (LAST_STATE, BEST_ENCODER, RUN_SUMMARY, STEPS_FILE) if (out / n).exists()]
-    removed += [last] if last is not None and last != out / LAST_STATE and last.exists() else []
+    removed += [out / n for n in (*LAST_STATE_SLOTS, STATE_SLOTS_FILE, BEST_ENCODER, RUN_SUMMARY, STEPS_FILE) if (out / n).exists()]
+    if last is not None and last != out / LAST_STATE:  # --state_dir: the local last.pt and best_encoder.pt
+        removed += [p for p in (last, last.parent / BEST_ENCODER) if p.exists()]
     removed += list((out / ADAPTER_DIR).glob("adapter_*"))  # a LoRA run's adapter
     for p in removed:
         p.unlink()
@@ -156,7 +162,15 @@ def _changed_settings(previous: dict[str, Any], current: dict[str, Any]) -> list
     # Settings added after a run was written count as unchanged while they hold their default.
     defaults = asdict(TrainConfig())
     keys = set(previous) | set(current)
-    return sorted(k for k in keys if k not in _RESUMABLE_CHANGES and previous.get(k, defaults.get(k)) != current.get(k, defaults.get(k)))
+
+    def value(settings: dict[str, Any], key: str) -> Any:
+        return settings.get(key, defaults.get(key))
+
+    changed = sorted(k for k in keys - {*_SPLIT} if k not in _RESUMABLE_CHANGES and value(previous, k) != value(current, k))
+    effective = [value(s, "batch_size") * value(s, "grad_accum") for s in (previous, current)]
+    if effective[0] != effective[1]:
+        changed.append(f"effective batch (batch_size x grad_accum {effective[0]} -> {effective[1]})")
+    return changed
 
 
 def _read_json(path: Path) -> dict[str, Any]:

@@ -13,29 +13,32 @@ from typing import Any
 import numpy as np
 import torch
 
+from sonar_ft.scores import METRICS
 
-@dataclass
+
+def _with_val_scores(cls: type) -> type:
+    """``cls`` as a dataclass with one ``val_<metric>: float | None = None`` field per :data:`sonar_ft.scores.METRICS`."""
+    for name in METRICS:
+        cls.__annotations__[f"val_{name}"] = "float | None"
+        setattr(cls, f"val_{name}", None)
+    return dataclass(cls)
+
+
+@_with_val_scores
 class EpochMetrics:
-    """One line of training history (written as ``metrics_epoch{N}.json``)."""
+    """One line of training history (written as ``metrics_epoch{N}.json``).
+
+    Besides the fields below, ``val_<metric>`` for every metric of :data:`sonar_ft.scores.METRICS` (``val_loss``,
+    ``val_bleu``, ``val_chrf``, ... ``val_r5``): None for an epoch without evaluation, or a score not computed
+    (the semantic ones without a text encoder).
+    """
 
     epoch: int
     train_loss: float
-    val_loss: float | None
-    val_bleu: float | None
-    val_chrf: float | None
     lr: float
     seconds: float
     samples_per_second: float
     is_best: bool = False
-    # The other scores of the evaluation (sonar_ft.scores.METRICS; None without evaluation / text encoder).
-    val_bleu1: float | None = None
-    val_bleu2: float | None = None
-    val_bleu3: float | None = None
-    val_bleu4: float | None = None
-    val_rougeL: float | None = None
-    val_cosine: float | None = None
-    val_r1: float | None = None
-    val_r5: float | None = None
 
 
 def empty_best() -> dict[str, Any]:

@@ -12,6 +12,7 @@ import argparse
 from typing import Any
 
 from sonar_ft.config import add_arguments
+from sonar_ft.tune.settings import add_arguments as add_tune_arguments
 
 
 def _add_recipe_flags(parser: argparse.ArgumentParser, title: str) -> None:
@@ -28,27 +29,8 @@ def register(subparsers: Any) -> None:
         argument_default=argparse.SUPPRESS,
     )
     p.add_argument("--config", help="tuning YAML (e.g. configs/tuning/default.yaml); flags win over it")
-    t = p.add_argument_group("study")
-    t.add_argument("--study_name", help="name of the study in the storage (default sonar-ft)")
-    t.add_argument("--storage", help="SQLAlchemy URL (postgresql://user@host/db), SQLite file (*.db), journal file "
-                   "(journal:PATH or *.log); default: OUTPUT_DIR/study.db")
-    t.add_argument("--storage_timeout", type=float, help="seconds to wait for the database server to connect / answer (default 30)")
-    t.add_argument("--n_trials", type=int, help="trials the study should hold in total (default 20)")
-    t.add_argument("--timeout", type=float, help="stop starting trials after this many seconds")
-    t.add_argument("--n_jobs", type=int, help="parallel trials in this process (default 1)")
-    t.add_argument("--optimize", choices=["bleu", "loss"], help="maximise val BLEU or minimise val loss (default bleu)")
-    t.add_argument("--sampler", choices=["tpe", "random", "grid"], help="sampler (default tpe)")
-    t.add_argument("--sampler_seed", type=int, help="sampler seed (each trial draws from a seed mixed from it and its number)")
-    t.add_argument("--pruner", choices=["median", "hyperband", "none"], help="pruner (default median)")
-    t.add_argument("--heartbeat_interval", type=int, help="seconds between heartbeats of a running trial; 0 = off (default 60)")
-    t.add_argument("--grace_period", type=int, help="seconds without heartbeat before a trial is declared dead (default 2x interval)")
-    t.add_argument("--retry_stale_trials", type=int, help="re-queue a dead worker's trial up to N times (default 1; 0 = no)")
-    t.add_argument("--save_trial_encoders", nargs="?", const=True, type=_bool, help="keep each trial's best_encoder.pt")
-    t.add_argument("--final_epochs", type=int, help="epochs written into best_config.yaml (default: the trials' epochs)")
-    t.add_argument("--max_consecutive_failures", type=int, help="stop after N failed trials in a row; 0 = never (default 5)")
-    t.add_argument("--plots", type=_bool, help="write the HTML/PNG plots (default true)")
-    t.add_argument("--verbose", action="store_true", help="keep the training loop's per-epoch log lines")
-    t.add_argument("--no_progress", action="store_true", help="no progress bar")
+    add_tune_arguments(p)
+    p.add_argument("--no_progress", action="store_true", help="no progress bar")
     _add_recipe_flags(p, "recipe settings fixed for every trial; --output_dir is the study folder")
     p.set_defaults(func=_cmd_tune)
 
@@ -62,16 +44,10 @@ def register(subparsers: Any) -> None:
     f.set_defaults(func=_cmd_train_from_tuning)
 
 
-def _bool(text: str) -> bool:
-    if text.lower() in ("1", "true", "yes", "on"):
-        return True
-    if text.lower() in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
-
-
 def _cmd_tune(args: argparse.Namespace) -> int:
-    from sonar_ft.tune.study import BEST_CONFIG_FILE, TRIALS_CSV, load_settings, run_study
+    from sonar_ft.tune.names import BEST_CONFIG_FILE, TRIALS_CSV
+    from sonar_ft.tune.settings import load_settings
+    from sonar_ft.tune.study import run_study
 
     flags = {k: v for k, v in vars(args).items() if k not in ("func", "command", "config", "no_progress")}
     settings = load_settings(getattr(args, "config", None), flags)
@@ -88,7 +64,7 @@ def _cmd_tune(args: argparse.Namespace) -> int:
 
 
 def _cmd_train_from_tuning(args: argparse.Namespace) -> int:
-    from sonar_ft.tune.study import best_config_path, train_from_tuning
+    from sonar_ft.tune.best import best_config_path, train_from_tuning
     from sonar_ft.run_files import BEST_ENCODER
 
     flags = {k: v for k, v in vars(args).items() if k not in ("func", "command", "study_dir")}

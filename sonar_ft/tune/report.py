@@ -20,6 +20,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from sonar_ft.files import atomic
+from sonar_ft.tune.names import BEST_EPOCH, EPOCHS_RUN, FAIL_REASON, PRUNED_AT_EPOCH, RETRY_OF, TRIAL_SETTINGS, WORKER
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +35,7 @@ def _fail_reason(t: FrozenTrial) -> str:
     if t.state != TrialState.FAIL:
         return ""
     # A trial failed by the heartbeat check has no reason of ours: its worker stopped mid-trial.
-    return t.user_attrs.get("fail_reason", "worker lost mid-trial (killed, crashed or disconnected: no heartbeat)")
+    return t.user_attrs.get(FAIL_REASON, "worker lost mid-trial (killed, crashed or disconnected: no heartbeat)")
 
 
 def trial_rows(trials: list[FrozenTrial], param_names: list[str]) -> list[dict[str, Any]]:
@@ -46,15 +47,15 @@ def trial_rows(trials: list[FrozenTrial], param_names: list[str]) -> list[dict[s
             "number": t.number,
             "state": t.state.name,
             "value": t.value if t.state == TrialState.COMPLETE else "",
-            "epochs_run": t.user_attrs.get("epochs_run", ""),
-            "best_epoch": t.user_attrs.get("best_epoch", ""),
-            "pruned_at_epoch": t.user_attrs.get("pruned_at_epoch", ""),
+            "epochs_run": t.user_attrs.get(EPOCHS_RUN, ""),
+            "best_epoch": t.user_attrs.get(BEST_EPOCH, ""),
+            "pruned_at_epoch": t.user_attrs.get(PRUNED_AT_EPOCH, ""),
             "duration_s": round(t.duration.total_seconds(), 2) if t.duration else "",
             "datetime_start": t.datetime_start.isoformat(timespec="seconds") if t.datetime_start else "",
             "datetime_complete": t.datetime_complete.isoformat(timespec="seconds") if t.datetime_complete else "",
-            "worker": t.user_attrs.get("worker", ""),
+            "worker": t.user_attrs.get(WORKER, ""),
             "fail_reason": _fail_reason(t),
-            "retry_of": t.system_attrs.get("failed_trial", ""),
+            "retry_of": t.system_attrs.get(RETRY_OF, ""),
             "epochs": _ran_with(t).get("epochs", ""),  # the trial's own budget (it may differ between commands)
         }
         for name in param_names + extra:
@@ -83,8 +84,8 @@ def _order(column: str, param_names: list[str]) -> tuple[int, str]:
 
 
 def _ran_with(t: FrozenTrial) -> Mapping[str, Any]:
-    """The recipe settings a trial recorded (``sonar_ft.tune.study.TRIAL_SETTINGS``); empty for older trials."""
-    recorded = t.user_attrs.get("settings")
+    """The recipe settings a trial recorded (:data:`~sonar_ft.tune.names.TRIAL_SETTINGS`); empty for older trials."""
+    recorded = t.user_attrs.get(TRIAL_SETTINGS)
     return recorded if isinstance(recorded, Mapping) else {}
 
 
@@ -92,7 +93,7 @@ def trial_epochs(trials: list[FrozenTrial], epochs: int) -> dict[str, Any]:
     """Epochs the finished trials trained vs. what they would have without pruning (each its own ``epochs``;
     ``epochs`` for trials that did not record theirs)."""
     finished = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
-    run = sum(int(t.user_attrs.get("epochs_run") or max(t.intermediate_values, default=0)) for t in finished)
+    run = sum(int(t.user_attrs.get(EPOCHS_RUN) or max(t.intermediate_values, default=0)) for t in finished)
     budget = sum(int(_ran_with(t).get("epochs") or epochs) for t in finished)
     return {"run": run, "without_pruning": budget, "saved_fraction": (1 - run / budget) if budget else 0.0}
 
@@ -138,12 +139,12 @@ def study_summary(
         "trials": {"total": len(trials), **counts},
         "best": None if best is None else {
             "trial": best.number, "value": best.value, "params": best.params,
-            "best_epoch": best.user_attrs.get("best_epoch"),
+            "best_epoch": best.user_attrs.get(BEST_EPOCH),
             "settings": {k: _ran_with(best).get(k) for k in compared} if _ran_with(best) else None,
         },
         "trial_settings": _settings_by_value(trials, compared),
         "trial_epochs": trial_epochs(trials, epochs),
-        "workers": sorted({t.user_attrs["worker"] for t in trials if "worker" in t.user_attrs}),
+        "workers": sorted({t.user_attrs[WORKER] for t in trials if WORKER in t.user_attrs}),
         "first_trial_started": min(starts).isoformat(timespec="seconds") if starts else None,
         "last_trial_finished": max(ends).isoformat(timespec="seconds") if ends else None,
         "search_space": dict(space),

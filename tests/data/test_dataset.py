@@ -305,3 +305,40 @@ def test_pinned_batches_move_to_gpu(store):
     batch = next(iter(make_loader(ds, 2, shuffle=False, pin_memory=True)))
     assert batch.features.is_pinned()
     assert batch.to("cuda").features.is_cuda
+
+
+# --- windows at the effective batch (a split of micro-batch x accumulation may change on resume) ---------------
+def _window_clips(sampler: LengthBucketSampler) -> list[list[int]]:
+    return [sorted(i for batch in window for i in batch) for window in sampler.windows()]
+
+
+@pytest.mark.parametrize("n_items", [40, 37, 3])
+def test_micro_batch_split_does_not_change_the_clips_of_a_step(n_items):
+    lengths = np.random.default_rng(1).integers(20, 600, size=n_items)
+    whole = LengthBucketSampler(lengths, 8, seed=5, pool_factor=2)
+    split = LengthBucketSampler(lengths, 4, seed=5, pool_factor=2, grad_accum=2)
+    fine = LengthBucketSampler(lengths, 1, seed=5, pool_factor=2, grad_accum=8)
+    for s in (whole, split, fine):
+        s.set_epoch(3)
+    assert _window_clips(whole) == _window_clips(split) == _window_clips(fine)
+    assert all(len(b) <= 4 for b in split) and sum(split.window_sizes()) == len(split) == len(list(split))
+    assert sorted(i for b in split for i in b) == list(range(n_items))
+
+
+def test_ranks_with_accumulation_split_the_windows_of_one_process():
+    lengths = np.random.default_rng(4).integers(20, 600, size=45)
+    single = LengthBucketSampler(lengths, 8, seed=2, pool_factor=2)
+    ranks = [LengthBucketSampler(lengths, 2, seed=2, pool_factor=2, grad_accum=2, num_replicas=2, rank=r) for r in range(2)]
+    together = [sorted(a + b) for a, b in zip(*(_window_clips(r) for r in ranks))]
+    assert together == _window_clips(single)
+
+
+def test_resume_skips_whole_windows_whatever_the_new_split():
+    lengths = np.random.default_rng(3).integers(20, 600, size=50)
+    before = LengthBucketSampler(lengths, 8, seed=1, pool_factor=2)
+    after = LengthBucketSampler(lengths, 2, seed=1, pool_factor=2, grad_accum=4)
+    before.set_epoch(2)
+    after.set_epoch(2, skip=3)  # three optimiser steps were taken before the stop
+    seen = [i for window in before.windows()[:3] for batch in window for i in batch]
+    rest = [i for batch in after for i in batch]
+    assert sorted(seen + rest) == list(range(50)) and _window_clips(after)[3:] == _window_clips(before)[3:]

@@ -336,7 +336,7 @@ def test_full_disk_in_torch_save_names_the_folder_and_free_space_and_keeps_the_o
     atomic.save_torch(path, {"step": 1})
 
     def full(obj, f):
-        Path(f).write_bytes(b"partial")
+        f.write(b"partial")
         raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 64 vs 0\n"
                            "PytorchStreamWriter failed writing file data/0: file write failed")
 
@@ -366,7 +366,8 @@ def test_other_write_errors_are_not_called_a_full_disk(tmp_path):
 # ------------------------------------------------------------------------------------------------
 # Manifest text byte for byte
 # ------------------------------------------------------------------------------------------------
-QUOTED = ['"Hello," she said.', 'He said "no"', '"All quoted"', 'one " lone', '""', "it's 'single'", '  spaced  ']
+# Texts whose quotes are not CSV quoting (tests/data/test_manifest_quoting.py has the ones that are).
+QUOTED = ['"Hello," she said.', 'He said "no"', 'one " lone', '"open only', 'closed only"', "it's 'single'", '  spaced  ']
 
 
 def test_quotes_in_our_tsv_are_read_exactly_as_written(tmp_path):
@@ -375,22 +376,25 @@ def test_quotes_in_our_tsv_are_read_exactly_as_written(tmp_path):
     assert [r.text for r in read_manifest(path)] == QUOTED
 
 
-def test_quoted_texts_round_trip_and_are_written_unquoted(tmp_path):
+def test_quoted_texts_round_trip_and_are_written_as_csv_writes_them(tmp_path):
+    import csv
+
     rows = [ManifestRow(f"c{i}", t, 3, line=i + 2) for i, t in enumerate(QUOTED)]
     path = tmp_path / "m.tsv"
     write_manifest(path, rows)
-    assert path.read_text(encoding="utf-8").splitlines()[1:] == [f"c{i}\t3\t{t}" for i, t in enumerate(QUOTED)]
+    assert path.read_text(encoding="utf-8").splitlines()[1] == 'c0\t3\t"""Hello,"" she said."'
     assert read_manifest(path) == rows
+    with open(path, encoding="utf-8", newline="") as f:
+        assert [r["text"] for r in csv.DictReader(f, delimiter="\t")] == QUOTED
 
 
-def test_a_tab_inside_a_text_is_refused_clearly(tmp_path):
+def test_a_tab_inside_a_text_is_refused_clearly_unless_quoted(tmp_path):
     path = tmp_path / "m.tsv"
     path.write_text("id\tlength\ttext\na\t3\tfine\nb\t3\tone\ttwo\n", encoding="utf-8")
-    with pytest.raises(DataError, match=r"line 3: expected 3 fields, found 4 \(a tab inside the text\?"):
+    with pytest.raises(DataError, match=r"line 3: expected 3 fields, found 4 \(a tab inside the text\? write that text CSV-quoted"):
         read_manifest(path)
-    with pytest.raises(DataError, match=r"cannot write manifest .*tab or line break.*id 'b'"):
-        write_manifest(tmp_path / "out.tsv", [ManifestRow("b", "one\ttwo", 3)])
-    assert not (tmp_path / "out.tsv").exists()
+    write_manifest(tmp_path / "out.tsv", [ManifestRow("b", "one\ttwo", 3)])
+    assert read_manifest(tmp_path / "out.tsv")[0].text == "one\ttwo"
 
 
 def test_how2sign_csv_keeps_its_csv_quoting(tmp_path):
@@ -406,7 +410,8 @@ def test_how2sign_text_with_quotes_converts_to_a_tsv_that_reads_back_the_same(tm
     csv = tmp_path / "h2s.csv"
     csv.write_text('VIDEO_ID\tSENTENCE_NAME\tSENTENCE\nv\tv1\t"""Hello,"" she said."\n', encoding="utf-8")
     assert cli.main(["manifest", "how2sign", str(csv), "--features", str(feats), "--out", str(tmp_path / "m.tsv")]) == 0
-    assert (tmp_path / "m.tsv").read_text(encoding="utf-8") == 'id\tlength\ttext\nv1\t5\t"Hello," she said.\n'
+    assert (tmp_path / "m.tsv").read_text(encoding="utf-8") == 'id\tlength\ttext\nv1\t5\t"""Hello,"" she said."\n'
+    assert read_manifest(tmp_path / "m.tsv")[0].text == '"Hello," she said.'
 
 
 # ------------------------------------------------------------------------------------------------
@@ -439,22 +444,13 @@ def silent_server():
     server.close()
 
 
-def _tune_settings(tmp_path: Path, storage: str, timeout: float):
-    from sonar_ft.config import TrainConfig
-    from sonar_ft.tune.study import TuneSettings
-
-    return TuneSettings(train=TrainConfig(output_dir=str(tmp_path / "study")), space=[], storage=storage,
-                        storage_timeout=timeout, heartbeat_interval=0)
-
-
 def test_postgresql_server_that_never_answers_is_an_error_not_a_hang(tmp_path, silent_server):
     pytest.importorskip("psycopg2")
-    from sonar_ft.tune.study import make_storage
+    from sonar_ft.tune.storage import make_storage
 
-    settings = _tune_settings(tmp_path, f"postgresql://user:secret@127.0.0.1:{silent_server}/db", 2)
     start = time.perf_counter()
     with pytest.raises(ConfigError) as err:
-        make_storage(settings)
+        make_storage(f"postgresql://user:secret@127.0.0.1:{silent_server}/db", tmp_path / "study", timeout=2)
     assert time.perf_counter() - start < 20
     assert "did not answer within storage_timeout (2s)" in str(err.value) and "secret" not in str(err.value)
 
@@ -462,7 +458,7 @@ def test_postgresql_server_that_never_answers_is_an_error_not_a_hang(tmp_path, s
 def test_postgresql_url_uses_the_installed_driver(monkeypatch):
     import importlib.util
 
-    from sonar_ft.tune.study import with_installed_driver
+    from sonar_ft.tune.storage import with_installed_driver
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "psycopg" else real(name, *a))
@@ -473,7 +469,7 @@ def test_postgresql_url_uses_the_installed_driver(monkeypatch):
 
 
 def test_engine_options_bound_every_wait():
-    from sonar_ft.tune.study import engine_options
+    from sonar_ft.tune.storage import engine_options
 
     pg = engine_options("postgresql+psycopg2://u@h/db", 5)
     assert pg["connect_args"] == {"connect_timeout": 5, "options": "-c statement_timeout=5000"}
@@ -483,7 +479,7 @@ def test_engine_options_bound_every_wait():
 def test_tuning_bounds_written_the_yaml_1_1_way_are_numbers():
     import yaml
 
-    from sonar_ft.tune.study import parse_search_space
+    from sonar_ft.tune.space import parse_search_space
 
     raw = yaml.safe_load("learning_rate: {type: float, low: 1e-5, high: 1e-3, log: true}")
     assert raw["learning_rate"]["low"] == "1e-5"  # what PyYAML gives
@@ -538,7 +534,7 @@ def test_translate_names_each_clip_it_cannot_embed(tmp_path):
     nan[1, 1] = float("nan")
     clips = [torch.ones(3, 6), torch.ones(0, 6), torch.ones(3, 5), nan]
     with pytest.raises(DataError) as err:
-        translate_mod._check_clips(["ok", "empty", "narrow", "nan"], clips, 6, tmp_path)
+        translate_mod._check_clips(["ok", "empty", "narrow", "nan"], clips, 6, tmp_path, "enc.pt")
     msg = str(err.value)
     assert "3 clip(s)" in msg and "empty: has zero frames" in msg and "narrow: has 5 features" in msg
     assert "nan: contains NaN" in msg and "ok" not in msg.split("(")[1].split(":")[0]
@@ -583,8 +579,7 @@ def test_a_reference_longer_than_the_decoder_reads_is_named_with_its_row(tmp_pat
 
     decoder = FrozenTextDecoder(_FakeDecoderModel(), _FakeTokenizer(), langs=["eng_Latn"], source="dec")
     long_text = "one two three four five six"  # 9 tokens > 8
-    assert decoder.text_problem("short one", "eng_Latn") is None
-    assert "reference has 9 tokens, more than the 8" in decoder.text_problem(long_text, "eng_Latn")
+    assert decoder.count_tokens(["short one", long_text], "eng_Latn") == [5, 9] and decoder.max_target_len == 8
     with pytest.raises(DataError, match=r"the reference 'one two three four five six' has 9 tokens, more than the 8"):
         decoder.tokenize(["ok", long_text], "eng_Latn")
     assert decoder.tokenize([long_text], "eng_Latn", max_len=8)[0].shape == (1, 8)  # truncation asked for: no error
@@ -595,7 +590,7 @@ def test_a_reference_longer_than_the_decoder_reads_is_named_with_its_row(tmp_pat
         np.save(feats / f"{name}.npy", np.ones((3, 4), np.float32))
     rows = [ManifestRow("a", "fine", None, line=2), ManifestRow("b", long_text, None, line=3)]
     bad = find_bad_samples(FeatureStore.open(feats), rows, progress=False,
-                           text_check=lambda t: decoder.text_problem(t, "eng_Latn"))
+                           count_tokens=lambda texts: decoder.count_tokens(texts, "eng_Latn"), max_tokens=decoder.max_target_len)
     assert [(b.id, "manifest line 3" in b.reason, "9 tokens" in b.reason) for b in bad] == [("b", True, True)]
 
 
@@ -621,10 +616,7 @@ def test_run_folder_checks_for_the_recipe(tmp_path):
     check_output_dir(tmp_path, {"--train_features": str(feats)})  # inputs in a subfolder of the run folder are fine
 
 
-def test_texts_quoted_by_the_old_writer_are_kept_but_pointed_out(tmp_path, caplog):
+def test_texts_quoted_by_the_old_csv_writer_read_back_as_written(tmp_path):
     path = tmp_path / "m.tsv"
     path.write_text('id\ttext\na\t"""Hello,"" she said."\nb\t"Hello," she said.\n', encoding="utf-8")
-    with caplog.at_level("WARNING", logger="sonar_ft.data.manifest"):
-        rows = read_manifest(path)
-    assert [r.text for r in rows] == ['"""Hello,"" she said."', '"Hello," she said.']
-    assert "1 text(s) look CSV-quoted (e.g. line 2)" in caplog.text
+    assert [r.text for r in read_manifest(path)] == ['"Hello," she said.', '"Hello," she said.']

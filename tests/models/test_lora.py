@@ -227,15 +227,15 @@ def test_planner_has_a_lora_estimate_for_each_gpu(gpu):
     assert disk_lora["last_pt"] < 0.05 * disk_full["last_pt"] and disk_lora["adapter"] > 0
 
 
-def test_planner_on_a_t4_picks_plain_adamw_and_a_larger_micro_batch_with_lora():
+def test_planner_on_a_t4_picks_plain_adamw_and_less_memory_with_lora():
     from sonar_ft.plan.recommend import recommend, recommend_lora
 
     full, lora_plan = recommend("t4", 32), recommend_lora("t4", 32, rank=16)
     assert full.settings["optimizer"] == "adamw8bit"  # full fine-tuning needs 8-bit AdamW on a T4
     assert lora_plan.settings["optimizer"] == "adamw"
-    assert lora_plan.settings["batch_size"] > full.settings["batch_size"] or (
-        lora_plan.settings["batch_size"] == full.settings["batch_size"] and not lora_plan.settings["gradient_checkpointing"]
-    )
+    # Both reach micro-batch 32 with checkpointing (measured: benchmarks/plan_check.py); LoRA's peak is lower.
+    assert lora_plan.settings["batch_size"] >= full.settings["batch_size"]
+    assert lora_plan.estimate["total"] < 0.8 * full.estimate["total"]
 
 
 def test_plan_command_prints_the_lora_plan_and_file_sizes(capsys):
@@ -267,7 +267,8 @@ def test_lora_counts_match_peft():
 @pytest.mark.slow
 def test_tuning_study_searches_lora_rank(pretrained_demo, tmp_path):
     from sonar_ft.cli import main as cli
-    from sonar_ft.tune.study import load_settings, open_study
+    from sonar_ft.tune.settings import load_settings
+    from sonar_ft.tune.study import open_study
     from tests.tune.test_study import write_tuning_yaml
 
     space = {

@@ -61,8 +61,12 @@ def test_freezing_and_8bit_adam_shrink_the_optimizer_states():
     full = estimate_memory(batch_size=4)
     frozen = estimate_memory(batch_size=4, freeze_encoder_layers=12)
     eight = estimate_memory(batch_size=4, optimizer="adamw8bit")
-    assert frozen["optimizer_states"] < full["optimizer_states"] and frozen["gradients"] < full["gradients"]
-    assert eight["optimizer_states"] == full["optimizer_states"] // 4
+    frozen_late = estimate_memory(batch_size=4, grad_accum=2, freeze_encoder_layers=12)
+    full_late = estimate_memory(batch_size=4, grad_accum=2)
+    assert frozen["optimizer_states"] < full["optimizer_states"] and frozen_late["gradients"] < full_late["gradients"]
+    # bitsandbytes' layout: a byte per moment and element, an fp32 absmax per 256, fp32 for small tensors
+    assert eight["optimizer_states"] == pytest.approx(full["optimizer_states"] / 4, rel=0.03)
+    assert eight["optimizer_states"] > full["optimizer_states"] // 4
 
 
 def test_t4_plan_fits_full_finetuning_of_the_official_size_at_batch_32():
@@ -87,7 +91,7 @@ def test_unknown_gpu_is_a_clear_error():
 
 
 def test_plan_command_prints_the_breakdown_and_flags(capsys):
-    assert cli.main(["plan", "--gpu", "t4", "--batch_size", "32"]) == 0
+    assert cli.main(["plan", "--gpu", "t4", "--effective_batch", "32"]) == 0
     out = capsys.readouterr().out
     for word in ("weights", "gradients", "optimizer states", "activations", "frozen decoder", "loss", "total", "fits"):
         assert word in out
@@ -110,7 +114,7 @@ def test_a_plan_that_cannot_fit_says_so():
 # ------------------------------------------------------------------------------------------------
 # --gpu auto, the Colab GPUs, the disk plan
 # ------------------------------------------------------------------------------------------------
-from sonar_ft.plan.disk import GB, DRIVE_FREE_BYTES, checkpoint_sizes, disk_plan
+from sonar_ft.plan.disk import GB, checkpoint_sizes
 from sonar_ft.plan.recommend import detect_gpu  # noqa: E402
 
 ROOT_DIR = __import__("pathlib").Path(__file__).resolve().parents[2]
@@ -158,24 +162,17 @@ def test_official_checkpoint_sizes_from_the_parameter_counts():
     assert round(checkpoint_sizes(optimizer="adamw8bit")[1] / GB, 1) == 4.5
 
 
-def test_a_full_size_run_fits_a_free_drive_at_its_peak():
-    adamw = disk_plan(optimizer="adamw")
-    assert adamw.strategy == "mirror-replace" and adamw.fits and adamw.drive_peak <= DRIVE_FREE_BYTES
-    assert disk_plan(optimizer="adamw", drive_budget=40 * GIB).strategy == "drive"  # two copies fit: keep it simple
-    eight = disk_plan(optimizer="adamw8bit")
-    assert eight.strategy == "drive" and eight.fits  # 3 + 2 x 4.5 GB
-    assert not disk_plan(drive_budget=10 * GIB).fits
-    assert "does NOT fit" in disk_plan(drive_budget=10 * GIB).format_table()
-
-
 def test_plan_command_prints_the_disk_plan_and_writes_json(tmp_path, capsys):
     import json
 
     assert cli.main(["plan", "--gpu", "h100", "--json", str(tmp_path / "plan.json")]) == 0
     out = capsys.readouterr().out
-    assert "disk plan (mirror-replace)" in out and "Drive peak 15.0 GB" in out and "--state_dir" in out
+    assert "disk plan (local-only)" in out and "Drive peak over 30 epochs" in out and "--state_dir" in out
+    assert "fits (slots-1, Drive peak 15.0 GB) with: keep the encoder download and the decoder cache on local disk" in out
     record = json.loads((tmp_path / "plan.json").read_text())
     assert record["flags"][:2] == ["--batch_size", "32"] and round(record["disk"]["last_gb"], 1) == 9.0 and record["fits"]
+    assert record["disk"]["needs_state_dir"] and record["disk"]["flags"] == ["--state_slots", "0"]
+    assert [a["strategy"] for a in record["disk"]["alternatives"]] == ["slots-1", "slots-2"]
 
 
 def test_plan_command_gpu_auto_on_cpu_is_one_line(monkeypatch, capsys):

@@ -133,7 +133,7 @@ def test_run_killed_mid_epoch_resumes_under_torchrun_to_the_same_metrics(tiny_de
     killed = _run_two_processes(tiny_demo, resumed, DDP_FLAGS, tmp_path, killer_site)
     assert killed.returncode != 0 and "exitcode: -9" in killed.stderr, killed.stdout[-3000:] + killed.stderr[-3000:]
     position = load_torch(resumed / "last.pt", what="training state")["position"]
-    assert position and position["epoch"] == 1 and 0 < position["batches"] < 4  # stopped inside epoch 1
+    assert position and position["epoch"] == 1 and 0 < position["windows"] < 4  # stopped inside epoch 1
     assert not (resumed / "metrics_epoch1.json").exists()
 
     again = _run_two_processes(tiny_demo, resumed, DDP_FLAGS, tmp_path, plain_site)  # the same command

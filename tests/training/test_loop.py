@@ -169,7 +169,8 @@ def recipe_step_gradients(encoder, decoder, batches, grad_accum, ddp=None) -> li
 
     r.optimizer_step = capture
     encoder.zero_grad(set_to_none=True)
-    for window in r._windows(iter(batches)):
+    sizes = [grad_accum] * (len(batches) // grad_accum) + ([len(batches) % grad_accum] if len(batches) % grad_accum else [])
+    for window in r._windows(iter(batches), sizes):
         r.train_step(window, EpochSums(), 1, 0)
     return seen
 
@@ -408,7 +409,7 @@ def test_resumed_run_keeps_nothing_of_the_loaded_state(logged_run, data, monkeyp
 
 
 def test_state_dir_keeps_last_pt_local_mirrors_it_and_brings_it_back_after_a_disconnect(data, tmp_path):
-    """--state_dir (the disk plan's mirror-replace): last.pt on local disk, one copy in the run folder."""
+    """--state_dir (the disk plan's slots-1): last.pt on local disk, one copy in the run folder."""
     out, local = tmp_path / "drive" / "run", tmp_path / "local"
     first = train(data.config(out, batch_size=4, epochs=1, state_dir=str(local)))
     assert (local / LAST_STATE).is_file() and (out / LAST_STATE).read_bytes() == (local / LAST_STATE).read_bytes()

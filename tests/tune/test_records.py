@@ -10,8 +10,10 @@ import optuna
 import pytest
 import yaml
 
-from sonar_ft.tune import study as tune
-from sonar_ft.tune.study import BEST_CONFIG_FILE, BEST_PARAMS_FILE, FAIL_KIND, TRIALS_CSV, load_settings, open_study, run_study
+from sonar_ft.tune import objective
+from sonar_ft.tune.names import BEST_CONFIG_FILE, BEST_PARAMS_FILE, FAIL_KIND, TRIALS_CSV
+from sonar_ft.tune.settings import load_settings
+from sonar_ft.tune.study import open_study, run_study
 from tests.tune.test_study import write_tuning_yaml
 
 TrialState = optuna.trial.TrialState
@@ -33,17 +35,17 @@ def interrupted_then_resumed(tiny_demo, tmp_path_factory):
     study_dir = tmp_path_factory.mktemp("records") / "study"
     path = write_tuning_yaml(tiny_demo, study_dir, n_trials=1, max_samples=16)
     settings = load_settings(path)
-    real_train = tune.train
+    real_train = objective.fine_tune
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    tune.train = interrupted
+    objective.fine_tune = interrupted
     try:
         with pytest.raises(KeyboardInterrupt):
             run_study(settings, progress=False)
     finally:
-        tune.train = real_train
+        objective.fine_tune = real_train
     study = open_study(settings)
     first = study.get_trials()
     assert [t.state for t in first] == [TrialState.FAIL, TrialState.WAITING]

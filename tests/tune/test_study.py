@@ -28,22 +28,11 @@ from sonar_ft.cli import main as cli
 from sonar_ft.config import config_from_sources
 from sonar_ft.demo.paths import DemoPaths
 from sonar_ft.errors import ConfigError
-from sonar_ft.tune.study import (
-    BEST_CONFIG_FILE,
-    BEST_PARAMS_FILE,
-    FAIL_KIND,
-    FAIL_REASON,
-    SUMMARY_FILE,
-    TRIALS_CSV,
-    counts_towards_budget,
-    is_finished,
-    load_settings,
-    open_study,
-    parse_search_space,
-    run_study,
-    suggest,
-    trial_dir,
-)
+from sonar_ft.tune.names import BEST_CONFIG_FILE, BEST_PARAMS_FILE, FAIL_KIND, FAIL_REASON, SUMMARY_FILE, TRIALS_CSV
+from sonar_ft.tune.objective import counts_towards_budget, is_finished, trial_dir
+from sonar_ft.tune.settings import load_settings
+from sonar_ft.tune.space import parse_search_space, suggest
+from sonar_ft.tune.study import open_study, run_study
 from sonar_ft.tune.report import PLOT_NAMES
 
 REPO = Path(__file__).resolve().parents[2]
@@ -127,7 +116,7 @@ def test_condition_operators_on_numeric_parents():
 
 
 def test_trials_are_seeded_by_study_seed_and_number():
-    from sonar_ft.tune.study import TrialSeededSampler
+    from sonar_ft.tune.sampling import TrialSeededSampler
 
     def first_draws(seed: int) -> list[float]:
         study = optuna.create_study(sampler=TrialSeededSampler(lambda s: optuna.samplers.RandomSampler(seed=s), seed))
@@ -326,16 +315,16 @@ def test_diverging_trial_is_recorded_failed_and_the_study_goes_on(tiny_demo, tmp
 
 @pytest.mark.slow
 def test_unexpected_error_in_a_trial_is_recorded_with_its_traceback(tiny_demo, tmp_path, monkeypatch):
-    from sonar_ft.tune import study as tune
+    from sonar_ft.tune import objective
 
-    real_train = tune.train
+    real_train = objective.fine_tune
 
     def train_failing_at_high_lr(cfg, **kwargs):
         if cfg.learning_rate > 5e-3:
             raise RuntimeError("injected failure")
         return real_train(cfg, **kwargs)
 
-    monkeypatch.setattr(tune, "fine_tune", train_failing_at_high_lr)
+    monkeypatch.setattr(objective, "fine_tune", train_failing_at_high_lr)
     path = write_tuning_yaml(tiny_demo, tmp_path / "study", sampler="grid",
                              search_space={"learning_rate": {"type": "categorical", "choices": [1.0e-3, 1.0e-2]}})
     settings = load_settings(path)
@@ -382,7 +371,7 @@ def test_trial_that_runs_out_of_gpu_memory_is_recorded_failed_and_the_study_goes
 # Storage
 # ------------------------------------------------------------------------------------------------
 def test_storage_settings_resolve_to_sqlite_url_or_journal_file(tmp_path):
-    from sonar_ft.tune.study import describe_storage, resolve_storage
+    from sonar_ft.tune.storage import describe_storage, resolve_storage
 
     assert resolve_storage(None, tmp_path) == ("rdb", f"sqlite:///{tmp_path.resolve() / 'study.db'}")
     assert resolve_storage(str(tmp_path / "s.db"), tmp_path) == ("rdb", f"sqlite:///{tmp_path.resolve() / 's.db'}")
