@@ -24,10 +24,10 @@ system-deps:
 	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
 	fi
 
-$(STAMP): requirements.txt pyproject.toml
+$(STAMP): requirements.txt requirements-tune.txt requirements-dev.txt pyproject.toml
 	@[ -x $(PY) ] || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q -r requirements-dev.txt
 	$(PY) -m pip install -q --no-deps -e .
 	@touch $(STAMP)
 
@@ -44,8 +44,10 @@ kernel-venv: $(KERNEL_STAMP)
 demo: setup
 	$(PY) -m sonar_ft.demo --demo-dir $(DEMO_DIR)
 
+# OMP_WAIT_POLICY=PASSIVE: the suite runs the recipe in subprocesses next to pytest; OpenMP threads that spin
+# while waiting starve them on a 2-core machine (a tiny demo build went from seconds to tens of minutes).
 test: setup kernel-venv
-	SONAR_FT_KERNEL_VENV=$(abspath $(KERNEL_VENV)) $(PY) -m pytest -q tests
+	OMP_WAIT_POLICY=PASSIVE SONAR_FT_KERNEL_VENV=$(abspath $(KERNEL_VENV)) $(PY) -m pytest -q --durations=25 tests
 
 # Benchmarks (not tests): each ratio printed next to its goal; figures in benchmarks/out/*.json, docs/benchmarks.md.
 bench: setup

@@ -1,12 +1,17 @@
 # ---
 # jupyter:
+#   accelerator: GPU
+#   colab:
+#     gpuType: T4
+#     provenance: []
 #   jupytext:
 #     formats: ipynb,py:percent
+#     notebook_metadata_filter: accelerator,colab,kernelspec,jupytext
 #     text_representation:
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -16,7 +21,7 @@
 # %% [markdown]
 # # 0 · All in one: from a fresh runtime to an exported encoder
 #
-# [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/sonar-ft/sonar-ft/blob/main/notebooks/00_all_in_one.ipynb)
+# *(upload to Colab: File → Upload notebook)*
 #
 # The whole workflow in one runtime: setup → verify the features → download the encoder →
 # 50-clip quick test → full fine-tuning → curves → predictions → test-set `--eval_only` →
@@ -30,15 +35,16 @@
 # %% tags=["parameters"]
 # Parameters: edit them here (papermill overrides them, e.g. -p DEMO True).
 DEMO = False                       # True: the offline demo (no Drive, no GPU, no downloads but the stack), minutes
-REPO_URL = "https://github.com/sonar-ft/sonar-ft"  # cloned when no project folder is found (Colab DEMO: /content/sonar-ft)
+REPO_URL = ""                      # the project's git URL: cloned into /content/sonar-ft when no project folder is found
 DRIVE_FOLDER = "MyDrive/sonar_ft"  # Colab: your project folder on Google Drive (repository + data)
 PROJECT_DIR = ""                   # empty: the Drive folder in Colab, else the repository holding this notebook
 ENV_DIR = ""                       # the SONAR stack's environment; empty: /content/sonar_env in Colab, else <project>/.venv
 DEMO_DIR = ""                      # DEMO mode only; empty: $DEMO_DIR, else demo_runs/ in the project folder
-FEATURES = "features/{split}"      # feature folder of each split, relative to the project folder
+FEATURES = "features/{split}"      # features of each split: a folder, or a `sonar-ft pack` archive (.tar, faster on Drive)
 MANIFESTS = "manifests/{split}.tsv"  # manifest of each split (.tsv, or How2Sign's re-aligned .csv)
 ENCODER_CHECKPOINT = "sonar_checkpoints/dm_70h_ub_sonar_encoder.pth"  # the pretrained encoder (notebook 02)
 RUNS_DIR = "runs"                  # where run folders go (DEMO mode: DEMO_DIR/notebook_runs)
+LOCAL_DATA = "auto"                # features copied here once per runtime and read from here; auto: /content/sonar_data in Colab, "" read in place
 
 CHECKPOINT_URL = "https://dl.fbaipublicfiles.com/SONAR/asl/dm_70h_ub_sonar_encoder.pth"
 QUICK_BATCH_SIZE = 8               # quick test: effective batch, 50 clips, 5 epochs
@@ -54,13 +60,13 @@ DEMO_FLAGS = ["--batch_size", "16", "--learning_rate", "1e-3", "--beam_size", "2
 # %% [markdown]
 # ## Setup (the same cell in every notebook)
 #
-# Brings the project onto the runtime (the Drive folder in Colab; else a clone of `REPO_URL`),
-# mounts Google Drive (Colab, not in DEMO mode), then creates — once per runtime, about
-# 5 minutes — or reuses the **SONAR stack's own environment** (`ENV_DIR`): Python 3.12 with
-# torch 2.9.1, fairseq2 0.8.1 and sonar-space, made with `uv`. Colab's Python (3.13) cannot run
-# fairseq2, so the stack never enters this notebook's kernel: every heavy step below runs as a
-# command of that environment's Python, and the notebook only reads and draws what it writes.
-# No runtime restart. It prints the versions and the GPU.
+# Brings the project onto the runtime (the Drive folder in Colab; else a clone of `REPO_URL` into
+# `/content/sonar-ft`), mounts Google Drive (Colab, not in DEMO mode). The **SONAR stack's own
+# environment** (`ENV_DIR`: Python 3.12 with torch 2.9.1, fairseq2 0.8.1 and sonar-space, made with
+# `uv`, about 5 minutes once per runtime) is created or reused the first time a step needs it —
+# notebooks that only read results never build it. Colab's Python (3.13) cannot run fairseq2, so
+# the stack never enters this notebook's kernel: every heavy step runs as a command of that
+# environment's Python, and the notebook only reads and draws what it writes. No runtime restart.
 #
 # *If it fails:* **"No sonar-ft project"** — fix `DRIVE_FOLDER` / `PROJECT_DIR`, or set `REPO_URL`.
 # **Mount errors** — *Runtime > Disconnect and delete runtime*, then run again. **uv / install
@@ -82,21 +88,31 @@ if IN_COLAB and not DEMO:
 start = Path(PROJECT_DIR or os.getcwd()).resolve()
 ROOT = next((p for p in (start, *start.parents) if (p / "train_sonar_finetuning.py").is_file()), None)
 if ROOT is None and REPO_URL:
-    ROOT = start if PROJECT_DIR else start / "sonar-ft"
+    ROOT = Path.cwd().resolve() / "sonar-ft"  # the runtime's own disk (/content), never a folder holding data
     if not (ROOT / "train_sonar_finetuning.py").is_file():
+        if ROOT.exists() and any(ROOT.iterdir()):
+            raise SystemExit(f"{ROOT} exists but is not a sonar-ft project: move it away or set PROJECT_DIR")
         print(f"no project at {start}: cloning {REPO_URL} into {ROOT}", flush=True)
-        subprocess.run(["git", "clone", "--quiet", "--depth", "1", REPO_URL, str(ROOT)], check=True)
+        clone = subprocess.run(["git", "clone", "--quiet", "--depth", "1", REPO_URL, str(ROOT)], capture_output=True, text=True)
+        if clone.returncode != 0:
+            raise SystemExit(f"git clone {REPO_URL} failed:\n{clone.stderr.strip()}\nCheck REPO_URL (or bring the project as said below).")
 if ROOT is None:
-    raise SystemExit(f"No sonar-ft project at {start}: set PROJECT_DIR to your copy of the repository, or REPO_URL.")
+    raise SystemExit(f"No sonar-ft project at {start}. Bring it onto this runtime one way: copy the repository folder to "
+                     f"Google Drive as {DRIVE_FOLDER} (it then also holds your data and runs); or set REPO_URL to its git "
+                     "URL (cloned into /content/sonar-ft); or upload it and set PROJECT_DIR to where it is.")
 sys.path.insert(0, str(ROOT))
 
 from sonar_ft import colab
 
 P = colab.setup(ROOT, demo=DEMO, demo_dir=DEMO_DIR, env_dir=ENV_DIR, features=FEATURES, manifests=MANIFESTS,
-                encoder_checkpoint=ENCODER_CHECKPOINT, runs=RUNS_DIR)
+                encoder_checkpoint=ENCODER_CHECKPOINT, runs=RUNS_DIR, local_data=LOCAL_DATA)
 
 # %% [markdown]
-# ## 1 · Verify the features (`sonar-ft verify`)
+# ## 1 · Features onto local disk, and verify them (`sonar-ft unpack`, `sonar-ft verify`)
+#
+# With `LOCAL_DATA` (Colab: by default) each split's features — a folder, or better one
+# `sonar-ft pack` archive on Drive — are copied to the runtime's disk once per runtime and checked;
+# every later step reads that copy, never Drive. Verify reports are reused while nothing changed.
 
 # %%
 import json
@@ -104,12 +120,7 @@ import json
 problems = colab.missing_splits(P)
 if problems:
     colab.stop("missing data:\n  " + "\n  ".join(problems) + "\nFix FEATURES / MANIFESTS above.")
-reports = {}
-for split in colab.SPLITS:
-    report_path = P.runs / "verify" / f"{split}.json"
-    colab.run_command(P.cli_command("verify", "--features", P.features(split), "--manifest", P.manifest(split),
-                                    "--feature_dim", P.feature_dim, "--json", report_path), check=False)
-    reports[split] = json.loads(report_path.read_text(encoding="utf-8"))
+reports = colab.verify_splits(P, colab.SPLITS, P.feature_dim)
 colab.show_table(colab.verify_summary(reports))
 colab.show_figure(colab.length_histogram(reports), save_as=P.runs / "verify" / "lengths.png")
 if not all(r["ok"] for r in reports.values()):
@@ -131,7 +142,8 @@ print(f"{P.encoder_checkpoint}: {colab.format_size(P.encoder_checkpoint.stat().s
 # `sonar-ft plan --gpu auto` prints the memory estimate, the flags and the disk plan.
 
 # %%
-QUICK_FLAGS = colab.show_plan(P, QUICK_BATCH_SIZE) or ["--batch_size", QUICK_BATCH_SIZE]
+MAX_FRAMES = colab.longest_clip(reports)  # the plan is made for the real longest clip, and the run is told it
+QUICK_FLAGS = colab.show_plan(P, QUICK_BATCH_SIZE, max_frames=MAX_FRAMES) or ["--batch_size", QUICK_BATCH_SIZE]
 if DEMO:
     QUICK_FLAGS = DEMO_FLAGS
 quick_dir = P.run_dir("quick_test")
@@ -143,7 +155,7 @@ colab.run_command(P.recipe_command(quick_dir, *QUICK_FLAGS, "--epochs", 2 if DEM
 # ## 4 · Full fine-tuning (resumable: after a disconnect, run the setup cell and this one again)
 
 # %%
-FULL_FLAGS = colab.show_plan(P, BATCH_SIZE, run_name="full") or ["--batch_size", BATCH_SIZE]
+FULL_FLAGS = colab.show_plan(P, BATCH_SIZE, run_name="full", max_frames=MAX_FRAMES) or ["--batch_size", BATCH_SIZE]
 if DEMO:
     FULL_FLAGS = DEMO_FLAGS
 run_dir = P.run_dir("full")

@@ -1,12 +1,17 @@
 # ---
 # jupyter:
+#   accelerator: GPU
+#   colab:
+#     gpuType: T4
+#     provenance: []
 #   jupytext:
 #     formats: ipynb,py:percent
+#     notebook_metadata_filter: accelerator,colab,kernelspec,jupytext
 #     text_representation:
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -16,7 +21,7 @@
 # %% [markdown]
 # # 4 · Fine-tune the encoder
 #
-# [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/sonar-ft/sonar-ft/blob/main/notebooks/04_finetune.ipynb)
+# *(upload to Colab: File → Upload notebook)*
 #
 # The full fine-tuning run: the SONAR ASL encoder learns to produce embeddings the frozen SONAR
 # text decoder turns into the English sentence (token cross-entropy through the decoder). The run
@@ -34,15 +39,16 @@
 # %% tags=["parameters"]
 # Parameters: edit them here (papermill overrides them, e.g. -p DEMO True).
 DEMO = False                       # True: the offline demo (no Drive, no GPU, no downloads but the stack), minutes
-REPO_URL = "https://github.com/sonar-ft/sonar-ft"  # cloned when no project folder is found (Colab DEMO: /content/sonar-ft)
+REPO_URL = ""                      # the project's git URL: cloned into /content/sonar-ft when no project folder is found
 DRIVE_FOLDER = "MyDrive/sonar_ft"  # Colab: your project folder on Google Drive (repository + data)
 PROJECT_DIR = ""                   # empty: the Drive folder in Colab, else the repository holding this notebook
 ENV_DIR = ""                       # the SONAR stack's environment; empty: /content/sonar_env in Colab, else <project>/.venv
 DEMO_DIR = ""                      # DEMO mode only; empty: $DEMO_DIR, else demo_runs/ in the project folder
-FEATURES = "features/{split}"      # feature folder of each split, relative to the project folder
+FEATURES = "features/{split}"      # features of each split: a folder, or a `sonar-ft pack` archive (.tar, faster on Drive)
 MANIFESTS = "manifests/{split}.tsv"  # manifest of each split (.tsv, or How2Sign's re-aligned .csv)
 ENCODER_CHECKPOINT = "sonar_checkpoints/dm_70h_ub_sonar_encoder.pth"  # the pretrained encoder (notebook 02)
 RUNS_DIR = "runs"                  # where run folders go (DEMO mode: DEMO_DIR/notebook_runs)
+LOCAL_DATA = "auto"                # features copied here once per runtime and read from here; auto: /content/sonar_data in Colab, "" read in place
 
 RUN_NAME = "full"
 BATCH_SIZE = 32                    # the effective batch; the memory plan splits it into micro-batches x --grad_accum
@@ -61,13 +67,13 @@ DEMO_FLAGS = ["--beam_size", "2", "--distill_weight", "1.0"]  # distillation kee
 # %% [markdown]
 # ## Setup (the same cell in every notebook)
 #
-# Brings the project onto the runtime (the Drive folder in Colab; else a clone of `REPO_URL`),
-# mounts Google Drive (Colab, not in DEMO mode), then creates — once per runtime, about
-# 5 minutes — or reuses the **SONAR stack's own environment** (`ENV_DIR`): Python 3.12 with
-# torch 2.9.1, fairseq2 0.8.1 and sonar-space, made with `uv`. Colab's Python (3.13) cannot run
-# fairseq2, so the stack never enters this notebook's kernel: every heavy step below runs as a
-# command of that environment's Python, and the notebook only reads and draws what it writes.
-# No runtime restart. It prints the versions and the GPU.
+# Brings the project onto the runtime (the Drive folder in Colab; else a clone of `REPO_URL` into
+# `/content/sonar-ft`), mounts Google Drive (Colab, not in DEMO mode). The **SONAR stack's own
+# environment** (`ENV_DIR`: Python 3.12 with torch 2.9.1, fairseq2 0.8.1 and sonar-space, made with
+# `uv`, about 5 minutes once per runtime) is created or reused the first time a step needs it —
+# notebooks that only read results never build it. Colab's Python (3.13) cannot run fairseq2, so
+# the stack never enters this notebook's kernel: every heavy step runs as a command of that
+# environment's Python, and the notebook only reads and draws what it writes. No runtime restart.
 #
 # *If it fails:* **"No sonar-ft project"** — fix `DRIVE_FOLDER` / `PROJECT_DIR`, or set `REPO_URL`.
 # **Mount errors** — *Runtime > Disconnect and delete runtime*, then run again. **uv / install
@@ -89,18 +95,24 @@ if IN_COLAB and not DEMO:
 start = Path(PROJECT_DIR or os.getcwd()).resolve()
 ROOT = next((p for p in (start, *start.parents) if (p / "train_sonar_finetuning.py").is_file()), None)
 if ROOT is None and REPO_URL:
-    ROOT = start if PROJECT_DIR else start / "sonar-ft"
+    ROOT = Path.cwd().resolve() / "sonar-ft"  # the runtime's own disk (/content), never a folder holding data
     if not (ROOT / "train_sonar_finetuning.py").is_file():
+        if ROOT.exists() and any(ROOT.iterdir()):
+            raise SystemExit(f"{ROOT} exists but is not a sonar-ft project: move it away or set PROJECT_DIR")
         print(f"no project at {start}: cloning {REPO_URL} into {ROOT}", flush=True)
-        subprocess.run(["git", "clone", "--quiet", "--depth", "1", REPO_URL, str(ROOT)], check=True)
+        clone = subprocess.run(["git", "clone", "--quiet", "--depth", "1", REPO_URL, str(ROOT)], capture_output=True, text=True)
+        if clone.returncode != 0:
+            raise SystemExit(f"git clone {REPO_URL} failed:\n{clone.stderr.strip()}\nCheck REPO_URL (or bring the project as said below).")
 if ROOT is None:
-    raise SystemExit(f"No sonar-ft project at {start}: set PROJECT_DIR to your copy of the repository, or REPO_URL.")
+    raise SystemExit(f"No sonar-ft project at {start}. Bring it onto this runtime one way: copy the repository folder to "
+                     f"Google Drive as {DRIVE_FOLDER} (it then also holds your data and runs); or set REPO_URL to its git "
+                     "URL (cloned into /content/sonar-ft); or upload it and set PROJECT_DIR to where it is.")
 sys.path.insert(0, str(ROOT))
 
 from sonar_ft import colab
 
 P = colab.setup(ROOT, demo=DEMO, demo_dir=DEMO_DIR, env_dir=ENV_DIR, features=FEATURES, manifests=MANIFESTS,
-                encoder_checkpoint=ENCODER_CHECKPOINT, runs=RUNS_DIR)
+                encoder_checkpoint=ENCODER_CHECKPOINT, runs=RUNS_DIR, local_data=LOCAL_DATA)
 
 # %% [markdown]
 # ## Memory settings for this GPU
@@ -111,7 +123,8 @@ P = colab.setup(ROOT, demo=DEMO, demo_dir=DEMO_DIR, env_dir=ENV_DIR, features=FE
 # In DEMO mode (CPU) there is nothing to plan.
 
 # %%
-PLAN_FLAGS = colab.show_plan(P, BATCH_SIZE, run_name=RUN_NAME, lora_rank=LORA_RANK)
+PLAN_FLAGS = colab.show_plan(P, BATCH_SIZE, run_name=RUN_NAME, lora_rank=LORA_RANK,
+                            max_frames=colab.longest_verified_clip(P))  # notebook 01's reports
 BATCH_FLAGS = PLAN_FLAGS if "--batch_size" in PLAN_FLAGS else ["--batch_size", BATCH_SIZE, *PLAN_FLAGS]
 print("flags used:", " ".join(map(str, BATCH_FLAGS)))
 

@@ -23,6 +23,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("sonar_ft.training.cli", "fine-tune the encoder (the recipe; same flags as train_sonar_finetuning.py)"),
     "verify": ("sonar_ft.data.commands", "check a manifest + feature folder before training"),
     "manifest": ("sonar_ft.data.commands", "build manifests"),
+    "pack": ("sonar_ft.data.commands", "a feature folder -> one archive with sizes and checksums (copy it to Drive once)"),
+    "unpack": ("sonar_ft.data.commands", "an archive (or a folder) -> a checked copy on local disk, once per runtime"),
     "extract": ("sonar_ft.inference.extract", "sign videos -> SignHiera features (<id>.npy) for training and translation"),
     "embed": ("sonar_ft.inference.embed", "features -> SONAR sentence embeddings (.npy)"),
     "export": ("sonar_ft.export.pack", "pack a run's best encoder + records + model card as a tarball"),
@@ -104,9 +106,12 @@ def run(func, args: argparse.Namespace) -> int:
 
 def setup_logging(stream: TextIO | None = None) -> None:
     """Our INFO messages as plain lines; libraries' INFO chatter (fairseq2 announcing its file
-    systems on every start) stays hidden, their warnings do not."""
+    systems on every start) stays hidden, their warnings do not; no dependency draws bars into a pipe."""
+    from sonar_ft.progress import quiet_dependencies
+
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=stream)
     logging.getLogger("fairseq2").setLevel(logging.WARNING)
+    quiet_dependencies()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

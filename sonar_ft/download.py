@@ -20,8 +20,8 @@ import urllib.request
 from pathlib import Path
 from typing import BinaryIO
 
-from tqdm.auto import tqdm
 
+from sonar_ft.progress import Progress
 from sonar_ft.errors import ConfigError, DownloadError
 from sonar_ft.files.atomic import commit_file
 
@@ -200,7 +200,7 @@ def _fetch(url: str, part: Path, offset: int, expected_size: int | None, timeout
 
 
 def _copy(src: BinaryIO, dst: BinaryIO, *, total: int | None, initial: int, desc: str, progress: bool) -> None:
-    with tqdm(total=total, initial=initial, unit="B", unit_scale=True, desc=desc, disable=not progress) as bar:
+    with Progress(total, initial=initial, unit="B", desc=desc, enabled=progress) as bar:
         while True:
             try:
                 chunk = src.read(CHUNK)

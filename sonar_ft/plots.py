@@ -22,6 +22,7 @@ def plot_history(run_dir: str | Path, out_dir: str | Path | None = None, *, titl
     if matplotlib.get_backend().lower() not in ("module://matplotlib_inline.backend_inline", "nbagg", "widget"):
         matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     history = read_history(run_dir)
     if not history:
@@ -37,6 +38,7 @@ def plot_history(run_dir: str | Path, out_dir: str | Path | None = None, *, titl
     ax.plot(epochs, [h["train_loss"] for h in history], marker="o", label="train loss")
     ax.plot([h["epoch"] for h in evaluated], [h["val_loss"] for h in evaluated], marker="s", label="val loss")
     ax.set(xlabel="epoch", ylabel="token cross-entropy", title=f"{title} loss".strip())
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers: no 1.25, 1.5 ticks
     ax.grid(alpha=0.3)
     ax.legend()
     paths["loss"] = _save(fig, out / "loss.png")
@@ -47,6 +49,7 @@ def plot_history(run_dir: str | Path, out_dir: str | Path | None = None, *, titl
     if best:
         ax.axvline(best["epoch"], color="grey", linestyle="--", label=f"best epoch {best['epoch']}")
     ax.set(xlabel="epoch", ylabel="score", title=f"{title} validation scores".strip())
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
     ax.legend()
     paths["bleu"] = _save(fig, out / "bleu.png")

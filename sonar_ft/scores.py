@@ -20,6 +20,7 @@ No torch at module level: display code may import the names below.
 
 from __future__ import annotations
 
+import functools
 from importlib import metadata
 from typing import Any, Sequence
 
@@ -55,6 +56,7 @@ def rouge_signature() -> str:
     return f"rougeL|F1|mean-of-sentences|x100|stemmer:no|tok:rouge-score-default|version:{_rouge_version()}"
 
 
+@functools.lru_cache(maxsize=1)
 def _rouge_scorer() -> Any:
     from rouge_score import rouge_scorer
 

@@ -170,8 +170,27 @@ def _write_link(env: Path, project_dir: Path, packages_from: Path) -> None:
 Runner = Callable[[list[str]], "subprocess.CompletedProcess[str]"]
 
 
-def _run(cmd: list[str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+HEARTBEAT_SECONDS = 30.0
+"""A long install says it is alive this often (uv prints little when its output is not a terminal)."""
+
+
+def _run(cmd: list[str], *, heartbeat: float = HEARTBEAT_SECONDS) -> subprocess.CompletedProcess[str]:
+    """Run ``cmd`` capturing its output; every ``heartbeat`` seconds print the time so far and its latest line."""
+    with tempfile.TemporaryFile(mode="w+", encoding="utf-8", errors="replace") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, text=True)
+        start = time.monotonic()
+        while True:
+            try:
+                code = proc.wait(timeout=heartbeat)
+                break
+            except subprocess.TimeoutExpired:
+                out.seek(0)
+                latest = _last_lines(out.read(), 1)
+                out.seek(0, 2)
+                print(f"  ... {Path(cmd[0]).name} {cmd[1] if len(cmd) > 1 else ''}: {time.monotonic() - start:.0f} s so far"
+                      + (f" ({latest[:120]})" if latest else ""), flush=True)
+        out.seek(0)
+        return subprocess.CompletedProcess(cmd, code, out.read(), None)
 
 
 def _check_cache(env: Path) -> Path:
@@ -317,6 +336,29 @@ def ensure_stack_env(
     result = StackEnv(env, info, created=True, seconds=clock() - start)
     print(f"stack environment {env}: created and checked in {result.seconds:.0f} s\n  {result.describe()}", flush=True)
     return result
+
+
+EXTRAS: dict[str, tuple[str, tuple[str, ...]]] = {"tune": ("requirements-tune.txt", ("optuna", "plotly", "psycopg2"))}
+"""Optional parts of the environment: name -> (requirements file, modules that show it is installed)."""
+
+
+def ensure_extras(env: str | Path, project_dir: str | Path, name: str, *, runner: Runner = _run, uv: str | None = None) -> bool:
+    """Install the extras ``name`` (e.g. ``tune``) into the environment ``env`` unless they import already.
+
+    Returns True when something was installed. Raises :class:`StackEnvError` with the tool's output when it fails.
+    """
+    if name not in EXTRAS:
+        raise StackEnvError(f"unknown extras {name!r}: one of {', '.join(EXTRAS)}")
+    requirements, modules = EXTRAS[name]
+    python = str(env_python(env))
+    if runner([python, "-c", "import " + ", ".join(modules)]).returncode == 0:
+        return False
+    print(f"installing the {name} extras ({requirements}) into {env} ...", flush=True)
+    cmd = [uv or ensure_uv(runner=runner), "pip", "install", "--python", python, "-r", str(Path(project_dir) / requirements)]
+    proc = runner(cmd)
+    if proc.returncode != 0:
+        raise StackEnvError(f"installing {requirements} into {env} failed:\n{_last_lines(proc.stdout)}")
+    return True
 
 
 def main(argv: Sequence[str] | None = None) -> int:

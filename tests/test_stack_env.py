@@ -103,7 +103,7 @@ def test_a_real_environment_made_offline_with_this_machines_python(tmp_path: Pat
     # No download: uv uses this machine's Python 3.x, and the packages come from the running environment.
     uv = stack_env.find_uv()
     if uv is None:
-        pytest.skip("uv is not installed in this environment (it is in requirements.txt: run make setup)")
+        pytest.skip("uv is not installed in this environment (it is in requirements-dev.txt: run make setup)")
     version = f"{sys.version_info.major}.{sys.version_info.minor}"
     env = tmp_path / "sonar_env"
     made = ensure_stack_env(env, ROOT, pythons=(version,), uv=uv, packages_from=sys.prefix)
@@ -135,3 +135,29 @@ def test_an_environment_not_made_here_is_used_when_it_works_and_never_deleted(tm
     with pytest.raises(StackEnvError, match="left alone"):
         ensure_stack_env(env, ROOT, uv="uv", runner=FakeRunner(check_ok=False))
     assert (env / "bin" / "python").is_file()
+
+
+def test_the_stack_environment_installs_no_notebook_test_or_tuning_tools() -> None:
+    root = Path(__file__).resolve().parents[1]
+    names = {line.split("==")[0].split(";")[0].strip().lower() for line in (root / "requirements.txt").read_text().splitlines()
+             if line.strip() and not line.startswith("#")}
+    assert not names & {"jupyter", "papermill", "pytest", "optuna", "plotly", "psycopg2-binary", "jupytext", "nbclient"}
+    assert {"torch", "fairseq2", "sonar-space"} <= names
+    dev = (root / "requirements-dev.txt").read_text()
+    assert "-r requirements.txt" in dev and "-r requirements-tune.txt" in dev  # `make test` still installs everything
+
+
+def test_tuning_extras_install_only_when_missing(tmp_path: Path) -> None:
+    from sonar_ft.stack_env import ensure_extras
+
+    calls = []
+
+    def runner(cmd):
+        calls.append(cmd)
+        return subprocess.CompletedProcess(cmd, 1 if cmd[1:2] == ["-c"] and len(calls) == 1 else 0, "", None)
+
+    assert ensure_extras(tmp_path / "env", tmp_path, "tune", runner=runner, uv="uv") is True
+    assert calls[1][:3] == ["uv", "pip", "install"] and calls[1][-1].endswith("requirements-tune.txt")
+    calls.clear()
+    assert ensure_extras(tmp_path / "env", tmp_path, "tune", runner=lambda cmd: calls.append(cmd) or subprocess.CompletedProcess(cmd, 0, "", None), uv="uv") is False
+    assert len(calls) == 1  # only the import check

@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
 import torch
-from tqdm.auto import tqdm
 
+from sonar_ft.progress import Progress
 from sonar_ft.data.features import FeatureStore, read_features
 from sonar_ft.data.manifest import ManifestRow
 from sonar_ft.errors import DataError
@@ -112,7 +112,7 @@ def find_bad_samples(
     to_read = [(i, p) for i, p in to_read if p is not None]
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         results = pool.map(lambda item: _check(item[1], rows[item[0]].id, keep), to_read)
-        bar = tqdm(results, total=len(to_read), desc=f"checking {split or 'clips'}", unit="file", disable=None if progress else True)  # None: bars only in a terminal
+        bar = Progress(len(to_read), desc=f"checking {split or 'clips'}", enabled=progress).wrap(results)
         for result, (i, _) in zip(bar, to_read):  # the bar first, so that it sees the end and closes
             if frames is not None and result.frames:
                 frames[rows[i].id] = result.frames

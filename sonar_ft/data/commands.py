@@ -1,12 +1,14 @@
-"""``sonar-ft verify`` and ``sonar-ft manifest how2sign``: the data layer's command line."""
+"""``sonar-ft verify``, ``pack``, ``unpack`` and ``manifest how2sign``: the data layer's command line."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
+from sonar_ft.data.features import FeatureStore
 from sonar_ft.data.manifest import how2sign_to_tsv
-from sonar_ft.data.verify import verify_dataset
+from sonar_ft.data.verify import failed_report, reusable_report, verify_dataset, verify_fingerprint
+from sonar_ft.errors import SonarFtError
 from sonar_ft.files.atomic import write_json
 from sonar_ft.files.lock import output_lock
 from sonar_ft.files.guards import check_not_folder, check_output_not_input
@@ -20,7 +22,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "verify",
         help="check a manifest + feature folder before training",
         description="Read every feature file the manifest names and report what would break training. "
-        "Exit code 1 when the set cannot be trained on as is, 0 otherwise (warnings allowed).",
+        "Exit code 0: the set can be trained on (warnings allowed); 1: it cannot as is; 2: the check could not run "
+        "(the --json report then says why, with ok false).",
     )
     verify.add_argument("--features", type=Path, required=True, help="feature folder (flat or ssvp_slt nested)")
     verify.add_argument("--manifest", type=Path, required=True, help="manifest TSV or How2Sign CSV")
@@ -29,7 +32,26 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     verify.add_argument("--json", type=Path, default=None, help="also write the full report here as JSON")
     verify.add_argument("--epoch", type=int, default=None, help="epoch folder of a nested layout (default: the first)")
     verify.add_argument("--workers", type=int, default=8, help="files read in parallel (default: 8)")
+    verify.add_argument("--reuse", action="store_true",
+                        help="keep the --json report when the manifest and every feature file are unchanged (same sizes "
+                        "and modification times) since it was written, instead of reading every file again")
     verify.set_defaults(func=_verify)
+
+    pack = subparsers.add_parser(
+        "pack", help="a feature folder -> one archive with sizes and checksums (copy it to Drive once)",
+        description="Write every feature file of a folder (flat or nested) into one uncompressed .tar with an index of "
+        "sizes and SHA-256 checksums, atomically. One file travels to and from Google Drive far faster than 31k.")
+    pack.add_argument("--features", type=Path, required=True, help="feature folder")
+    pack.add_argument("--out", type=Path, required=True, help="archive to write (e.g. features_train.tar)")
+    pack.set_defaults(func=_pack)
+
+    unpack = subparsers.add_parser(
+        "unpack", help="an archive (or a folder) -> a checked copy on local disk, once per runtime",
+        description="Copy features to a local folder and check every file (size and checksum for a `sonar-ft pack` "
+        "archive, size for a folder). A folder already holding a checked copy of the same source is kept as is.")
+    unpack.add_argument("--source", type=Path, required=True, help="archive from `sonar-ft pack`, or a feature folder")
+    unpack.add_argument("--out", type=Path, required=True, help="local folder for the copy (e.g. /content/features/train)")
+    unpack.set_defaults(func=_unpack)
 
     manifest = subparsers.add_parser("manifest", help="build manifests", description="Build manifests.")
     kinds = manifest.add_subparsers(dest="manifest_command", metavar="KIND", required=True)
@@ -50,12 +72,42 @@ def _verify(args: argparse.Namespace) -> int:
     if args.json is not None:
         check_not_folder(args.json, flag="--json", example="verify.json")
         check_output_not_input(args.json, {"--features": args.features, "--manifest": args.manifest}, flag="--json")
-    report = verify_dataset(args.features, args.manifest, args.feature_dim, epoch=args.epoch, workers=args.workers)
+    try:
+        store = FeatureStore.open(args.features, epoch=args.epoch)  # indexed once, for the fingerprint and the check
+        fingerprint = verify_fingerprint(store, args.manifest, args.feature_dim)
+        if args.reuse and args.json is not None and (old := reusable_report(args.json, fingerprint)) is not None:
+            write_json(args.json, old)  # rewritten: its time says it was confirmed now
+            print(f"{args.manifest} and {old['counts']['feature_files']} feature files unchanged since {args.json} was "
+                  f"written: reusing it (result: {'OK' if old['ok'] else 'NOT OK'}; drop --reuse to read every file again)")
+            return 0 if old["ok"] else 1
+        report = verify_dataset(store, args.manifest, args.feature_dim, workers=args.workers)
+    except SonarFtError as exc:
+        if args.json is not None:  # a report that says so: an older one must never pass for this check's result
+            write_json(args.json, failed_report(args.features, args.manifest, args.feature_dim, str(exc)))
+        raise
     print(report.format_table())
     if args.json is not None:
-        write_json(args.json, report.to_dict())
+        write_json(args.json, {**report.to_dict(), "fingerprint": fingerprint})
         print(f"report written to {args.json}")
     return 0 if report.ok else 1
+
+
+def _pack(args: argparse.Namespace) -> int:
+    from sonar_ft.data.pack import pack_features
+
+    check_not_folder(args.out, example="features_train.tar")
+    report = pack_features(args.features, args.out)
+    print(f"{report.archive}: {report.files} files, {report.total_bytes / 1e9:.2f} GB, in {report.seconds:.0f} s")
+    return 0
+
+
+def _unpack(args: argparse.Namespace) -> int:
+    from sonar_ft.data.pack import localize_features
+
+    report = localize_features(args.source, args.out)
+    what = "copied and checked" if report.copied else "already there (checked copy of the same source)"
+    print(f"{report.dest}: {report.files} feature files, {report.total_bytes / 1e9:.2f} GB, {what} in {report.seconds:.0f} s")
+    return 0
 
 
 def _how2sign(args: argparse.Namespace) -> int:

@@ -16,8 +16,8 @@ from typing import Iterator, Mapping, Sequence
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
-from tqdm.auto import tqdm
 
+from sonar_ft.progress import Progress
 from sonar_ft.data.features import FeatureStore
 from sonar_ft.data.manifest import ManifestRow
 from sonar_ft.errors import ConfigError, DataError
@@ -108,7 +108,7 @@ class SignFeatureDataset(Dataset[Sample]):
         unknown = [i for i, r in enumerate(self.rows) if r.length is None]
         frames = {
             i: self.store.num_frames(self.rows[i].id)
-            for i in tqdm(unknown, desc="reading frame counts", unit="clip", disable=None if progress and unknown else True)  # None: bars only in a terminal
+            for i in Progress(len(unknown), desc="reading frame counts", unit="clip", enabled=progress and bool(unknown)).wrap(unknown)
         }
         lengths = [frames[i] if r.length is None else r.length for i, r in enumerate(self.rows)]
         if self.max_frames is not None:

@@ -8,6 +8,9 @@ training works). Notebooks use the report directly; ``sonar-ft verify`` prints a
 from __future__ import annotations
 
 import collections
+import hashlib
+import json
+import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,12 +18,12 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from sonar_ft.data.bad_samples import MAX_TEXT_CHARS
 from sonar_ft.data.features import FeatureStore, read_features
 from sonar_ft.data.manifest import ManifestRow, duplicate_ids, read_manifest
 from sonar_ft.errors import ConfigError, DataError
+from sonar_ft.progress import Progress
 
 # (report attribute, label in the table); errors make the set untrainable, warnings do not.
 ERROR_CHECKS: tuple[tuple[str, str], ...] = (
@@ -246,7 +249,7 @@ def verify_dataset(
 
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         results = pool.map(_check_file, [path for _, path in to_check])
-        bar = tqdm(results, total=len(to_check), desc="checking features", unit="file", disable=None if progress else True)  # None: bars only in a terminal
+        bar = Progress(len(to_check), desc="checking features", enabled=progress).wrap(results)
         checks = [(row, result) for (row, _), result in zip(to_check, bar)]
 
     dims: collections.Counter[int] = collections.Counter()
@@ -273,3 +276,40 @@ def verify_dataset(
     report.bad_dim = [row.id for row, c in checks if c.error is None and c.dim != want]
     return report
 
+
+
+REPORT_VERSION = 1
+
+
+def verify_fingerprint(features: str | Path | FeatureStore, manifest: str | Path, feature_dim: int | None, epoch: int | str | None = None) -> str:
+    """What a verify report depends on: the manifest's and every feature file's path, size and mtime, and the options.
+
+    Cheap next to reading the files (a stat each), so an unchanged set is not read again.
+    """
+    store = features if isinstance(features, FeatureStore) else FeatureStore.open(features, epoch=epoch)
+    h = hashlib.sha256(json.dumps([REPORT_VERSION, str(store.root.resolve()), feature_dim, store.epoch]).encode())
+    for path in [Path(manifest)] + sorted(p for p in map(store.path, store.ids()) if p is not None):
+        st = os.stat(path)
+        h.update(f"{path}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
+def reusable_report(json_path: str | Path, fingerprint: str) -> dict[str, Any] | None:
+    """The report at ``json_path`` when it was made from exactly this data (same fingerprint), else None."""
+    try:
+        report = json.loads(Path(json_path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return report if report.get("fingerprint") == fingerprint and "error" not in report else None
+
+
+def failed_report(features: str | Path, manifest: str | Path, feature_dim: int | None, error: str) -> dict[str, Any]:
+    """A report for a verify that could not run at all (no folder, unreadable manifest): ``ok`` False, ``error`` set.
+
+    Same keys as :meth:`VerifyReport.to_dict`, so whatever shows reports shows this one as NOT OK.
+    """
+    return {
+        "ok": False, "error": error, "manifest": str(manifest), "features": str(features), "layout": None,
+        "expected_dim": feature_dim, "counts": {"manifest_rows": 0, "feature_files": 0, "checked": 0},
+        "errors": {"verify_failed": 1}, "warnings": {}, "length_stats": None, "lengths": [],
+    }

@@ -16,8 +16,8 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
+from sonar_ft.progress import Progress
 from sonar_ft.data import FeatureStore, load_feature_file, read_manifest
 from sonar_ft.data.features import check_feature_width
 from sonar_ft.models.encoder import SignT5SonarEncoder
@@ -153,7 +153,7 @@ def _embed_locked(args: argparse.Namespace, out: Path) -> int:
 
     embeddings = np.empty((len(ids), config.output_dim), dtype=np.float32)
     chunk = args.batch_size * CLIPS_PER_BATCH_LOADED
-    with tqdm(total=len(ids), desc="embed", unit="clip") as progress:
+    with Progress(len(ids), desc="embed", unit="clip") as progress:
         for start in range(0, len(ids), chunk):
             chunk_ids = ids[start : start + chunk]
             clips = [_checked(clip_id, load(clip_id), config.feature_dim, args.features, args.encoder_checkpoint)

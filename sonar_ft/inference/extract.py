@@ -205,7 +205,7 @@ def is_done(out_dir: Path, clip_id: str, entry: dict[str, Any] | None, feature_d
         return False
     path = out_dir / f"{clip_id}.npy"
     try:
-        array = np.load(path, mmap_mode="r")
+        array = np.load(path, mmap_mode="r", allow_pickle=False)
     except (OSError, ValueError):
         return False
     return array.ndim == 2 and array.shape == (entry.get("vectors"), feature_dim)

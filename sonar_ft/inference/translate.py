@@ -137,6 +137,15 @@ def _cmd_translate(args: argparse.Namespace) -> int:
     if not langs:
         raise ConfigError("--tgt_langs needs at least one language code, e.g. eng_Latn,fra_Latn")
     ids = [x for x in args.ids.split(",") if x] if args.ids else None
+    references: dict[str, str] = {}
+    if args.manifest:
+        from sonar_ft.data.manifest import read_manifest
+
+        # Any manifest the recipe reads (our TSV, How2Sign's CSV with SENTENCE_NAME / SENTENCE): its texts become references.
+        manifest_rows = read_manifest(args.manifest, allow_duplicates=True)
+        references = {r.id: r.text for r in reversed(manifest_rows)}  # the first row of an id wins
+        if ids is None:
+            ids = list(dict.fromkeys(r.id for r in manifest_rows))[: args.limit]
     for flag, value in (("--batch_size", args.batch_size), ("--limit", args.limit), ("--beam_size", args.beam_size),
                         ("--max_gen_len", args.max_gen_len)):
         if value is not None and value < 1:
@@ -155,8 +164,13 @@ def _cmd_translate(args: argparse.Namespace) -> int:
     )
     if args.limit is not None:
         rows = rows[: args.limit]
+    if references:
+        for row in rows:
+            row["reference"] = references.get(row["id"])
     for row in rows:
         print(row["id"])
+        if "reference" in row:
+            print(f"  reference: {row['reference']}")
         for lang in langs:
             print(f"  {lang}: {row[lang]}")
     if args.out:
@@ -179,7 +193,9 @@ def register(subparsers: Any) -> None:
     t.add_argument("--crop", choices=CROPS, default="face", help="with --video: face | center | none (see sonar-ft extract)")
     t.add_argument("--tgt_langs", "--tgt-langs", default="eng_Latn", help="comma-separated FLORES-200 codes")
     t.add_argument("--ids", help="comma-separated clip ids (default: all in the folder)")
-    t.add_argument("--limit", type=int, help="print at most this many clips")
+    t.add_argument("--limit", type=int, help="print at most this many clips (with --manifest and no --ids: translate only these)")
+    t.add_argument("--manifest", help="a manifest (.tsv, or How2Sign's .csv): its texts are written as each clip's reference; "
+                   "without --ids its clips are translated, in its order")
     t.add_argument("--decoder", help="decoder: asset card name, card .yaml or checkpoint (default: the one packed in or "
                    "recorded by the export, else text_sonar_basic_decoder)")
     t.add_argument("--tokenizer", help="tokenizer (default: --decoder's own when --decoder is given, else the export's)")

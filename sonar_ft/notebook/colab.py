@@ -22,17 +22,22 @@ import io as _io
 import json
 import os
 import shlex
+import select
 import signal
 import subprocess
 import sys
 import tempfile
-from dataclasses import dataclass
+import dataclasses
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
 from sonar_ft.config import command_line
 from sonar_ft.demo.paths import DemoPaths
 from sonar_ft.errors import SonarFtError
+from sonar_ft.progress import EVERY_SECONDS as HEARTBEAT_SECONDS
+from sonar_ft.progress import format_seconds
 from sonar_ft.run_files import BEST_ENCODER
 from sonar_ft.scores import ALIASES, METRICS
 
@@ -100,13 +105,68 @@ class Project:
     device: str
     feature_dim: int
     demo: DemoPaths | None = None
-    python: str = sys.executable
-    """The stack environment's Python: every heavy step runs as a command of it."""
-    env: StackEnv | None = None
+    python_path: str = ""
+    """The stack environment's Python, once known (else it is made on first use, see :meth:`stack`)."""
+    env_dir: Path | None = None
+    local_data: Path | None = None
+    """Where features are copied once per runtime (local disk); None: read where they are."""
+    _env: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def stack(self) -> StackEnv:
+        """The SONAR stack's environment, created or reused (and checked) the first time a heavy step needs it.
+
+        Notebooks that only read results never pay for it.
+        """
+        if "env" not in self._env:
+            from sonar_ft.stack_env import ensure_stack_env
+
+            self._env["env"] = ensure_stack_env(self.env_dir or default_env_dir(self.root), self.root, cached=True)
+        return self._env["env"]
+
+    @property
+    def python(self) -> str:
+        """The stack environment's Python: every heavy step runs as a command of it."""
+        return self.python_path or str(self.stack().python)
+
+    def ensure_extras(self, name: str) -> None:
+        """Add optional packages (``tune``: optuna, plotly, psycopg2) to the stack environment, once."""
+        from sonar_ft.stack_env import ensure_extras
+
+        ensure_extras(self.stack().root, self.root, name)
+
+    @property
+    def has_gpu(self) -> bool:
+        """True when the stack environment sees a CUDA GPU."""
+        return bool(self.stack().info.get("cuda"))
+
+    def require_gpu(self) -> None:
+        """Stop a non-DEMO training notebook on a runtime without a GPU, saying how to get one."""
+        if self.demo is None and not self.has_gpu:
+            raise NotebookStop(
+                "this runtime has no GPU, and fine-tuning the 818M-parameter encoder on a CPU would take weeks. "
+                "In Colab: Runtime → Change runtime type → Hardware accelerator: T4 GPU (or better) → Save, then run "
+                "the notebook again from the top. (DEMO = True runs the offline demo on a CPU.)"
+            )
+
+    def source_features(self, split: str) -> Path:
+        """Where the features of ``split`` are kept (a folder or a ``sonar-ft pack`` archive, e.g. on Drive)."""
+        return self.root / self.features_pattern.format(split=split)
 
     def features(self, split: str) -> Path:
-        """Feature folder of ``split`` (train / val / test)."""
-        return self.root / self.features_pattern.format(split=split)
+        """Feature folder of ``split`` that steps read: a checked copy on local disk when ``local_data`` is set.
+
+        The first call per split brings the features there (``sonar-ft unpack``: once per runtime, a
+        stamp in the copy names its source); training then never opens a feature file on Drive.
+        """
+        source = self.source_features(split)
+        if self.local_data is None or not source.exists():
+            return source
+        key = f"features:{split}"
+        if key not in self._env:
+            local = self.local_data / "features" / split
+            run_command(self.cli_command("unpack", "--source", source, "--out", local))
+            self._env[key] = local
+        return self._env[key]
 
     def manifest(self, split: str) -> Path:
         """Manifest of ``split``."""
@@ -183,6 +243,7 @@ def setup(
     device: str = "auto",
     feature_dim: int = 768,
     model_cache: str | None = "model_cache",
+    local_data: str | Path | None = "auto",
 ) -> Project:
     """Create or reuse the stack environment, ``chdir`` into the project folder and print where everything is.
 
@@ -190,63 +251,96 @@ def setup(
     is left as it is. With ``demo`` everything comes from the offline demo (built the first time,
     by the environment's Python) and runs on the CPU. In Colab, ``model_cache`` (in the project
     folder) becomes fairseq2's download cache, so the SONAR text decoder is downloaded once.
+    The environment is made when a step first needs it (:meth:`Project.stack`). ``local_data``: where
+    features are copied once per runtime; ``"auto"``: ``/content/sonar_data`` in Colab, else none.
     """
-    from sonar_ft.stack_env import ensure_stack_env
-
     root = Path(project_dir).resolve()
     if not (root / RECIPE).is_file():
         raise NotebookStop(f"{root} is not a sonar-ft project folder (no {RECIPE}); set PROJECT_DIR to your copy of the repository")
     os.chdir(root)
     install_error_display()
-    env = ensure_stack_env(Path(env_dir) if env_dir else default_env_dir(root), root, cached=True)
-    python = str(env.python)
+    env = Path(env_dir) if env_dir else None
     if in_colab() and not demo and model_cache and "FAIRSEQ2_CACHE_DIR" not in os.environ:
         os.environ["FAIRSEQ2_CACHE_DIR"] = str(root / model_cache)  # the recipe subprocesses inherit it
     if demo:
         paths = DemoPaths(Path(demo_dir or os.environ.get("DEMO_DIR") or root / DEFAULT_DEMO_DIR).resolve())
-        run_command([python, "-m", "sonar_ft.notebook.steps", "demo", "--demo_dir", str(paths.root)])
         project = Project(
             root=root, runs=paths.root / NOTEBOOK_RUNS,
             features_pattern=str(paths.features / "{split}"), manifest_pattern=str(paths.manifests / "{split}.tsv"),
             encoder_checkpoint=paths.encoder_checkpoint, decoder=str(paths.decoder_card), device="cpu",
-            feature_dim=demo_feature_dim(paths), demo=paths, python=python, env=env,
+            feature_dim=0, demo=paths, env_dir=env,  # feature_dim: read from the build record below
         )
+        run_command(project.step_command("demo", "--demo_dir", paths.root))
+        project = dataclasses.replace(project, feature_dim=demo_feature_dim(paths), _env=project._env)
     else:
         checkpoint = Path(encoder_checkpoint)
         project = Project(
             root=root, runs=root / runs, features_pattern=features, manifest_pattern=manifests,
             encoder_checkpoint=checkpoint if checkpoint.is_absolute() else root / checkpoint,
-            decoder=decoder, device=device, feature_dim=feature_dim, python=python, env=env,
+            decoder=decoder, device=device, feature_dim=feature_dim, env_dir=env,
         )
+    local = local_data
+    if local == "auto":
+        local = "/content/sonar_data" if in_colab() else ""
+    if local:
+        project = dataclasses.replace(project, local_data=Path(local).absolute(), _env=project._env)
     print(f"project folder: {root}" + ("  [DEMO mode: offline demo data and models, CPU]" if demo else ""))
-    print(f"features:       {project.features('{split}')}\nmanifests:      {project.manifest('{split}')}")
+    print(f"features:       {project.source_features('{split}')}"
+          + (f" (copied to {project.local_data / 'features'} once per runtime)" if project.local_data else ""))
+    print(f"manifests:      {project.manifest('{split}')}")
     print(f"encoder:        {project.encoder_checkpoint}\nruns:           {project.runs}")
     return project
 
 
-def show_plan(project: Project, effective_batch: int, run_name: str | None = None, lora_rank: int = 0) -> list[str]:
+def longest_clip(reports: Mapping[str, Mapping[str, Any]]) -> int | None:
+    """The longest clip (frames) over ``sonar-ft verify`` reports of the splits; None when none was measured."""
+    found = [int(r["length_stats"]["max"]) for r in reports.values() if r.get("length_stats")]
+    return max(found) if found else None
+
+
+def longest_verified_clip(project: Project) -> int | None:
+    """The longest clip of the verify reports saved in the runs folder (notebook 01's), or None."""
+    reports = {}
+    for path in sorted((project.runs / "verify").glob("*.json")):
+        try:
+            report = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if report.get("ok"):
+            reports[path.stem] = report
+    return longest_clip(reports)
+
+
+def show_plan(project: Project, effective_batch: int, run_name: str | None = None, lora_rank: int = 0,
+              max_frames: int | None = None) -> list[str]:
     """Memory and disk settings for this runtime's GPU from ``sonar-ft plan --gpu auto``: shown, returned as flags.
 
     When the disk plan keeps ``last.pt`` on the runtime's local disk (``needs_state_dir``: a free Drive cannot
     hold two copies), the flags include ``--state_dir`` under :data:`LOCAL_STATE_ROOT` for ``run_name``.
     ``lora_rank`` > 0 plans LoRA fine-tuning (``--lora_rank`` is among the flags).
-    In DEMO mode (CPU, the demo's small encoder) and on a runtime without a GPU there is nothing
-    to plan: that is said, and no flags are returned.
+    ``max_frames`` (the longest clip, :func:`longest_clip` of the verify reports) is planned for and passed
+    on as ``--max_frames``. In DEMO mode (CPU, the demo's small encoder) there is nothing to plan: that
+    is said, and no flags are returned; a non-DEMO runtime without a GPU stops here (:meth:`Project.require_gpu`).
     """
-    if project.demo is not None or not (project.env and project.env.info.get("cuda")):
-        why = "DEMO mode (the demo's small encoder on the CPU)" if project.demo is not None else "no GPU in this runtime"
+    project.require_gpu()
+    if project.demo is not None:
+        why = "DEMO mode (the demo's small encoder on the CPU)"
         print(f"memory plan: none needed, {why}; the official-size plans: `sonar-ft plan --gpu t4` (or l4, a100, h100)")
         if lora_rank:
             print(f"LoRA chosen (LORA_RANK = {lora_rank}): adapters train, the encoder's weights stay frozen")
         return ["--lora_rank", str(lora_rank)] if lora_rank else []
     out = project.runs / "plan.json"
-    run_command(project.cli_command("plan", "--gpu", "auto", "--effective_batch", effective_batch, "--lora_rank", lora_rank, "--json", out))
+    frames = ["--max_frames", max_frames] if max_frames else []
+    run_command(project.cli_command("plan", "--gpu", "auto", "--effective_batch", effective_batch, "--lora_rank", lora_rank,
+                                    *frames, "--json", out))
     if lora_rank:
         print(f"LoRA chosen (LORA_RANK = {lora_rank}): adapters train, the encoder's weights stay frozen; "
               "best_encoder.pt is still the whole (merged) encoder")
     plan = json.loads(out.read_text(encoding="utf-8"))
     show_table([{"setting": k, "value": str(v)} for k, v in plan["settings"].items()])
     flags = [str(f) for f in plan["flags"]]
+    if frames and "--max_frames" not in flags:  # the run is told the clip length the plan was made for
+        flags += [str(f) for f in frames]
     if plan["disk"].get("needs_state_dir") and run_name:
         flags += ["--state_dir", str(LOCAL_STATE_ROOT / run_name), *plan["disk"]["flags"]]
         print(f"last.pt is kept in {LOCAL_STATE_ROOT / run_name} (local disk) and copied into the run folder in place after each save")
@@ -295,14 +389,25 @@ def run_command(cmd: Sequence[str | os.PathLike], *, env: Mapping[str, str] | No
     cmd = [str(c) for c in cmd]
     shown = [Path(c).name if i == 0 else c for i, c in enumerate(cmd)]  # "python", not the venv path
     print("$ " + shlex.join(shown), flush=True)
-    child_env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
+    # FAIRSEQ2_NO_PROGRESS: fairseq2's rich bars write cursor and colour codes even into a pipe.
+    child_env = dict(os.environ, PYTHONUNBUFFERED="1", FAIRSEQ2_NO_PROGRESS="1", **(env or {}))
     child_env.pop("MPLBACKEND", None)  # the kernel's inline backend means nothing to a subprocess
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=child_env)
     assert proc.stdout is not None
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    started = time.monotonic()
     try:
-        while chunk := os.read(proc.stdout.fileno(), 1 << 14):
-            # Raw chunks, not lines: progress bars redraw with "\r" and notebooks render that.
+        while True:
+            # A step silent for HEARTBEAT_SECONDS (a model load, a download with no progress of its own) gets a
+            # line saying it is alive, so that a cell is never silent for minutes.
+            ready, _, _ = select.select([proc.stdout], [], [], HEARTBEAT_SECONDS)
+            if not ready:
+                print(f"... still running ({format_seconds(time.monotonic() - started)} so far)", flush=True)
+                continue
+            chunk = os.read(proc.stdout.fileno(), 1 << 14)
+            if not chunk:
+                break
+            # Raw chunks, not lines: a child's partial line shows at once.
             sys.stdout.write(decoder.decode(chunk))
             sys.stdout.flush()
         code = proc.wait()
@@ -412,9 +517,22 @@ def format_size(num_bytes: int) -> str:
     return f"{size:.1f} GB"
 
 
+BROWSER_DOWNLOAD_LIMIT = 500 * 10**6
+"""Larger files are not pushed through the browser (Colab sends them in 1 MiB messages; ~3 GB fails or takes ages)."""
+
+
 def offer_download(path: str | Path) -> None:
-    """In Colab, send ``path`` to the browser as a download; elsewhere print where it is."""
+    """In Colab, send ``path`` to the browser as a download when small; a large file is offered as its Drive path."""
     path = Path(path)
+    size = path.stat().st_size
+    if size > BROWSER_DOWNLOAD_LIMIT:
+        on_drive = "/content/drive/" in str(path.resolve())
+        where = str(path.resolve()).split("/content/drive/", 1)[-1] if on_drive else str(path.resolve())
+        print(f"{path.name} is {format_size(size)}: too large to send through the browser reliably. It is at\n  {where}\n"
+              + ("Fetch it from drive.google.com (right-click → Download), or sync it with Google Drive for desktop; "
+                 "on another machine `gdown` / `rclone copy` can fetch it too." if on_drive else
+                 "Copy it to your Drive first (e.g. `cp` it under /content/drive/MyDrive), then fetch it from drive.google.com."))
+        return
     if in_colab():
         from google.colab import files  # type: ignore[import-not-found]
 
@@ -436,6 +554,30 @@ def is_up_to_date(target: str | Path, *sources: str | Path) -> bool:
 # ------------------------------------------------------------------------------------------------
 # Feature verification (notebook 01)
 # ------------------------------------------------------------------------------------------------
+def verify_splits(project: Project, splits: Iterable[str] = SPLITS, feature_dim: int | None = None) -> dict[str, dict[str, Any]]:
+    """``sonar-ft verify --reuse`` of each split (features from the local copy); the reports it wrote, never older ones.
+
+    A report whose features and manifest have not changed is reused without reading a file. Exit
+    code 1 (the set cannot be trained on) comes back as a report that says NOT OK; a check that
+    could not run (exit 2) writes a report with ``error`` and stops here; a report older than this
+    call is never shown as this check's result.
+    """
+    reports = {}
+    for split in splits:
+        report_path = project.runs / "verify" / f"{split}.json"
+        dim = [] if feature_dim is None else ["--feature_dim", feature_dim]
+        started = time.time()
+        code = run_command(project.cli_command("verify", "--features", project.features(split), "--manifest",
+                                               project.manifest(split), *dim, "--json", report_path, "--reuse"), check=False)
+        fresh = report_path.is_file() and report_path.stat().st_mtime >= started - 1
+        report = json.loads(report_path.read_text(encoding="utf-8")) if fresh else None
+        if report is None or code not in (0, 1):
+            why = (report or {}).get("error") or "see its output above"
+            raise NotebookStop(f"verifying {split} failed (exit code {code}): {why}. Fix FEATURES / MANIFESTS and run again.")
+        reports[split] = report
+    return reports
+
+
 def verify_summary(reports: Mapping[str, Mapping[str, Any]]) -> list[dict[str, Any]]:
     """One table row per split from ``sonar-ft verify --json`` reports: counts, errors, warnings, frames, verdict."""
     rows = []
@@ -482,7 +624,7 @@ def missing_splits(project: Project, splits: Iterable[str] = SPLITS) -> list[str
     """Readable lines for each split whose feature folder or manifest does not exist."""
     problems = []
     for split in splits:
-        for what, path in (("features", project.features(split)), ("manifest", project.manifest(split))):
+        for what, path in (("features", project.source_features(split)), ("manifest", project.manifest(split))):
             if not path.exists():
                 problems.append(f"{split} {what}: {path} does not exist")
     return problems

@@ -209,3 +209,48 @@ def test_sonar_ft_main_wires_verify(dataset, capsys):
     feats, manifest = dataset
     assert cli.main(["verify", "--features", str(feats), "--manifest", str(manifest)]) == 0
     assert "result: OK" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------------------------------
+# Reports reused while nothing changed; a verify that cannot run still writes one
+# ------------------------------------------------------------------------------------------------
+def _verify_cli(feats: Path, manifest: Path, report: Path, *extra: str) -> int:
+    return cli.main(["verify", "--features", str(feats), "--manifest", str(manifest), "--json", str(report), *extra])
+
+
+def test_reuse_keeps_the_report_while_nothing_changed(dataset, tmp_path, npy_reads) -> None:
+    feats, manifest = dataset
+    report = tmp_path / "verify.json"
+    assert _verify_cli(feats, manifest, report, "--reuse") == 0
+    first_reads = sum(npy_reads.values())
+    assert first_reads >= len(CLIPS)
+    assert _verify_cli(feats, manifest, report, "--reuse") == 0
+    assert sum(npy_reads.values()) == first_reads  # no feature file read again
+    assert json.loads(report.read_text())["ok"]
+
+
+def test_reuse_checks_again_when_a_feature_file_changed(dataset, tmp_path) -> None:
+    feats, manifest = dataset
+    report = tmp_path / "verify.json"
+    assert _verify_cli(feats, manifest, report, "--reuse") == 0
+    np.save(feats / "a.npy", np.full((5, DIM), np.nan, np.float32))
+    assert _verify_cli(feats, manifest, report, "--reuse") == 1
+    assert json.loads(report.read_text())["non_finite"] == ["a"]
+
+
+def test_reuse_checks_again_when_the_manifest_changed(dataset, tmp_path) -> None:
+    feats, manifest = dataset
+    report = tmp_path / "verify.json"
+    assert _verify_cli(feats, manifest, report, "--reuse") == 0
+    write_manifest(manifest, [(i, n, f"text {i}") for i, n in CLIPS.items()] + [("zz", 4, "no file")])
+    assert _verify_cli(feats, manifest, report, "--reuse") == 1
+    assert json.loads(report.read_text())["missing_features"] == ["zz"]
+
+
+def test_a_verify_that_cannot_run_replaces_an_old_ok_report(dataset, tmp_path) -> None:
+    feats, manifest = dataset
+    report = tmp_path / "verify.json"
+    assert _verify_cli(feats, manifest, report) == 0
+    assert _verify_cli(tmp_path / "no_such_folder", manifest, report, "--reuse") == 2
+    written = json.loads(report.read_text())
+    assert written["ok"] is False and "no_such_folder" in written["error"]

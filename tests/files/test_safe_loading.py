@@ -207,7 +207,7 @@ def _calls(path: Path):
 def test_torch_load_is_only_called_through_the_safe_loader():
     loads = [(str(p.relative_to(ROOT)), kw.get("weights_only")) for p in _sources()
              for name, kw, _ in _calls(p) if name == "torch.load"]
-    assert loads == [("sonar_ft/io.py", True)]
+    assert loads == [("sonar_ft/files/atomic.py", True)]
     numpy_loads = [kw.get("allow_pickle") for p in _sources() for name, kw, _ in _calls(p) if name == "np.load"]
     assert numpy_loads and all(flag is False for flag in numpy_loads)
 

@@ -162,6 +162,80 @@ def test_offer_download_hands_the_file_to_colab(tmp_path: Path, monkeypatch: pyt
     assert sent == [str(tmp_path / "model.tar.gz")]
 
 
+def test_a_large_file_is_offered_as_its_drive_path_not_sent_through_the_browser(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    sent = []
+    _fake_colab(monkeypatch, files=types.SimpleNamespace(download=sent.append))
+    big = tmp_path / "content" / "drive" / "MyDrive" / "sonar_ft" / "runs" / "model.tar.gz"
+    big.parent.mkdir(parents=True)
+    with open(big, "wb") as f:
+        f.truncate(colab.BROWSER_DOWNLOAD_LIMIT + 1)  # sparse: no real 500 MB written
+    colab.offer_download(big)
+    out = capsys.readouterr().out
+    assert sent == [] and "MyDrive/sonar_ft/runs/model.tar.gz" in out and "drive.google.com" in out
+
+
+def _project(tmp_path: Path, **kw: Any) -> colab.Project:
+    return colab.Project(root=tmp_path, runs=tmp_path, features_pattern="f/{split}", manifest_pattern="m/{split}.tsv",
+                         encoder_checkpoint=tmp_path / "e.pth", decoder="text_sonar_basic_decoder", device="auto",
+                         feature_dim=768, **kw)
+
+
+def test_training_without_a_gpu_stops_and_says_how_to_get_one(tmp_path: Path) -> None:
+    from sonar_ft.stack_env import StackEnv
+
+    project = _project(tmp_path)
+    project._env["env"] = StackEnv(tmp_path / "env", {"cuda": False})
+    with pytest.raises(colab.NotebookStop, match="Change runtime type"):
+        colab.show_plan(project, 32)
+    project._env["env"] = StackEnv(tmp_path / "env", {"cuda": True})
+    project.require_gpu()  # a GPU: no stop
+
+
+def test_the_plan_is_given_the_longest_verified_clip(tmp_path: Path) -> None:
+    reports = {"train": {"ok": True, "length_stats": {"max": 812}}, "val": {"ok": True, "length_stats": {"max": 640}},
+               "test": {"ok": False, "error": "x", "length_stats": None}}
+    assert colab.longest_clip(reports) == 812
+    for split, report in reports.items():
+        (tmp_path / "verify").mkdir(exist_ok=True)
+        (tmp_path / "verify" / f"{split}.json").write_text(json.dumps(report))
+    assert colab.longest_verified_clip(_project(tmp_path)) == 812
+
+
+def test_a_stale_report_is_never_shown_as_this_checks_result(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    old = tmp_path / "verify" / "train.json"
+    old.parent.mkdir()
+    old.write_text(json.dumps({"ok": True}))
+    os.utime(old, (1, 1))
+    monkeypatch.setattr(colab, "run_command", lambda cmd, check=True: 2)  # a verify that died without writing
+    project = _project(tmp_path, python_path=sys.executable)
+    (tmp_path / "f" / "train").mkdir(parents=True)
+    with pytest.raises(colab.NotebookStop, match="verifying train failed"):
+        colab.verify_splits(project, ["train"])
+
+
+def test_every_address_agrees_with_the_one_setting() -> None:
+    from sonar_ft.notebook import address
+
+    stale = [str(p) for p, text in address.render(ROOT).items() if p.read_text(encoding="utf-8") != text]
+    assert stale == [], "run: python -m sonar_ft.notebook.address && jupytext --sync notebooks/*.py"
+    repo = address.repository(ROOT)
+    for name in ALL:
+        text = (NOTEBOOK_DIR / f"{name}.ipynb").read_text(encoding="utf-8")
+        assert f'REPO_URL = \\"{address.repo_url(repo)}\\"' in text
+        assert repo or "colab.research.google.com/github" not in text
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_notebooks_that_train_ask_colab_for_a_gpu(name: str) -> None:
+    meta = _notebook(name).metadata
+    if name in ("02_download_sonar_encoder", "05_monitor_and_predictions"):  # download / plots: no GPU to waste
+        assert "accelerator" not in meta
+    else:
+        assert meta.get("accelerator") == "GPU" and meta["colab"]["gpuType"] == "T4"
+
+
 def test_colab_puts_the_stack_environment_on_local_disk(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert colab.default_env_dir(tmp_path) == tmp_path / ".venv"
     _fake_colab(monkeypatch)
@@ -187,7 +261,7 @@ def test_find_run_outside_demo_names_the_notebook_to_run(tmp_path: Path) -> None
 def test_heavy_steps_run_with_the_stack_environments_python(tmp_path: Path) -> None:
     project = colab.Project(root=tmp_path, runs=tmp_path, features_pattern="f/{split}", manifest_pattern="m/{split}.tsv",
                             encoder_checkpoint=tmp_path / "e.pth", decoder="text_sonar_basic_decoder", device="cpu",
-                            feature_dim=768, python="/content/sonar_env/bin/python")
+                            feature_dim=768, python_path="/content/sonar_env/bin/python")
     assert project.recipe_command(tmp_path / "run")[:2] == ["/content/sonar_env/bin/python", str(tmp_path / colab.RECIPE)]
     assert project.cli_command("plan")[:3] == ["/content/sonar_env/bin/python", "-m", "sonar_ft.cli"]
 
@@ -378,22 +452,3 @@ def test_a_missing_run_stops_with_a_one_line_message(series: dict[str, Any], tmp
     assert "04_finetune" in error.evalue
     [shown] = [o for o in _outputs(nb) if o.get("output_type") == "error"]
     assert len(shown["traceback"]) == 1  # the message, not a traceback
-
-
-@pytest.mark.slow
-def test_all_in_one_from_an_empty_content_folder_clones_the_project_and_runs_the_workflow(
-    tiny_demo: DemoPaths, kernel_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory
-) -> None:
-    # Colab's DEMO case: the working folder is an empty /content, no Drive, no GPU; REPO_URL is cloned.
-    content = tmp_path_factory.mktemp("content")
-    demo_dir = _private_demo(tiny_demo, tmp_path_factory, "all_in_one_demo")
-    nb, error, seconds = _execute("00_all_in_one", content / "executed", kernel_env, cwd=content, DEMO=True,
-                                  REPO_URL=str(ROOT), DEMO_DIR=str(demo_dir))
-    print(f"\n00_all_in_one: {seconds:.0f} s, {_line_count(nb)} output lines")
-    assert error is None, error
-    assert (content / "sonar-ft" / "train_sonar_finetuning.py").is_file()
-    runs = demo_dir / colab.NOTEBOOK_RUNS
-    for path in ("verify/lengths.png", "quick_test/metrics_epoch2.json", "full/best_encoder.pt",
-                 "full/test_results.json", "sonar_encoder_finetuned.tar.gz"):
-        assert (runs / path).is_file(), path
-    assert _pngs(nb) == 3 and _has_table(nb, "num_samples", "bleu") and _line_count(nb) <= MAX_OUTPUT_LINES
