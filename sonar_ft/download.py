@@ -29,6 +29,15 @@ log = logging.getLogger(__name__)
 
 CHUNK = 1 << 20
 PART_SUFFIX = ".part"
+KNOWN_FILES: dict[str, tuple[str, str]] = {
+    "signhiera": (
+        "https://dl.fbaipublicfiles.com/SONAR/asl/dm_70h_ub_signhiera.pth",
+        "SignHiera video model whose features the SONAR ASL encoder reads (sonar-ft extract); licence CC-BY-NC 4.0",
+    ),
+}
+"""Files ``sonar-ft download NAME`` knows by name: NAME -> (URL, what it is). Their SHA-256 is not published;
+``sonar-ft extract`` records the one of the file it used."""
+
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 _UNSATISFIED_RANGE = re.compile(r"bytes \*/(\d+)")
 
@@ -215,7 +224,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Download URL to --out. Bytes go to OUT.part (resumed on the next run when the server "
         "supports it); OUT appears only once the size (and --sha256 when given) match.",
     )
-    p.add_argument("url", help="http(s) URL of the file (only this URL is fetched)")
+    known = ", ".join(f"{name} ({what})" for name, (_, what) in KNOWN_FILES.items())
+    p.add_argument("url", help=f"http(s) URL of the file (only this URL is fetched), or a known name: {known}")
     p.add_argument("--out", required=True, type=Path, help="file to write (an existing folder: the URL's file name in it)")
     p.add_argument("--sha256", help="expected SHA-256 (64 hex digits); a mismatch is an error")
     p.add_argument("--size", type=int, help="expected size in bytes (default: the server's Content-Length)")
@@ -225,6 +235,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _download_command(args: argparse.Namespace) -> int:
+    if args.url in KNOWN_FILES:
+        args.url = KNOWN_FILES[args.url][0]
     out: Path = args.out
     if out.is_dir():
         name = Path(urllib.parse.unquote(urllib.parse.urlsplit(args.url).path)).name

@@ -37,3 +37,7 @@ class TrainingError(SonarFtError):
 
 class DownloadError(SonarFtError):
     """A download failed, or what arrived is not what was asked for (size, SHA-256)."""
+
+
+class VideoError(DataError):
+    """A video cannot be turned into features (corrupt, no video stream, no frames, too large, variable frame rate)."""

@@ -7,6 +7,7 @@ import hashlib
 import http.server
 import re
 import threading
+from pathlib import Path
 
 import pytest
 
@@ -173,3 +174,19 @@ def test_cli_size_mismatch_is_one_error_line(server, tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and "--size says 12" in err and "Traceback" not in err
     assert not (tmp_path / "f.bin").exists()
+
+
+def test_cli_knows_the_signhiera_file_by_name(monkeypatch, tmp_path, capsys):
+    from sonar_ft import download as download_module
+
+    asked = {}
+
+    def fake(url, dest, **kwargs):
+        asked["url"] = url
+        Path(dest).write_bytes(b"x")
+        return Path(dest)
+
+    monkeypatch.setattr(download_module, "download", fake)
+    assert sonar_ft_cli(["download", "signhiera", "--out", str(tmp_path)]) == 0
+    assert asked["url"] == "https://dl.fbaipublicfiles.com/SONAR/asl/dm_70h_ub_signhiera.pth"
+    assert (tmp_path / "dm_70h_ub_signhiera.pth").exists()

@@ -1,5 +1,8 @@
 """``sonar-ft translate``: sign clips -> fine-tuned encoder -> frozen SONAR decoder -> text in each language.
 
+``--video clip.mp4 [more ...]`` starts from videos instead of features: they go through SignHiera first
+(:mod:`sonar_ft.inference.extract`, ``--signhiera`` / ``--crop``), in memory.
+
 ``sonar-ft translate --encoder TARBALL_OR_CKPT --features ... --tgt_langs eng_Latn,fra_Latn`` loads the
 encoder (an export is checked before anything is extracted, :mod:`sonar_ft.export.load`) and decodes
 each clip into every requested language — SONAR's decoder speaks 200 of them. The decoder defaults to
@@ -28,9 +31,12 @@ from sonar_ft.models.encoder import load_encoder
 
 def translate(
     encoder: str | Path,
-    features: str | Path,
+    features: str | Path | None,
     tgt_langs: list[str],
     *,
+    videos: list[str | Path] | None = None,
+    signhiera: str | Path | None = None,
+    crop: str = "face",
     decoder: str | None = None,
     tokenizer: str | None = None,
     ids: list[str] | None = None,
@@ -42,13 +48,22 @@ def translate(
     """Translate feature clips with an exported (or plain checkpoint) encoder into each language.
 
     Returns one ``{"id": ..., "eng_Latn": text, ...}`` per clip. The decoder defaults to the one the
-    encoder was trained with (packed in the export, or recorded in its ``tokenizer.json``).
+    encoder was trained with (packed in the export, or recorded in its ``tokenizer.json``). With
+    ``videos`` (and no ``features``), the clips are those videos' SignHiera features (``signhiera``
+    checkpoint, ``crop``), extracted first; a video that cannot be used raises :class:`VideoError`.
     """
+    if (features is None) == (not videos):
+        raise ConfigError("give either --features or --video, not both")
     dev = resolve_device(device)
-    features = Path(features)
+    if videos:  # SignHiera first, freed before the encoder and decoder need the memory
+        video_clips = _video_features(videos, signhiera, crop, dev)
+        clip_ids, clips, features = list(video_clips), list(video_clips.values()), Path(str(videos[0]))
+    else:
+        features = Path(features)
     with opened_encoder(encoder) as (checkpoint, files):
         model, _ = load_encoder(checkpoint, device=dev)
-        clip_ids, clips = _read_clips(features, ids)
+        if not videos:
+            clip_ids, clips = _read_clips(features, ids)
         _check_clips(clip_ids, clips, model.config.feature_dim, features, encoder)  # before the decoder is loaded
         decoder_spec, tokenizer_spec = decoder_for(files, decoder, tokenizer)
         dec = FrozenTextDecoder.load(decoder_spec, tokenizer_spec, device=dev)  # while packed files still exist
@@ -62,6 +77,22 @@ def translate(
             row[lang] = text
     torch.cuda.empty_cache() if dev.type == "cuda" else None
     return rows
+
+
+def _video_features(videos: list[str | Path], signhiera: str | Path | None, crop: str,
+                    device: torch.device) -> dict[str, torch.Tensor]:
+    """SignHiera features of ``videos`` (loaded, used, and freed before the encoder needs the memory)."""
+    from sonar_ft.inference.extract import DEFAULT_SIGNHIERA, ExtractSettings, extract_features, load_for_extraction
+
+    stems = [Path(v).stem for v in videos]
+    if len(set(stems)) != len(stems):
+        raise ConfigError(f"--video: two videos share a name ({', '.join(stems)}); the output is keyed by file name")
+    model = load_for_extraction(signhiera or DEFAULT_SIGNHIERA, str(device))
+    features = extract_features(model, videos, settings=ExtractSettings(crop=crop, device=str(device)))
+    del model
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return features
 
 
 def _read_clips(features: Path, ids: list[str] | None) -> tuple[list[str], list[Any]]:
@@ -120,11 +151,15 @@ def _cmd_translate(args: argparse.Namespace) -> int:
         if value is not None and value < 1:
             hint = "; leave --limit out to print every clip" if flag == "--limit" else ""
             raise ConfigError(f"{flag} must be at least 1 (got {value}){hint}")
+    if (args.features is None) == (not args.video):
+        raise ConfigError("give the clips to translate with --features (feature folder or file) or --video (video files)")
     if args.out:
         check_not_folder(args.out, example="translations.json")
-        check_output_not_input(args.out, {"--encoder": args.encoder, "--features": args.features})
+        check_output_not_input(args.out, {"--encoder": args.encoder, "--features": args.features,
+                                          **{"--video": v for v in args.video or []}})
     rows = translate(
-        args.encoder, args.features, langs, decoder=args.decoder, tokenizer=args.tokenizer, ids=ids,
+        args.encoder, args.features, langs, videos=args.video, signhiera=args.signhiera, crop=args.crop,
+        decoder=args.decoder, tokenizer=args.tokenizer, ids=ids,
         beam_size=args.beam_size, max_gen_len=args.max_gen_len, batch_size=args.batch_size, device=args.device,
     )
     if args.limit is not None:
@@ -146,9 +181,16 @@ def _cmd_translate(args: argparse.Namespace) -> int:
 
 def register(subparsers: Any) -> None:
     """Add ``sonar-ft translate``."""
-    t = subparsers.add_parser("translate", help="translate feature clips with a fine-tuned encoder")
+    from sonar_ft.data.video import CROPS
+    from sonar_ft.inference.extract import DEFAULT_SIGNHIERA
+
+    t = subparsers.add_parser("translate", help="translate feature clips or videos with a fine-tuned encoder")
     t.add_argument("--encoder", required=True, help="export tarball or encoder checkpoint")
-    t.add_argument("--features", required=True, help="feature folder or one feature file")
+    t.add_argument("--features", help="feature folder or one feature file")
+    t.add_argument("--video", nargs="+", help="video file(s) to translate instead of --features (SignHiera runs first)")
+    t.add_argument("--signhiera", default=str(DEFAULT_SIGNHIERA),
+                   help=f"with --video: SignHiera checkpoint (default: {DEFAULT_SIGNHIERA}; sonar-ft download signhiera)")
+    t.add_argument("--crop", choices=CROPS, default="face", help="with --video: face | center | none (see sonar-ft extract)")
     t.add_argument("--tgt_langs", "--tgt-langs", default="eng_Latn", help="comma-separated FLORES-200 codes")
     t.add_argument("--ids", help="comma-separated clip ids (default: all in the folder)")
     t.add_argument("--limit", type=int, help="print at most this many clips (with --manifest and no --ids: translate only these)")
