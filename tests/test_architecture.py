@@ -7,7 +7,7 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "sonar_ft"
 LAYERS = [
-    {"errors", "scores"},
+    {"errors", "scores", "progress"},
     {"config", "device", "cli"},
     {"run_files"},
     {"files"},
