@@ -5,6 +5,7 @@ each writes what the notebook shows as JSON:
 
     python -m sonar_ft.notebook.steps demo --demo_dir demo_runs
     python -m sonar_ft.notebook.steps encoder-info --checkpoint enc.pth --json info.json
+    python -m sonar_ft.notebook.steps demo-videos --out demo_videos --signhiera s.pth --feature_dim 768
 """
 
 from __future__ import annotations
@@ -51,6 +52,16 @@ def _encoder_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _demo_videos(args: argparse.Namespace) -> int:
+    from sonar_ft.demo.videos import render_demo_videos, save_random_signhiera
+
+    videos = render_demo_videos(args.out, [float(s) for s in args.seconds.split(",")])
+    save_random_signhiera(args.signhiera, args.feature_dim)
+    print(f"DEMO: {len(videos)} synthetic videos in {args.out}; random-weight SignHiera "
+          f"(output width {args.feature_dim}) at {args.signhiera}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="step", required=True)
@@ -61,6 +72,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     info.add_argument("--checkpoint", required=True, type=Path)
     info.add_argument("--json", required=True, type=Path)
     info.set_defaults(func=_encoder_info)
+    videos = sub.add_parser("demo-videos", help="synthetic sign-like videos and a small random-weight SignHiera")
+    videos.add_argument("--out", required=True, type=Path, help="folder for the videos")
+    videos.add_argument("--signhiera", required=True, type=Path, help="where the random SignHiera checkpoint goes")
+    videos.add_argument("--feature_dim", required=True, type=int, help="the SignHiera's output width")
+    videos.add_argument("--seconds", default="1,2,3", help="comma-separated video lengths in seconds")
+    videos.set_defaults(func=_demo_videos)
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
