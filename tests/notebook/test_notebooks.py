@@ -33,6 +33,7 @@ ROOT = Path(__file__).resolve().parents[2]
 NOTEBOOK_DIR = ROOT / "notebooks"
 SERIES = (
     "01_setup_and_verify_features",
+    "01b_extract_features",
     "02_download_sonar_encoder",
     "03_quick_test",
     "04_finetune",
@@ -42,6 +43,9 @@ SERIES = (
     "08_hyperparameter_tuning",
 )
 ALL = ("00_all_in_one", *SERIES)
+EXTRACTION = "01b_extract_features"
+TRAINING_SERIES = tuple(name for name in SERIES if name != EXTRACTION)
+"""Executed in order on one demo; the extraction notebook stands apart (its own fixture, nothing reads its output)."""
 KERNEL = "sonar-ft-colab-like"
 KERNEL_VENV = Path(os.environ.get("SONAR_FT_KERNEL_VENV", ROOT / ".kernel-venv"))
 SETUP_MARK = "# Setup: the project, Google Drive, the SONAR stack's environment."
@@ -319,7 +323,7 @@ def series(tiny_demo: DemoPaths, kernel_env: dict[str, str], tmp_path_factory: p
     """Notebooks 01-08 executed in order with DEMO = True on a private copy of the tiny demo."""
     demo_dir = _private_demo(tiny_demo, tmp_path_factory, "notebook_demo")
     out_dir = tmp_path_factory.mktemp("executed")
-    executed = {name: _execute(name, out_dir, kernel_env, DEMO=True, DEMO_DIR=str(demo_dir)) for name in SERIES}
+    executed = {name: _execute(name, out_dir, kernel_env, DEMO=True, DEMO_DIR=str(demo_dir)) for name in TRAINING_SERIES}
     report = {name: {"seconds": round(t, 1), "output_lines": _line_count(nb), "ok": e is None}
               for name, (nb, e, t) in executed.items()}
     print("\nnotebook runs (Colab-like kernel, DEMO):\n" + json.dumps(report, indent=1))
@@ -356,6 +360,24 @@ def _text(nb: nbformat.NotebookNode) -> str:
 def _line_count(nb: nbformat.NotebookNode) -> int:
     """Lines a reader scrolls through: every newline and every carriage-return redraw counts."""
     return len([line for line in re.split(r"\r\n|\r|\n", _text(nb)) if line.strip()])
+
+
+@pytest.mark.slow
+def test_01b_extracts_synthetic_videos_packs_them_and_estimates_the_time(
+    tiny_demo: DemoPaths, kernel_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    demo_dir = _private_demo(tiny_demo, tmp_path_factory, "extract_demo")
+    nb, error, seconds = _execute(EXTRACTION, tmp_path_factory.mktemp("executed_01b"), kernel_env,
+                                  DEMO=True, DEMO_DIR=str(demo_dir))
+    print(f"\n{EXTRACTION} (Colab-like kernel, DEMO): {seconds:.1f} s, {_line_count(nb)} output lines")
+    assert error is None, f"{EXTRACTION} failed: {error}"
+    work = demo_dir / colab.NOTEBOOK_RUNS / "extract_demo"
+    with tarfile.open(work / "features" / "train.tar") as tar:
+        packed = {Path(n).name for n in tar.getnames()}
+    assert {f"demo_clip0{i}.npy" for i in range(3)} <= packed
+    assert _has_table(nb, "id", "frames", "windows", "status")
+    assert re.search(r"estimate: [\d.]+ h of video -> about \d+ min", _text(nb))
+    assert 0 < _line_count(nb) <= MAX_OUTPUT_LINES
 
 
 @pytest.mark.slow
@@ -439,7 +461,7 @@ def test_08_runs_a_study_shows_its_plots_and_trains_from_it(series: dict[str, An
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", SERIES)
+@pytest.mark.parametrize("name", TRAINING_SERIES)
 def test_each_notebook_prints_a_readable_amount(series: dict[str, Any], name: str) -> None:
     nb = _ran(series, name)
     assert 0 < _line_count(nb) <= MAX_OUTPUT_LINES, f"{name}: {_line_count(nb)} output lines"
