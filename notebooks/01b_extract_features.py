@@ -198,7 +198,7 @@ expected_min = hours * 3600 * (windows / video_seconds) / rate / 60 if rate > 0 
 where = "this runtime's GPU" if not DEMO and P.has_gpu else "this CPU"
 print(f"measured: {windows} windows of {video_seconds / 60:.1f} min of video in {model_seconds:.1f} s "
       f"({rate:.2f} windows/s on {where})")
-print(f"estimate: {hours:.2f} h of video -> about {expected_min:.0f} min of extraction on {where}"
+print(f"estimate: {hours:.3g} h of video -> about {expected_min:.1f} min of extraction on {where}"
       + (" (DEMO: a tiny random model, so this says nothing about the real one)" if DEMO else ""))
 
 # %% [markdown]
