@@ -138,7 +138,7 @@ def _unpack(archive: Path, dest: Path, progress: bool) -> tuple[int, int]:
             h = hashlib.sha256()
             src = tar.extractfile(member)
             assert src is not None
-            with open(target, "wb") as out:
+            with atomic.atomic_path(target) as tmp, open(tmp, "wb") as out:  # never a half-written feature file
                 while chunk := src.read(_CHUNK):
                     h.update(chunk)
                     out.write(chunk)

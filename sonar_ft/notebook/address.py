@@ -12,6 +12,8 @@ import re
 import sys
 from pathlib import Path
 
+from sonar_ft.files import atomic
+
 ROOT = Path(__file__).resolve().parents[2]
 NOTEBOOKS = "notebooks"
 BADGE_IMAGE = "https://colab.research.google.com/assets/colab-badge.svg"
@@ -61,7 +63,7 @@ def main() -> int:
     changed = [p for p, text in render().items() if p.read_text(encoding="utf-8") != text]
     for path, text in render().items():
         if path in changed:
-            path.write_text(text, encoding="utf-8")
+            atomic.write_text(path, text)
     print(f"repository: {repository() or '(none set)'}; rewrote {len(changed)} file(s)"
           + ("; now run: jupytext --sync notebooks/*.py" if changed else ""))
     return 0
