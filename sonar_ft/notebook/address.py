@@ -20,7 +20,7 @@ BADGE_IMAGE = "https://colab.research.google.com/assets/colab-badge.svg"
 NO_BADGE = "*(upload to Colab: File → Upload notebook)*"
 _REPO_LINE = re.compile(r'^REPO_URL = "[^"]*"(\s*#.*)?$', re.M)
 _NB_BADGE = re.compile(r"^# (\[!\[Open In Colab\]\([^)]*\)\]\([^)]*\)|\*\(upload to Colab: File → Upload notebook\)\*)$", re.M)
-_README_ROW = re.compile(r"^\| (\[!\[Open In Colab\]\([^)]*\)\]\([^)]*\)|\*\(upload to Colab: File → Upload notebook\)\*) \| (\d\d) ", re.M)
+_README_ROW = re.compile(r"^\| (\[!\[Open In Colab\]\([^)]*\)\]\([^)]*\)|\*\(upload to Colab: File → Upload notebook\)\*) \| (\d\d[a-z]?) ", re.M)
 
 
 def repository(root: Path = ROOT) -> str:
@@ -47,7 +47,7 @@ def render(root: Path = ROOT, repo: str | None = None) -> dict[Path, str]:
     """Every file that names the address, as it should read for ``repo`` (default: the setting)."""
     repo = repository(root) if repo is None else repo
     out: dict[Path, str] = {}
-    stems = {p.stem[:2]: p.stem for p in sorted((root / NOTEBOOKS).glob("*.py"))}
+    stems = {p.stem.split("_")[0]: p.stem for p in sorted((root / NOTEBOOKS).glob("*.py"))}  # "01", "01b", ...
     for stem in stems.values():
         path = root / NOTEBOOKS / f"{stem}.py"
         text = path.read_text(encoding="utf-8")
