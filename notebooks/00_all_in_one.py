@@ -51,11 +51,14 @@ QUICK_BATCH_SIZE = 8               # quick test: effective batch, 50 clips, 5 ep
 BATCH_SIZE = 32                    # full run: effective batch (the memory plan picks micro-batches)
 EPOCHS = 30
 LEARNING_RATE = 1e-4
+CHECKPOINT_MINUTES = 20            # last.pt is also saved every 20 min inside epochs: a disconnect costs at most that
 N_EXAMPLES = 10
 TARBALL = "sonar_encoder_finetuned.tar.gz"
-# DEMO mode: the demo's small encoder, a few epochs on the CPU
+# DEMO mode: the demo's small encoder, a few epochs on the CPU, saved every ~2 s
+DEMO_BATCH_SIZE = 16
 DEMO_EPOCHS = 3
-DEMO_FLAGS = ["--batch_size", "16", "--learning_rate", "1e-3", "--beam_size", "2", "--distill_weight", "1.0"]
+DEMO_CHECKPOINT_MINUTES = 0.03
+DEMO_FLAGS = ["--learning_rate", "1e-3", "--beam_size", "2", "--distill_weight", "1.0"]  # memory flags added here win
 
 # %% [markdown]
 # ## Setup (the same cell in every notebook)
@@ -145,7 +148,7 @@ print(f"{P.encoder_checkpoint}: {colab.format_size(P.encoder_checkpoint.stat().s
 MAX_FRAMES = colab.longest_clip(reports)  # the plan is made for the real longest clip, and the run is told it
 QUICK_FLAGS = colab.show_plan(P, QUICK_BATCH_SIZE, max_frames=MAX_FRAMES) or ["--batch_size", QUICK_BATCH_SIZE]
 if DEMO:
-    QUICK_FLAGS = DEMO_FLAGS
+    QUICK_FLAGS = ["--batch_size", DEMO_BATCH_SIZE, *DEMO_FLAGS]
 quick_dir = P.run_dir("quick_test")
 # The quick test keeps no checkpoints (--save_checkpoints false): at the official size they would take 12 GB of Drive.
 colab.run_command(P.recipe_command(quick_dir, *QUICK_FLAGS, "--epochs", 2 if DEMO else 5, "--eval_every", 1,
@@ -153,14 +156,21 @@ colab.run_command(P.recipe_command(quick_dir, *QUICK_FLAGS, "--epochs", 2 if DEM
 
 # %% [markdown]
 # ## 4 · Full fine-tuning (resumable: after a disconnect, run the setup cell and this one again)
+#
+# The plan above is made again for the GPU attached now, and for this Drive: its free space (trash
+# counted) decides where the checkpoints go, and the run stops here before training when they do
+# not fit. `last.pt` is also saved every `CHECKPOINT_MINUTES` inside epochs. Resuming on another GPU
+# (T4 today, L4 tomorrow) is fine: the memory flags may change, the result does not.
 
 # %%
-FULL_FLAGS = colab.show_plan(P, BATCH_SIZE, run_name="full", max_frames=MAX_FRAMES) or ["--batch_size", BATCH_SIZE]
 if DEMO:
-    FULL_FLAGS = DEMO_FLAGS
+    BATCH_SIZE, EPOCHS, CHECKPOINT_MINUTES = DEMO_BATCH_SIZE, DEMO_EPOCHS, DEMO_CHECKPOINT_MINUTES
+PLAN_FLAGS = colab.show_plan(P, BATCH_SIZE, run_name="full", max_frames=MAX_FRAMES, epochs=EPOCHS,
+                             checkpoint_minutes=CHECKPOINT_MINUTES)
+FULL_FLAGS = PLAN_FLAGS if "--batch_size" in PLAN_FLAGS else ["--batch_size", BATCH_SIZE, *PLAN_FLAGS]
+FULL_FLAGS += DEMO_FLAGS if DEMO else ["--learning_rate", LEARNING_RATE]
 run_dir = P.run_dir("full")
-colab.run_command(P.recipe_command(run_dir, *FULL_FLAGS, "--epochs", DEMO_EPOCHS if DEMO else EPOCHS,
-                                   *([] if DEMO else ["--learning_rate", LEARNING_RATE]), "--eval_every", 1))
+colab.run_command(P.recipe_command(run_dir, *FULL_FLAGS, "--epochs", EPOCHS, "--eval_every", 1))
 
 # %% [markdown]
 # ## 5 · Curves and predictions

@@ -55,13 +55,15 @@ BATCH_SIZE = 32                    # the effective batch; the memory plan splits
 EPOCHS = 30
 LEARNING_RATE = 1e-4
 EVAL_EVERY = 1
-CHECKPOINT_EVERY_STEPS = 0         # also save last.pt every N steps (mid-epoch resume; each save is 4.5-9 GB, see the disk plan)
+CHECKPOINT_MINUTES = 20            # also save last.pt every 20 min inside epochs: a disconnect costs at most that (0: epoch ends only)
+CHECKPOINT_EVERY_STEPS = 0         # or every N steps (each save is 4.5-9 GB; the disk plan counts the saves)
 LORA_RANK = 0                      # 16: LoRA adapters (on a T4: plain AdamW, batch 32 per step, last.pt 0.2 GB); 0: full fine-tuning
 EXTRA_FLAGS = []                   # e.g. ["--gradient_checkpointing", "--grad_accum", "4", "--early_stopping_patience", "5"]
 # DEMO mode trains the demo's small encoder with these instead:
 DEMO_EPOCHS = 4
 DEMO_BATCH_SIZE = 16
 DEMO_LEARNING_RATE = 1e-3
+DEMO_CHECKPOINT_MINUTES = 0.03     # saves every ~2 s
 DEMO_FLAGS = ["--beam_size", "2", "--distill_weight", "1.0"]  # distillation keeps French decoding working
 
 # %% [markdown]
@@ -119,21 +121,27 @@ P = colab.setup(ROOT, demo=DEMO, demo_dir=DEMO_DIR, env_dir=ENV_DIR, features=FE
 #
 # `sonar-ft plan --gpu auto` (run by the stack environment) reads this runtime's GPU and picks the
 # least intrusive settings whose estimate fits it at the effective batch `BATCH_SIZE`; it prints the
-# estimate, the flags and where the checkpoints go (the disk plan). The training cell uses these flags.
-# In DEMO mode (CPU) there is nothing to plan.
+# estimate, the flags and where the checkpoints go: the disk plan reads this Drive's free space (trash
+# counted), simulates the whole run's saves, and stops here, before training, when they cannot fit,
+# saying what to free or what fits. The training cell uses these flags. In DEMO mode (CPU) there is no
+# memory to plan; the disk plan is made for the demo's encoder.
 
 # %%
-PLAN_FLAGS = colab.show_plan(P, BATCH_SIZE, run_name=RUN_NAME, lora_rank=LORA_RANK,
-                            max_frames=colab.longest_verified_clip(P))  # notebook 01's reports
+if DEMO:
+    EPOCHS, BATCH_SIZE, LEARNING_RATE, CHECKPOINT_MINUTES = DEMO_EPOCHS, DEMO_BATCH_SIZE, DEMO_LEARNING_RATE, DEMO_CHECKPOINT_MINUTES
+PLAN_FLAGS = colab.show_plan(P, BATCH_SIZE, run_name=RUN_NAME, lora_rank=LORA_RANK, epochs=EPOCHS,
+                             checkpoint_minutes=CHECKPOINT_MINUTES,
+                             max_frames=colab.longest_verified_clip(P))  # notebook 01's reports
 BATCH_FLAGS = PLAN_FLAGS if "--batch_size" in PLAN_FLAGS else ["--batch_size", BATCH_SIZE, *PLAN_FLAGS]
 print("flags used:", " ".join(map(str, BATCH_FLAGS)))
 
 # %% [markdown]
 # ## Train (resumable)
 #
-# **After a Colab disconnect:** reconnect, run the setup cell and this cell again — the recipe finds
-# `last.pt` in the run folder and continues from the last finished epoch (or step, with
-# `CHECKPOINT_EVERY_STEPS`); a finished run is not trained again. Changing a setting that makes it
+# **After a Colab disconnect:** reconnect, run the setup cell, the memory cell and this cell again —
+# the recipe finds `last.pt` (or its copy on Drive) and continues from the last save (every
+# `CHECKPOINT_MINUTES`); a finished run is not trained again. Another GPU is fine: the memory flags
+# are planned again and do not change the result. Changing a setting that makes it
 # another run (learning rate, batch size, data…) is refused: choose another `RUN_NAME`, or add
 # `--overwrite` to start over.
 #
@@ -144,7 +152,6 @@ print("flags used:", " ".join(map(str, BATCH_FLAGS)))
 
 # %%
 if DEMO:
-    EPOCHS, LEARNING_RATE, BATCH_FLAGS = DEMO_EPOCHS, DEMO_LEARNING_RATE, ["--batch_size", DEMO_BATCH_SIZE, *PLAN_FLAGS]
     EXTRA_FLAGS = [*DEMO_FLAGS, *EXTRA_FLAGS]
 run_dir = P.run_dir(RUN_NAME)
 colab.run_command(P.recipe_command(

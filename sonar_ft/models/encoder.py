@@ -689,6 +689,22 @@ def infer_config(state_dict: Mapping[str, Tensor], *, source: str | Path = "stat
     )
 
 
+def _checkpoint_config(obj: Any, state: Mapping[str, Tensor], path: str | Path) -> SignT5Config:
+    """The architecture from the tensor shapes, plus what they cannot show from the file's ``"config"`` entry."""
+    config = infer_config(state, source=path)
+    saved = obj.get("config") if isinstance(obj, Mapping) else None
+    if isinstance(saved, Mapping):
+        unseen = {"max_distance", "layer_norm_eps", "dropout"}  # not visible in tensor shapes
+        config = dataclasses.replace(config, **{k: saved[k] for k in unseen if k in saved})
+    return config
+
+
+def read_config(path: str | Path) -> SignT5Config:
+    """The architecture of the encoder checkpoint at ``path`` (memory-mapped: its weights are not read)."""
+    obj = load_torch(path, what="encoder checkpoint", mmap=True)
+    return _checkpoint_config(obj, extract_state_dict(obj, path), path)
+
+
 def load_encoder(
     path: str | Path,
     *,
@@ -704,11 +720,7 @@ def load_encoder(
     """
     obj = load_torch(path, what="encoder checkpoint")
     state = extract_state_dict(obj, path)
-    config = infer_config(state, source=path)
-    saved = obj.get("config") if isinstance(obj, Mapping) else None
-    if isinstance(saved, Mapping):
-        unseen = {"max_distance", "layer_norm_eps", "dropout"}  # not visible in tensor shapes
-        config = dataclasses.replace(config, **{k: saved[k] for k in unseen if k in saved})
+    config = _checkpoint_config(obj, state, path)
     if dropout is not None:
         config = dataclasses.replace(config, dropout=dropout)
     if dtype == torch.float16:

@@ -172,6 +172,13 @@ class Project:
         """Manifest of ``split``."""
         return self.root / self.manifest_pattern.format(split=split)
 
+    def state_dir(self, run_name: str) -> Path:
+        """The local-disk folder of a run's ``--state_dir`` (fast, large, lost on disconnect): beside the local
+        copy of the features (``/content/sonar_state`` in Colab), else in the temporary folder."""
+        base = self.local_data.parent if self.local_data else (
+            Path("/content") if Path("/content").is_dir() else Path(tempfile.gettempdir()))
+        return base / "sonar_state" / run_name
+
     def run_dir(self, name: str) -> Path:
         """The folder of run ``name``."""
         return self.runs / name
@@ -298,6 +305,14 @@ def longest_clip(reports: Mapping[str, Mapping[str, Any]]) -> int | None:
     return max(found) if found else None
 
 
+def _verified_clips(project: Project, split: str) -> int | None:
+    """Clips of ``split`` in its saved verify report (None when there is none)."""
+    try:
+        return int(json.loads((project.runs / "verify" / f"{split}.json").read_text(encoding="utf-8"))["counts"]["checked"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def longest_verified_clip(project: Project) -> int | None:
     """The longest clip of the verify reports saved in the runs folder (notebook 01's), or None."""
     reports = {}
@@ -312,43 +327,86 @@ def longest_verified_clip(project: Project) -> int | None:
 
 
 def show_plan(project: Project, effective_batch: int, run_name: str | None = None, lora_rank: int = 0,
-              max_frames: int | None = None) -> list[str]:
-    """Memory and disk settings for this runtime's GPU from ``sonar-ft plan --gpu auto``: shown, returned as flags.
+              max_frames: int | None = None, *, epochs: int = 30, checkpoint_minutes: float = 0.0) -> list[str]:
+    """The memory plan for this runtime's GPU and, for a run that keeps checkpoints, the disk plan: shown, returned as flags.
 
-    When the disk plan keeps ``last.pt`` on the runtime's local disk (``needs_state_dir``: a free Drive cannot
-    hold two copies), the flags include ``--state_dir`` under :data:`LOCAL_STATE_ROOT` for ``run_name``.
-    ``lora_rank`` > 0 plans LoRA fine-tuning (``--lora_rank`` is among the flags).
-    ``max_frames`` (the longest clip, :func:`longest_clip` of the verify reports) is planned for and passed
-    on as ``--max_frames``. In DEMO mode (CPU, the demo's small encoder) there is nothing to plan: that
-    is said, and no flags are returned; a non-DEMO runtime without a GPU stops here (:meth:`Project.require_gpu`).
+    Memory (``sonar-ft plan --gpu auto``): the micro-batch / accumulation split, precision and the rest for
+    ``effective_batch``, re-planned each time (a run may resume on another GPU: these flags do not change
+    its result). ``lora_rank`` > 0 plans LoRA; ``max_frames`` (the longest clip, :func:`longest_clip` of the
+    verify reports) is planned for and passed on as ``--max_frames``. In DEMO mode (the demo's small encoder
+    on the CPU) there is no memory to plan; a non-DEMO runtime without a GPU stops here (:meth:`Project.require_gpu`).
+
+    Disk, with ``run_name``: the free space of the runs folder (on Colab, the Drive quota's, trash counted) and of
+    the local state folder is read; ``epochs`` with their saves (``checkpoint_minutes``: time-based saves, passed on
+    as ``--checkpoint_every_minutes``) are simulated over a Drive that keeps trash, the encoder and features already
+    there counting as there; the chosen placement's flags (``--state_dir`` on local disk, ``--state_slots``) are
+    returned. When no placement fits, the notebook stops before training, saying what to free and what would fit.
     """
     project.require_gpu()
+    out = project.runs / "plan.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    lora = ["--lora_rank", str(lora_rank)] if lora_rank else []
+    frames = ["--max_frames", str(max_frames)] if max_frames and project.demo is None else []
     if project.demo is not None:
-        why = "DEMO mode (the demo's small encoder on the CPU)"
-        print(f"memory plan: none needed, {why}; the official-size plans: `sonar-ft plan --gpu t4` (or l4, a100, h100)")
+        print("memory plan: none needed, DEMO mode (the demo's small encoder on the CPU); the official-size plans: "
+              "`sonar-ft plan --gpu t4` (or l4, a100, h100)")
         if lora_rank:
             print(f"LoRA chosen (LORA_RANK = {lora_rank}): adapters train, the encoder's weights stay frozen")
-        return ["--lora_rank", str(lora_rank)] if lora_rank else []
-    out = project.runs / "plan.json"
-    frames = ["--max_frames", max_frames] if max_frames else []
-    run_command(project.cli_command("plan", "--gpu", "auto", "--effective_batch", effective_batch, "--lora_rank", lora_rank,
-                                    *frames, "--json", out))
-    if lora_rank:
+        if run_name is None:
+            return lora
+        cmd = project.cli_command("plan", "--disk_only", "--encoder_checkpoint", project.encoder_checkpoint, *lora)
+    else:
+        cmd = project.cli_command("plan", "--gpu", "auto", "--effective_batch", effective_batch, "--lora_rank", lora_rank,
+                                  *frames)
+    if run_name is not None:
+        cmd += _disk_arguments(project, epochs, checkpoint_minutes, effective_batch, project.run_dir(run_name))
+    run_command(cmd + ["--json", out])
+    plan = json.loads(out.read_text(encoding="utf-8"))
+    if project.demo is None and lora_rank:
         print(f"LoRA chosen (LORA_RANK = {lora_rank}): adapters train, the encoder's weights stay frozen; "
               "best_encoder.pt is still the whole (merged) encoder")
-    plan = json.loads(out.read_text(encoding="utf-8"))
-    show_table([{"setting": k, "value": str(v)} for k, v in plan["settings"].items()])
-    flags = [str(f) for f in plan["flags"]]
+    if plan["settings"]:
+        show_table([{"setting": k, "value": str(v)} for k, v in plan["settings"].items()])
+    flags = [str(f) for f in plan["flags"]] + lora * (project.demo is not None)
     if frames and "--max_frames" not in flags:  # the run is told the clip length the plan was made for
-        flags += [str(f) for f in frames]
-    if plan["disk"].get("needs_state_dir") and run_name:
-        flags += ["--state_dir", str(LOCAL_STATE_ROOT / run_name), *plan["disk"]["flags"]]
-        print(f"last.pt is kept in {LOCAL_STATE_ROOT / run_name} (local disk) and copied into the run folder in place after each save")
+        flags += frames
+    if run_name is None:
+        return flags
+    disk = plan["disk"]
+    if not disk["fits"]:
+        fits = "; or ".join(a["change"] for a in disk.get("alternatives", []))
+        stop(f"the run's checkpoints do not fit this Drive ({disk['drive_free_gb']:.1f} GB free, trash counted; "
+             f"the run needs {disk['drive_peak_gb']:.1f} GB at its peak): free space on Drive (empty its trash, remove "
+             f"old runs){' — or it fits with: ' + fits if fits else ''}. LoRA (LORA_RANK = 16, notebook 04) needs least.")
+    if disk["needs_state_dir"]:
+        state = project.state_dir(run_name)
+        flags += ["--state_dir", str(state), *disk["flags"]]
+        print(f"last.pt is kept in {state} (local disk) and copied into the run folder in place after each save")
+    if checkpoint_minutes:
+        flags += ["--checkpoint_every_minutes", str(checkpoint_minutes)]
     return flags
 
 
-LOCAL_STATE_ROOT = Path("/content/sonar_state") if Path("/content").is_dir() else Path(tempfile.gettempdir()) / "sonar_state"
-"""Where ``--state_dir`` folders go: the runtime's local disk (fast, large, lost on disconnect)."""
+def _disk_arguments(project: Project, epochs: int, checkpoint_minutes: float, effective_batch: int, run_dir: Path) -> list[str]:
+    """``sonar-ft plan``'s disk flags for this project: real free space, and only what is not yet on Drive."""
+    args = ["--drive_dir", str(project.runs), "--local_dir", str(project.state_dir("")), "--epochs", str(epochs),
+            "--features_gb", "0", "--resume_dir", str(run_dir)]  # the features are on Drive already (copied to local disk)
+    if checkpoint_minutes:
+        args += ["--checkpoint_every_minutes", str(checkpoint_minutes)]
+    if project.encoder_checkpoint.is_file():
+        args += ["--encoder_gb", "0"]
+    if project.demo is not None:
+        # The demo's decoder is among its assets (already there) and packed into the export. No epoch-time estimate on
+        # a CPU: time-based saves are counted at their most, one per optimiser step (they are checked after each).
+        encoder = project.encoder_checkpoint.stat().st_size
+        decoder = sum(f.stat().st_size for f in project.demo.assets.glob("text_decoder*") if f.is_file())
+        args += ["--decoder_cache_gb", "0", "--tarball_gb", f"{(encoder + decoder) / 1e9:.6f}"]  # GB, as the flag says
+        clips = _verified_clips(project, "train")
+        if checkpoint_minutes and clips:
+            args += ["--saves_per_epoch", str(1 + -(-clips // effective_batch))]
+    elif (cache := os.environ.get("FAIRSEQ2_CACHE_DIR")) and Path(cache).is_dir() and any(Path(cache).iterdir()):
+        args += ["--decoder_cache_gb", "0"]
+    return args
 
 
 def install_error_display() -> None:

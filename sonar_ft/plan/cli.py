@@ -6,10 +6,13 @@ import argparse
 import math
 import sys
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 from sonar_ft.errors import ConfigError
 from sonar_ft.files import atomic
+from sonar_ft.models.encoder import SignT5Config, read_config
+from sonar_ft.run_files import BEST_ENCODER, LAST_STATE_SLOTS, STATE_SLOTS_FILE
 from sonar_ft.plan.disk import (
     DECODER_CACHE_BYTES, DRIVE_FREE_BYTES, GB, DiskPlan, DriveUse, Schedule, disk_estimate, disk_plan, free_bytes,
 )
@@ -31,7 +34,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "fine-tuning the official SONAR ASL encoder and recommend recipe flags that fit the GPU; and where its "
         "checkpoints go so that Drive (trash included) and local disk hold a whole run.",
     )
-    p.add_argument("--gpu", required=True, help=f"auto (this machine's GPU) or one of {', '.join(GPUS)}")
+    p.add_argument("--gpu", help=f"auto (this machine's GPU) or one of {', '.join(GPUS)} (not with --disk_only)")
+    p.add_argument("--disk_only", action="store_true",
+                   help="only the disk plan (where checkpoints go on Drive and local disk): no GPU needed")
+    p.add_argument("--encoder_checkpoint", help="plan for this encoder's architecture, read from its tensors "
+                   "(default: the official T5-v1.1-large size)")
     p.add_argument("--effective_batch", type=int, default=None,
                    help=f"clips per optimiser step, the recipe's --batch_size x --grad_accum (default {DEFAULT_EFFECTIVE_BATCH}); "
                    "the plan picks the micro-batch --batch_size that fits and the --grad_accum that reaches it")
@@ -45,6 +52,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     d.add_argument("--drive_dir", help="the run folder on Drive: its free space is read (Colab's mount reports the quota's)")
     d.add_argument("--drive_gb", type=float, help=f"free space (GiB) on Drive, instead of --drive_dir (default: a free Drive's "
                    f"{DRIVE_FREE_BYTES / GIB:.0f}, minus nothing: pass the real one)")
+    d.add_argument("--resume_dir", help="the run folder this run continues: checkpoint copies it already holds that the "
+                   "run overwrites in place (--state_slots placements) count as free space")
     d.add_argument("--local_dir", help="the local folder of --state_dir: its free space is read")
     d.add_argument("--local_gb", type=float, help="free space (GiB) on local disk, instead of --local_dir (default: not checked)")
     d.add_argument("--encoder_gb", type=float, help="GB the downloaded encoder will add to Drive (default: its size; 0 when it "
@@ -56,7 +65,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     d.add_argument("--tarball_gb", type=float, help="GB of the export written to Drive at the end (default: the encoder's size)")
     d.add_argument("--epochs", type=int, default=30, help="epochs of the run the disk plan simulates")
     d.add_argument("--saves_per_epoch", type=int, default=1,
-                   help="saves of last.pt an epoch: 1 + epoch minutes / --checkpoint_every_minutes")
+                   help="saves of last.pt an epoch (at least: --checkpoint_every_minutes adds those its minutes make)")
+    d.add_argument("--checkpoint_every_minutes", type=float, default=0.0,
+                   help="the run's time-based saves: each epoch then saves 1 + (estimated epoch minutes / this) times")
     p.set_defaults(func=_plan_command)
 
 
@@ -104,7 +115,7 @@ def _gb(value: float | None) -> int | None:
     return None if value is None else int(value * GB)
 
 
-def _disk_inputs(args: argparse.Namespace) -> dict[str, Any]:
+def _disk_inputs(args: argparse.Namespace, saves_per_epoch: int) -> dict[str, Any]:
     for flag in ("drive_gb", "local_gb", "encoder_gb", "features_gb", "decoder_cache_gb", "tarball_gb"):
         if getattr(args, flag) is not None and getattr(args, flag) < 0:
             raise ConfigError(f"--{flag} must be >= 0 (got {getattr(args, flag)})")
@@ -112,14 +123,28 @@ def _disk_inputs(args: argparse.Namespace) -> dict[str, Any]:
         raise ConfigError("--epochs and --saves_per_epoch must be >= 1")
     drive = int(args.drive_gb * GIB) if args.drive_gb is not None else (
         free_bytes(args.drive_dir) if args.drive_dir else DRIVE_FREE_BYTES)
+    if args.resume_dir:
+        drive += overwritten_in_place(args.resume_dir)
     local = int(args.local_gb * GIB) if args.local_gb is not None else (free_bytes(args.local_dir) if args.local_dir else None)
     others = DriveUse(encoder=_gb(args.encoder_gb), features=int(args.features_gb * GB),
                       decoder_cache=int(args.decoder_cache_gb * GB), tarball=_gb(args.tarball_gb))
     return {"drive_budget": drive, "local_budget": local, "others": others,
-            "schedule": Schedule(epochs=args.epochs, saves_per_epoch=args.saves_per_epoch)}
+            "schedule": Schedule(epochs=args.epochs, saves_per_epoch=saves_per_epoch)}
 
 
-def alternatives(disk: DiskPlan, settings: dict[str, Any], lora_rank: int, inputs: dict[str, Any]) -> list[tuple[str, DiskPlan]]:
+def overwritten_in_place(run_dir: str | Path) -> int:
+    """Bytes of the checkpoint copies in ``run_dir`` that a resumed run overwrites in place (0 unless it keeps slots).
+
+    Atomic saves (the ``drive`` placement) replace their files, which go to Drive's trash: those count as used.
+    """
+    run_dir = Path(run_dir)
+    if not (run_dir / STATE_SLOTS_FILE).is_file():
+        return 0
+    return sum((run_dir / name).stat().st_size for name in (BEST_ENCODER, *LAST_STATE_SLOTS) if (run_dir / name).is_file())
+
+
+def alternatives(disk: DiskPlan, settings: dict[str, Any], lora_rank: int, inputs: dict[str, Any],
+                 config: SignT5Config | None = None) -> list[tuple[str, DiskPlan]]:
     """When the full placement does not fit (or only without a copy of last.pt): what would, with what it changes."""
     if disk.fits and disk.strategy in ("drive", "slots-2"):
         return []
@@ -136,7 +161,7 @@ def alternatives(disk: DiskPlan, settings: dict[str, Any], lora_rank: int, input
     out: list[tuple[str, DiskPlan]] = []
     best = STRATEGY_RANK[disk.strategy] if disk.fits else len(STRATEGY_RANK)
     for what, kw, inp in tries:  # each offered only when it reaches a placement better than those before it
-        alt = disk_plan(**kw, **inp)
+        alt = disk_plan(config, **kw, **inp)
         if alt.fits and STRATEGY_RANK[alt.strategy] < best:
             out.append((what, alt))
             best = STRATEGY_RANK[alt.strategy]
@@ -146,35 +171,48 @@ def alternatives(disk: DiskPlan, settings: dict[str, Any], lora_rank: int, input
 STRATEGY_RANK = {"drive": 0, "slots-2": 1, "slots-1": 2, "local-only": 3}
 
 
+def _saves_per_epoch(args: argparse.Namespace, timing: TimePlan | None) -> int:
+    """Saves of ``last.pt`` an epoch: ``--saves_per_epoch``, or more when time-based saves fit into the estimated epoch."""
+    if args.checkpoint_every_minutes < 0:
+        raise ConfigError(f"--checkpoint_every_minutes must be >= 0 (got {args.checkpoint_every_minutes})")
+    if not args.checkpoint_every_minutes or timing is None:
+        return args.saves_per_epoch
+    return max(args.saves_per_epoch, 1 + int(timing.epoch_s / 60 // args.checkpoint_every_minutes))
+
+
 def _plan_command(args: argparse.Namespace) -> int:
     if args.lora_rank < 0:
         raise ConfigError(f"--lora_rank must be >= 0 (got {args.lora_rank})")
+    config = read_config(args.encoder_checkpoint) if args.encoder_checkpoint else None
+    if args.disk_only:
+        return _disk_only(args, config)
+    if not args.gpu:
+        raise ConfigError(f"--gpu is required: auto (this machine's GPU) or one of {', '.join(GPUS)}; "
+                          "or --disk_only for the disk plan alone")
     batch = effective_batch(args)
     if batch < 1:
         raise ConfigError(f"--effective_batch must be >= 1 (got {batch})")
     gpu = gpu_spec(args.gpu)
     if args.lora_rank:
-        plan = recommend_lora(gpu, batch, rank=args.lora_rank, max_frames=args.max_frames, target_tokens=args.target_tokens)
+        plan = recommend_lora(gpu, batch, rank=args.lora_rank, max_frames=args.max_frames, target_tokens=args.target_tokens,
+                              config=config)
     else:
-        plan = recommend(gpu, batch, max_frames=args.max_frames, target_tokens=args.target_tokens)
+        plan = recommend(gpu, batch, max_frames=args.max_frames, target_tokens=args.target_tokens, config=config)
     s = plan.settings
-    inputs = _disk_inputs(args)
-    disk = disk_plan(optimizer=s["optimizer"], freeze_encoder_layers=s["freeze_encoder_layers"], lora_rank=args.lora_rank, **inputs)
-    alts = alternatives(disk, s, args.lora_rank, inputs)
-    host = host_plan(optimizer=s["optimizer"], freeze_encoder_layers=s["freeze_encoder_layers"], lora_rank=args.lora_rank)
-    timing = (time_plan(gpu.peak_tflops, gradient_checkpointing=s["gradient_checkpointing"], lora=bool(args.lora_rank),
-                        max_frames=args.max_frames) if gpu.peak_tflops else None)
+    timing = (time_plan(gpu.peak_tflops, config=config, gradient_checkpointing=s["gradient_checkpointing"],
+                        lora=bool(args.lora_rank), max_frames=args.max_frames, epochs=args.epochs)
+              if gpu.peak_tflops else None)
+    inputs = _disk_inputs(args, _saves_per_epoch(args, timing))
+    disk = disk_plan(config, optimizer=s["optimizer"], freeze_encoder_layers=s["freeze_encoder_layers"],
+                     lora_rank=args.lora_rank, **inputs)
+    alts = alternatives(disk, s, args.lora_rank, inputs, config)
+    host = host_plan(config, optimizer=s["optimizer"], freeze_encoder_layers=s["freeze_encoder_layers"], lora_rank=args.lora_rank)
     print(plan.format_table())
-    print(disk.format_table())
-    if not disk.fits:
-        print(f"  the run's files do NOT fit: free {(disk.drive_peak - disk.drive_budget) / GB:.1f} GB more on Drive "
-              f"(empty its trash; remove old runs), or use a Drive with {math.ceil(disk.drive_peak / GB)} GB free")
-    for what, alt in alts:
-        print(f"  fits ({alt.strategy}, Drive peak {alt.drive_peak / GB:.1f} GB) with: {what}")
+    _print_disk(disk, alts)
     print(host.format_table())
     print(timing.format_table() if timing else "time: no estimate (this GPU's peak throughput is not known to the planner)")
     if args.lora_rank:
-        adapter = disk_estimate(rank=args.lora_rank)["adapter"]
+        adapter = disk_estimate(config, rank=args.lora_rank)["adapter"]
         print(f"  LoRA: adapter/ {adapter / 2**20:.1f} MiB (peft's format) next to best_encoder.pt (the merged encoder)")
     if args.json_path:
         atomic.write_json(args.json_path, plan_record(plan, disk, alts, host, timing))
@@ -182,3 +220,26 @@ def _plan_command(args: argparse.Namespace) -> int:
         print("no setting fits this GPU by the estimate; lower --max_frames or use a larger GPU")
         return 1
     return 0
+
+
+def _disk_only(args: argparse.Namespace, config: SignT5Config | None) -> int:
+    """``--disk_only``: where the checkpoints of a run with AdamW (or LoRA) go; no GPU involved."""
+    settings = {"optimizer": "adamw", "freeze_encoder_layers": 0}
+    inputs = _disk_inputs(args, _saves_per_epoch(args, None))
+    disk = disk_plan(config, lora_rank=args.lora_rank, **inputs)
+    alts = alternatives(disk, settings, args.lora_rank, inputs, config)
+    _print_disk(disk, alts)
+    if args.json_path:
+        atomic.write_json(args.json_path, {"flags": [], "settings": {}, "fits": True, "disk": {
+            **_disk_record(disk), "table": disk.format_table(),
+            "alternatives": [{"change": what, **_disk_record(alt)} for what, alt in alts]}})
+    return 0
+
+
+def _print_disk(disk: DiskPlan, alts: list[tuple[str, DiskPlan]]) -> None:
+    print(disk.format_table())
+    if not disk.fits:
+        print(f"  the run's files do NOT fit: free {(disk.drive_peak - disk.drive_budget) / GB:.1f} GB more on Drive "
+              f"(empty its trash; remove old runs), or use a Drive with {math.ceil(disk.drive_peak / GB)} GB free")
+    for what, alt in alts:
+        print(f"  fits ({alt.strategy}, Drive peak {alt.drive_peak / GB:.1f} GB) with: {what}")
