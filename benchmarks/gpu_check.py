@@ -1,6 +1,6 @@
 """GPU check: does the official-size run fit each planned GPU, and how fast is it? (issue #16)
 
-One command for the day a GPU is lent (``make gpu-check``; ~8 minutes on one data-centre GPU):
+One command for the day a GPU is lent (``make gpu-check``; ~9 minutes on one data-centre GPU):
 
 1. builds official-size stand-ins with random weights in a temporary folder (nothing is downloaded):
    the SignT5 encoder in the official 563-key layout, the SONAR ``basic`` text decoder from
@@ -13,7 +13,11 @@ One command for the day a GPU is lent (``make gpu-check``; ~8 minutes on one dat
    clips/s, frames/s and target tokens/s, and one validation pass with beam search (clips/s);
 3. measures ratios side by side: our encoder against Hugging Face's T5 stacks (fwd+bwd, bf16),
    ``--compile`` on/off, fused AdamW against 8-bit AdamW, bf16 against fp32;
-4. writes ``benchmarks/out/gpu_check.json`` and ``gpu_check.md``. Every part reports ``ok`` or why
+4. profiles video -> feature extraction: a random-weight SignHiera at the official size, synthetic
+   videos at How2Sign-like lengths and resolution through the real path (``extract_videos``, bf16,
+   centre crop): windows/s of the model alone per batch size, decode + crop frames/s, videos per
+   minute end to end, and the hours How2Sign's ~80 h of video would take on this GPU;
+5. writes ``benchmarks/out/gpu_check.json`` and ``gpu_check.md``. Every part reports ``ok`` or why
    not (skipped, stopped by the time budget, does not fit, failed), and the rest goes on.
 
 ``--smoke`` runs the same code with tiny shapes and two steps on CPU (``tests/benchmarks/test_gpu_check.py``).
@@ -58,6 +62,7 @@ from sonar_ft.plan import memory as plan  # noqa: E402
 from sonar_ft.plan import recommend as planner  # noqa: E402
 from sonar_ft.data import ManifestRow, write_manifest  # noqa: E402
 from sonar_ft.models.encoder import SignT5Config, SignT5SonarEncoder, official_key_shapes, save_encoder  # noqa: E402
+from sonar_ft.models.signhiera import SignHieraConfig, tiny_config  # noqa: E402
 
 log = logging.getLogger("gpu_check")
 GIB = 1024**3
@@ -95,13 +100,28 @@ class Sizes:
     """Wall-clock budget of the whole check."""
     run_cap_s: float
     """Longest a single recipe run may take before it is stopped."""
+    signhiera: SignHieraConfig
+    """The SignHiera extraction is profiled with (official: the defaults, ``hiera_base_128x224``)."""
+    video_seconds: tuple[float, ...]
+    """Lengths of the synthetic videos extracted (official: 7 s on average, like How2Sign's clips; several, so
+    that decoding ahead overlaps the model as in a long run)."""
+    video_size: tuple[int, int]
+    """Width and height of those videos (How2Sign: 1280 x 720)."""
+    extract_batches: tuple[int, ...]
+    """Windows per forward pass timed for the model alone; the largest also runs end to end."""
+    extract_cap_s: float
+    """Longest the extraction part may take."""
     lora_rank: int = 16
+    video_fps: int = 30
+    """Frame rate of the synthetic videos (How2Sign's)."""
 
 
 OFFICIAL = Sizes(
     encoder=SignT5Config(), decoder_overrides=None, spm_pieces=256_000, n_clips=320, max_frames=600,
     effective_batch=32, steps=2, val_clips=32, beam_size=5, max_gen_len=64, bench_batch=8, repeat=5,
-    budget_s=480.0, run_cap_s=75.0,
+    budget_s=540.0, run_cap_s=75.0,
+    signhiera=SignHieraConfig(), video_seconds=(3.0, 7.0, 15.0, 7.0, 3.0, 7.0), video_size=(1280, 720), extract_batches=(1, 4, 8),
+    extract_cap_s=90.0,
 )
 SMOKE = Sizes(
     encoder=SignT5Config(feature_dim=16, d_model=32, d_kv=8, d_ff=48, num_heads=4, num_encoder_layers=1,
@@ -110,7 +130,10 @@ SMOKE = Sizes(
                        "num_decoder_attn_heads": 4, "ffn_inner_dim": 64, "max_seq_len": 64},
     spm_pieces=2_000, n_clips=12, max_frames=40, effective_batch=4, steps=1, val_clips=2, beam_size=2, max_gen_len=8,
     bench_batch=2, repeat=2, budget_s=240.0, run_cap_s=60.0,
+    signhiera=tiny_config(), video_seconds=(2.0, 12.0), video_size=(96, 64), extract_batches=(1, 2), extract_cap_s=60.0,
 )
+HOW2SIGN_HOURS = 80.0
+"""Hours of video in How2Sign (all splits; clips of ~7 s on average at 30 fps, 1280 x 720)."""
 
 
 # ------------------------------------------------------------------------------------------------
@@ -645,7 +668,81 @@ class Bench:
 
 
 # ------------------------------------------------------------------------------------------------
-# 4. Report
+# 4. Video -> features (SignHiera)
+# ------------------------------------------------------------------------------------------------
+def extraction_profile(sizes: Sizes, device: torch.device, work: Path) -> dict[str, Any]:
+    """SignHiera extraction on this device: model alone per batch size, decode + crop, videos end to end (one part)."""
+    from sonar_ft.data.video import read_video, write_synthetic_video
+    from sonar_ft.inference.extract import ExtractSettings, VideoJob, extract_videos, resolve_precision
+    from sonar_ft.models.signhiera import SignHiera
+
+    cuda = device.type == "cuda"
+    precision = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if cuda else "fp32"
+    dtype = resolve_precision(precision, device)
+    model = SignHiera(sizes.signhiera).init_weights(torch.Generator().manual_seed(0)).to(device).eval()
+    frames, height, width = sizes.signhiera.input_size
+    rec: dict[str, Any] = {"parameters": sum(p.numel() for p in model.parameters()), "precision": precision,
+                           "window": [frames, height, width], "model_windows_per_s": {}}
+    if cuda:
+        rec["model_peak_allocated_gib"] = {}
+
+    # The model alone, on random windows (speed does not depend on the values).
+    g = torch.Generator().manual_seed(0)
+    for batch in sizes.extract_batches:
+        x = torch.randn(batch, 3, frames, height, width, generator=g).to(device)
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(device)
+
+        def forward(x: torch.Tensor = x, batch: int = batch) -> None:
+            with torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext():
+                model.extract(x, [0] * batch)
+
+        seconds = _timed({"forward": forward}, device, sizes.repeat)["forward"]
+        rec["model_windows_per_s"][str(batch)] = round(batch / seconds, 3)
+        if cuda:
+            rec["model_peak_allocated_gib"][str(batch)] = round(torch.cuda.max_memory_allocated(device) / GIB, 3)
+        del x
+
+    # Synthetic videos at How2Sign-like lengths and resolution (flat colours and one moving bar: they
+    # decode faster than real footage, so the decode rate is an upper bound).
+    folder = work / "extraction"
+    shutil.rmtree(folder, ignore_errors=True)
+    w, h, fps = *sizes.video_size, sizes.video_fps
+    start = time.perf_counter()
+    videos = [write_synthetic_video(folder / "videos" / f"how2sign_like_{i}.mp4", max(2, round(s * fps)), fps=fps,
+                                    width=w, height=h, seed=i) for i, s in enumerate(sizes.video_seconds)]
+    rec["videos"] = {"seconds": list(sizes.video_seconds), "width": w, "height": h, "fps": fps,
+                     "render_seconds": round(time.perf_counter() - start, 2)}
+
+    start, decoded = time.perf_counter(), 0
+    for path in videos:
+        decoded += read_video(path, crop="center", size=height).info.frames
+    rec["decode_crop_frames_per_s"] = round(decoded / (time.perf_counter() - start), 1)
+
+    # End to end: the real extraction path (decode ahead in threads, windows of several videos batched).
+    settings = ExtractSettings(crop="center", batch_size=max(sizes.extract_batches), device=str(device), precision=precision)
+    summary = extract_videos(model, [VideoJob(p.stem, p) for p in videos], folder / "features", settings=settings)
+    if summary.failed:
+        clip, reason = next(iter(summary.failed.items()))
+        raise RuntimeError(f"{len(summary.failed)} synthetic video(s) failed to extract ({clip}: {reason})")
+    realtime = summary.video_seconds / summary.seconds  # seconds of video per second of extraction
+    best = max(rec["model_windows_per_s"].values())
+    rec.update(
+        end_to_end_batch=settings.batch_size, end_to_end_seconds=round(summary.seconds, 2), windows=summary.windows,
+        video_seconds=round(summary.video_seconds, 2), videos_per_minute=round(len(summary.done) / summary.seconds * 60, 2),
+        video_seconds_per_second=round(realtime, 2),
+        how2sign_hours=round(HOW2SIGN_HOURS / realtime, 2),
+        how2sign_model_only_hours=round(HOW2SIGN_HOURS * 3600 * summary.windows / summary.video_seconds / best / 3600, 2),
+        notes=["centre crop: --crop face (dlib on the CPU) adds face detection on every 16th frame; "
+               "synthetic videos decode faster than real footage"],
+    )
+    del model
+    shutil.rmtree(folder, ignore_errors=True)
+    return rec
+
+
+# ------------------------------------------------------------------------------------------------
+# 5. Report
 # ------------------------------------------------------------------------------------------------
 def environment(device: torch.device) -> dict[str, Any]:
     """GPU name, driver, CUDA and library versions."""
@@ -706,6 +803,7 @@ def markdown(report: dict[str, Any]) -> str:
     for r in report["ratios"]:
         status = r["status"] + (f": {r['reason']}" if r.get("reason") else "")
         lines.append(f"| {r.get('what', r['name'])} | {_fmt(r.get('ratio'), 3)} | {status} |")
+    lines += _extraction_markdown(report.get("extraction"))
     flags = {f"{r['gpu_profile']}/{r['mode']}": " ".join(r.get("flags", [])) for r in report["profiles"] if r.get("flags")}
     if flags:
         lines += ["", "Flags run (the planner's):", ""] + [f"- {k}: `{v}`" for k, v in flags.items()]
@@ -713,6 +811,30 @@ def markdown(report: dict[str, Any]) -> str:
     if notes:
         lines += ["", "Notes:", ""] + [f"- {n}" for n in notes]
     return "\n".join(lines) + "\n"
+
+
+def _extraction_markdown(r: dict[str, Any] | None) -> list[str]:
+    """The extraction part as a table (none when the part was not in the report)."""
+    if r is None:
+        return []
+    status = r["status"] + (f": {r['reason']}" if r.get("reason") else "")
+    lines = ["", f"SignHiera extraction ({r.get('precision', '–')}, centre crop): {status}", "",
+             "| measure | value |", "|---|---|"]
+    for batch, rate in (r.get("model_windows_per_s") or {}).items():
+        peak = (r.get("model_peak_allocated_gib") or {}).get(batch)
+        lines.append(f"| model alone, batch {batch}: windows/s | {_fmt(rate)}" + (f" (peak {_fmt(peak)} GiB)" if peak else "") + " |")
+    v = r.get("videos") or {}
+    if v:
+        lines.append(f"| decode + crop ({v['width']}x{v['height']} -> {r['window'][1]}): frames/s | {_fmt(r.get('decode_crop_frames_per_s'), 0)} |")
+    if "videos_per_minute" in r:
+        lengths = "/".join(f"{s:g}" for s in v["seconds"])
+        lines += [
+            f"| end to end, {len(v['seconds'])} videos of {lengths} s at {v['fps']} fps, batch {r['end_to_end_batch']}: videos/min "
+            f"| {_fmt(r['videos_per_minute'])} ({_fmt(r['video_seconds_per_second'])} s of video per s) |",
+            f"| How2Sign (~{HOW2SIGN_HOURS:g} h of video) on this device: hours end to end | {_fmt(r['how2sign_hours'])} |",
+            f"| ... hours of the model alone (best batch) | {_fmt(r['how2sign_model_only_hours'])} |",
+        ]
+    return lines + [""] + [f"- {n}" for n in r.get("notes", [])]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -738,7 +860,7 @@ def run_check(sizes: Sizes, device: torch.device, work: Path, *, smoke: bool, bu
         st = holder["st"]
         modes = ["full", "lora"]
         runs = [(key, mode) for key in (profiles or list(planner.GPUS)) for mode in modes]
-        profiles_end = clock.budget_s * 0.7  # the ratio measurements get the rest
+        profiles_end = (clock.budget_s - sizes.extract_cap_s) * 0.7  # extraction, then the ratio measurements, get the rest
         for i, (key, mode) in enumerate(runs):
             name = f"{key}/{mode}"
             left_runs = len(runs) - i
@@ -746,6 +868,8 @@ def run_check(sizes: Sizes, device: torch.device, work: Path, *, smoke: bool, bu
             limit = min(sizes.run_cap_s, max(share, 0.0) + 0.5 * sizes.run_cap_s, clock.left() - 30)
             report["profiles"].append(part(name, lambda k=key, m=mode: profile_run(k, m, sizes, st, device, work / "runs"), limit_s=limit))
 
+    report["extraction"] = part("SignHiera extraction", lambda: extraction_profile(sizes, device, work),
+                                limit_s=min(sizes.extract_cap_s, clock.left() - 30))
     bench = Bench(sizes, device)
     for name, fn in (("ours vs HF T5", bench.ours_vs_hf), ("bf16 vs fp32", bench.bf16_vs_fp32),
                      ("fused AdamW vs 8-bit AdamW", bench.adamw_vs_8bit), ("compile on vs off", bench.compile_on_off)):
@@ -759,7 +883,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--smoke", action="store_true", help="tiny shapes, two steps, on CPU (what the tests run)")
     parser.add_argument("--device", default=None, help="default: cuda when present (always cpu with --smoke)")
     parser.add_argument("--out", type=Path, default=OUT, help="folder for gpu_check.json / .md (default benchmarks/out)")
-    parser.add_argument("--budget_s", type=float, default=None, help="time budget in seconds (default 480; --smoke 240)")
+    parser.add_argument("--budget_s", type=float, default=None, help="time budget in seconds (default 540; --smoke 240)")
     parser.add_argument("--profiles", nargs="*", default=None, help=f"GPU profiles to run (default all: {', '.join(planner.GPUS)})")
     parser.add_argument("--keep", type=Path, default=None, help="build in this folder and keep it (default: a temporary folder)")
     args = parser.parse_args(argv)
@@ -787,7 +911,8 @@ def main(argv: list[str] | None = None) -> int:
     atomic.write_text(args.out / f"{name}.md", markdown(report))
     print(markdown(report))
     print(f"wrote {args.out / (name + '.json')} and {name}.md")
-    failed = [r["name"] for r in [report["build"], *report["profiles"], *report["ratios"]] if r["status"] == "failed"]
+    failed = [r["name"] for r in [report["build"], *report["profiles"], report["extraction"], *report["ratios"]]
+              if r["status"] == "failed"]
     if failed:
         print(f"gpu_check: parts that failed: {', '.join(failed)} (reasons in the JSON)", file=sys.stderr)
         return 1

@@ -23,10 +23,10 @@
 #
 # *(upload to Colab: File → Upload notebook)*
 #
-# The whole workflow in one runtime: setup → verify the features → download the encoder →
-# 50-clip quick test → full fine-tuning → curves → predictions → test-set `--eval_only` →
-# export and download the tarball. Each step is also a notebook of its own (01–07) with more
-# explanations. Every heavy step runs in the SONAR stack's environment; re-running a cell after a
+# The whole workflow in one runtime: setup → (optional, with `VIDEO_DIR`: features from videos) →
+# verify the features → download the encoder → 50-clip quick test → full fine-tuning → curves →
+# predictions → test-set `--eval_only` → export and download the tarball. Each step is also a
+# notebook of its own (01–07) with more explanations. Every heavy step runs in the SONAR stack's environment; re-running a cell after a
 # disconnect continues where it stopped (a finished run is not trained again).
 #
 # **Expect:** a GPU runtime (T4 or better) and hours for the full run. `DEMO = True` runs the same
@@ -46,6 +46,7 @@ ENCODER_CHECKPOINT = "sonar_checkpoints/dm_70h_ub_sonar_encoder.pth"  # the pret
 RUNS_DIR = "runs"                  # where run folders go (DEMO mode: DEMO_DIR/notebook_runs)
 LOCAL_DATA = "auto"                # features copied here once per runtime and read from here; auto: /content/sonar_data in Colab, "" read in place
 
+VIDEO_DIR = ""                     # optional: each split's videos, e.g. "videos/{split}" (How2Sign's clips): extracted into FEATURES first (step 0); "" skips it
 CHECKPOINT_URL = "https://dl.fbaipublicfiles.com/SONAR/asl/dm_70h_ub_sonar_encoder.pth"
 QUICK_BATCH_SIZE = 8               # quick test: effective batch, 50 clips, 5 epochs
 BATCH_SIZE = 32                    # full run: effective batch (the memory plan picks micro-batches)
@@ -109,6 +110,42 @@ from sonar_ft import colab
 
 P = colab.setup(ROOT, demo=DEMO, demo_dir=DEMO_DIR, env_dir=ENV_DIR, features=FEATURES, manifests=MANIFESTS,
                 encoder_checkpoint=ENCODER_CHECKPOINT, runs=RUNS_DIR, local_data=LOCAL_DATA)
+
+# %% [markdown]
+# ## 0 · Optional: extract features from videos (`sonar-ft extract`, `sonar-ft pack`)
+#
+# Only when `VIDEO_DIR` is set: SignHiera (downloaded once, CC-BY-NC 4.0) turns each split's videos
+# into features on local disk — on a GPU; hours for all of How2Sign — and `sonar-ft pack` writes one
+# archive per split, `features/{split}.tar`, which the steps below then read as `FEATURES`. With How2Sign's
+# `.csv` as `MANIFESTS`, only the clips it names are extracted. A split already packed is not extracted
+# again. Notebook 01b does the same step by step (crop, batch size, time estimate, demo videos).
+#
+# *If it fails:* **no videos** — fix `VIDEO_DIR`. **some videos failed** — the list is above; fix or
+# drop them and run the cell again (videos done are skipped).
+
+# %%
+if not VIDEO_DIR or DEMO:
+    print("0 · skipped: " + ("DEMO mode reads the demo's features (notebook 01b extracts demo videos)." if DEMO else
+                             "set VIDEO_DIR in the parameters cell to extract features from your videos first "
+                             "(notebook 01b does it step by step)."))
+else:
+    signhiera = P.root / "checkpoints" / "dm_70h_ub_signhiera.pth"
+    if not signhiera.is_file():
+        colab.run_command(P.cli_command("download", "signhiera", "--out", signhiera))
+    for split in colab.SPLITS:
+        archive = P.root / colab.PACKED_FEATURES.format(split=split)
+        if archive.is_file():
+            print(f"{split}: {archive} is there, not extracted again (delete it to extract again)")
+            continue
+        videos, manifest = P.root / VIDEO_DIR.format(split=split), P.manifest(split)
+        if not videos.is_dir():
+            colab.stop(f"no folder {videos}: fix VIDEO_DIR above (the folder of each split's .mp4 videos)")
+        inputs = ["--how2sign-csv", manifest, "--video-dir", videos] if manifest.suffix == ".csv" else [videos]
+        extracted = (P.local_data or P.runs) / "extracted" / split  # local disk: Drive is slow with many small files
+        colab.run_command(P.cli_command("extract", *inputs, "--signhiera", signhiera, "--out", extracted,
+                                        "--progress-every", 60))
+        colab.run_command(P.cli_command("pack", "--features", extracted, "--out", archive))
+    P = P.with_features(colab.PACKED_FEATURES)
 
 # %% [markdown]
 # ## 1 · Features onto local disk, and verify them (`sonar-ft unpack`, `sonar-ft verify`)

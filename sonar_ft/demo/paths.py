@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from sonar_ft.demo.videos import DEMO_SIGNHIERA_NAME
+
 
 @dataclass(frozen=True)
 class DemoPaths:
@@ -49,6 +51,24 @@ class DemoPaths:
     @property
     def build_record(self) -> Path:
         return self.assets / "BUILD.json"
+
+    # ``make demo``'s video step (video in, text out).
+    @property
+    def videos(self) -> Path:
+        return self.root / "videos"
+
+    @property
+    def random_signhiera(self) -> Path:
+        """A small random-weight SignHiera (:func:`sonar_ft.demo.videos.save_random_signhiera`)."""
+        return self.assets / DEMO_SIGNHIERA_NAME
+
+    @property
+    def video_features(self) -> Path:
+        return self.root / "video_features"
+
+    @property
+    def video_translations(self) -> Path:
+        return self.root / "video_translations.json"
 
     def recipe_settings(self, output_dir: str | Path, *, split: str = "val", encoder: str | Path | None = None) -> dict[str, str]:
         """The recipe's data and model settings on this demo (``TrainConfig`` names), evaluating on ``split``;

@@ -52,6 +52,8 @@ SPLITS = ("train", "val", "test")
 NOTEBOOK_RUNS = "notebook_runs"
 """Run folders of the notebooks in DEMO mode, under the demo folder (``make demo`` owns the others)."""
 STANDALONE_DEMO_RUN = "standalone_demo_run"
+PACKED_FEATURES = "features/{split}.tar"
+"""Where the notebooks pack extracted features (one ``sonar-ft pack`` archive per split, in the project folder)."""
 
 
 class NotebookStop(SonarFtError):
@@ -167,6 +169,11 @@ class Project:
             run_command(self.cli_command("unpack", "--source", source, "--out", local))
             self._env[key] = local
         return self._env[key]
+
+    def with_features(self, pattern: str) -> Project:
+        """This project reading each split's features from ``pattern`` (e.g. archives just packed) instead."""
+        env = {k: v for k, v in self._env.items() if not k.startswith("features:")}  # local copies of the old ones
+        return dataclasses.replace(self, features_pattern=pattern, _env=env)
 
     def manifest(self, split: str) -> Path:
         """Manifest of ``split``."""

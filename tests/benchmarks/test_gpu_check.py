@@ -1,8 +1,8 @@
 """The GPU check (benchmarks/gpu_check.py) cannot rot while no GPU is around: its --smoke mode runs here.
 
 --smoke builds tiny stand-ins (the same builders as the official-size run), runs the recipe with each
-GPU profile's planned flags for two short epochs on CPU, and the ratio measurements; every part must
-report ok or a reason.
+GPU profile's planned flags for two short epochs on CPU, a tiny SignHiera's video extraction, and the
+ratio measurements; every part must report ok or a reason.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ def smoke(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, str, subproce
 
 
 def _parts(report: dict) -> list[dict]:
-    return [report["build"], *report["profiles"], *report["ratios"]]
+    return [report["build"], *report["profiles"], report["extraction"], *report["ratios"]]
 
 
 @pytest.mark.slow
@@ -83,6 +83,19 @@ def test_ratios_measured_or_skipped_with_reason(smoke) -> None:
     assert ratios["bf16 vs fp32"]["status"] == "ok" and ratios["bf16 vs fp32"]["ratio"] > 0
     for rec in ratios.values():
         assert rec["status"] != "ok" or rec["ratio"] > 0
+
+
+@pytest.mark.slow
+def test_extraction_is_profiled_through_the_real_path(smoke) -> None:
+    report, table, _ = smoke
+    rec = report["extraction"]
+    assert rec["status"] == "ok", rec
+    assert set(rec["model_windows_per_s"]) == {"1", "2"} and all(v > 0 for v in rec["model_windows_per_s"].values())
+    assert rec["videos"]["seconds"] == [2.0, 12.0] and rec["windows"] == 3  # 12 s at 30 fps: two windows
+    for key in ("decode_crop_frames_per_s", "videos_per_minute", "video_seconds_per_second", "how2sign_hours",
+                "how2sign_model_only_hours"):
+        assert rec[key] > 0, (key, rec)
+    assert "SignHiera extraction" in table and "How2Sign (~80 h of video)" in table
 
 
 @pytest.mark.slow

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from sonar_ft.demo.__main__ import run_demo
@@ -39,3 +40,30 @@ def test_make_demo_learns_and_writes_its_layout(pretrained_demo, tmp_path_factor
     out = capsys.readouterr().out
     assert "fra_Latn" in out and "test BLEU before fine-tuning" in out
     assert json.loads((root / "demo_summary.json").read_text())["test_bleu_after"] == summary["test_bleu_after"]
+    _assert_video_step(paths, summary, out)
+
+
+def _assert_video_step(paths, summary: dict, out: str) -> None:
+    """Step 9: the synthetic videos went through `sonar-ft extract` and `sonar-ft translate --video`."""
+    from sonar_ft.inference.extract import read_report
+
+    videos = sorted(paths.videos.glob("*.mp4"))
+    assert len(videos) == summary["video_clips"] >= 2
+    report = read_report(paths.video_features)
+    assert sorted(report) == [v.stem for v in videos]
+    rows = 0
+    for video in videos:
+        entry = report[video.stem]
+        assert entry["status"] == "ok" and entry["crop"] == "center", entry
+        features = np.load(paths.video_features / f"{video.stem}.npy")
+        assert features.ndim == 2 and features.shape == (entry["vectors"], PRETRAINED_DEMO.feature_dim)
+        assert features.shape[0] > 0 and np.isfinite(features).all()
+        rows += features.shape[0]
+    assert summary["video_feature_rows"] == rows
+    assert summary["video_windows"] == sum(e["windows"] for e in report.values()) >= len(videos)
+    translations = json.loads(paths.video_translations.read_text())
+    assert [t["id"] for t in translations] == [v.stem for v in videos]
+    assert all(isinstance(t["eng_Latn"], str) and t["eng_Latn"].strip() for t in translations)
+    assert summary["video_translations"] == translations
+    assert 0 < summary["video_step_seconds"] < summary["seconds"]
+    assert "sonar_ft.cli extract" in out and "sonar_ft.cli translate --video" in out and "random weights" in out

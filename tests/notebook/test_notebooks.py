@@ -270,6 +270,40 @@ def test_heavy_steps_run_with_the_stack_environments_python(tmp_path: Path) -> N
     assert project.cli_command("plan")[:3] == ["/content/sonar_env/bin/python", "-m", "sonar_ft.cli"]
 
 
+def test_features_packed_in_step_0_are_what_the_later_steps_read(tmp_path: Path) -> None:
+    project = colab.Project(root=tmp_path, runs=tmp_path, features_pattern="f/{split}", manifest_pattern="m/{split}.tsv",
+                            encoder_checkpoint=tmp_path / "e.pth", decoder="text_sonar_basic_decoder", device="cpu",
+                            feature_dim=768, python_path="/content/sonar_env/bin/python")
+    project._env["features:train"] = tmp_path / "old_local_copy"
+    packed = project.with_features(colab.PACKED_FEATURES)
+    assert packed.source_features("train") == tmp_path / "features" / "train.tar"
+    assert packed.features("val") == tmp_path / "features" / "val.tar"  # no LOCAL_DATA here: read in place
+    assert "features:train" not in packed._env and packed.python == project.python
+
+
+def test_all_in_one_extracts_each_splits_videos_and_reads_the_archives_when_video_dir_is_set(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    [cell] = [c.source for c in _code_cells(_notebook("00_all_in_one")) if c.source.startswith("if not VIDEO_DIR")]
+    project = colab.Project(root=tmp_path, runs=tmp_path / "runs", features_pattern="f/{split}", manifest_pattern="m/{split}.csv",
+                            encoder_checkpoint=tmp_path / "e.pth", decoder="text_sonar_basic_decoder", device="cuda",
+                            feature_dim=768, python_path="py")
+    for split in colab.SPLITS:
+        (tmp_path / "videos" / split).mkdir(parents=True)
+    (tmp_path / "features").mkdir()
+    (tmp_path / "features" / "val.tar").write_bytes(b"packed before")  # a split already packed is not extracted again
+    commands: list[list[str]] = []
+    monkeypatch.setattr(colab, "run_command", lambda cmd, **_: commands.append([str(c) for c in cmd]) or 0)
+    scope = {"VIDEO_DIR": "videos/{split}", "DEMO": False, "P": project, "colab": colab}
+    exec(cell, scope)
+    steps = [c[3] for c in commands]  # python -m sonar_ft.cli COMMAND ...
+    assert steps == ["download", "extract", "pack", "extract", "pack"]
+    extract = commands[1]
+    assert extract[4:8] == ["--how2sign-csv", str(tmp_path / "m" / "train.csv"), "--video-dir", str(tmp_path / "videos" / "train")]
+    assert commands[2][-2:] == ["--out", str(tmp_path / "features" / "train.tar")]
+    assert scope["P"].source_features("test") == tmp_path / "features" / "test.tar"
+
+
 # ------------------------------------------------------------------------------------------------
 # Executing every notebook in a Colab-like kernel
 # ------------------------------------------------------------------------------------------------
