@@ -55,10 +55,10 @@ LEARNING_RATE = 1e-4
 CHECKPOINT_MINUTES = 20            # last.pt is also saved every 20 min inside epochs: a disconnect costs at most that
 N_EXAMPLES = 10
 TARBALL = "sonar_encoder_finetuned.tar.gz"
-# DEMO mode: the demo's small encoder, a few epochs on the CPU, saved every ~2 s
+# DEMO mode: the demo's small encoder, a few epochs on the CPU
 DEMO_BATCH_SIZE = 16
 DEMO_EPOCHS = 3
-DEMO_CHECKPOINT_MINUTES = 0.03
+DEMO_CHECKPOINT_MINUTES = 0.0005     # ~30 ms: saves inside the demo's sub-second epochs
 DEMO_FLAGS = ["--learning_rate", "1e-3", "--beam_size", "2", "--distill_weight", "1.0"]  # memory flags added here win
 
 # %% [markdown]

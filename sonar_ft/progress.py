@@ -131,3 +131,13 @@ def quiet_dependencies() -> None:
     if not is_terminal():
         os.environ.setdefault("FAIRSEQ2_NO_PROGRESS", "1")
     logging.getLogger("absl").setLevel(logging.WARNING)
+
+
+def format_size(num_bytes: int) -> str:
+    """``1.2 GB``-style size."""
+    size = float(num_bytes)
+    for unit in ("bytes", "KB", "MB", "GB"):
+        if size < 1000 or unit == "GB":
+            return f"{size:.0f} {unit}" if unit == "bytes" else f"{size:.1f} {unit}"
+        size /= 1000
+    return f"{size:.1f} GB"

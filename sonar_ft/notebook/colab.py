@@ -37,7 +37,7 @@ from sonar_ft.config import command_line
 from sonar_ft.demo.paths import DemoPaths
 from sonar_ft.errors import SonarFtError
 from sonar_ft.progress import EVERY_SECONDS as HEARTBEAT_SECONDS
-from sonar_ft.progress import format_seconds
+from sonar_ft.progress import format_seconds, format_size  # noqa: F401  (format_size: the notebooks' name)
 from sonar_ft.run_files import BEST_ENCODER
 from sonar_ft.scores import ALIASES, METRICS
 
@@ -382,8 +382,8 @@ def show_plan(project: Project, effective_batch: int, run_name: str | None = Non
     disk = plan["disk"]
     if not disk["fits"]:
         fits = "; or ".join(a["change"] for a in disk.get("alternatives", []))
-        stop(f"the run's checkpoints do not fit this Drive ({disk['drive_free_gb']:.1f} GB free, trash counted; "
-             f"the run needs {disk['drive_peak_gb']:.1f} GB at its peak): free space on Drive (empty its trash, remove "
+        stop(f"the run's checkpoints do not fit this Drive ({format_size(disk['drive_free_bytes'])} free, trash counted; "
+             f"the run needs {format_size(disk['drive_peak_bytes'])} at its peak): free space on Drive (empty its trash, remove "
              f"old runs){' — or it fits with: ' + fits if fits else ''}. LoRA (LORA_RANK = 16, notebook 04) needs least.")
     if disk["needs_state_dir"]:
         state = project.state_dir(run_name)
@@ -570,16 +570,6 @@ def show_figure(fig: Figure, save_as: str | Path | None = None) -> None:
         Image = None  # noqa: N806
     if Image is None or not _display(Image(data=data, format="png")):
         print(f"figure saved: {save_as}" if save_as else "(figure: run in a notebook to see it)")
-
-
-def format_size(num_bytes: int) -> str:
-    """``1.2 GB``-style size."""
-    size = float(num_bytes)
-    for unit in ("bytes", "KB", "MB", "GB"):
-        if size < 1000 or unit == "GB":
-            return f"{size:.0f} {unit}" if unit == "bytes" else f"{size:.1f} {unit}"
-        size /= 1000
-    return f"{size:.1f} GB"
 
 
 BROWSER_DOWNLOAD_LIMIT = 500 * 10**6

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -11,6 +10,7 @@ from typing import Any
 
 from sonar_ft.errors import ConfigError
 from sonar_ft.files import atomic
+from sonar_ft.progress import format_size
 from sonar_ft.models.encoder import SignT5Config, read_config
 from sonar_ft.run_files import BEST_ENCODER, LAST_STATE_SLOTS, STATE_SLOTS_FILE
 from sonar_ft.plan.disk import (
@@ -108,7 +108,8 @@ def _disk_record(disk: DiskPlan) -> dict[str, Any]:
     return {"strategy": disk.strategy, "fits": disk.fits, "needs_state_dir": disk.needs_state_dir, "flags": disk.flags(),
             "best_encoder_gb": round(disk.best_bytes / GB, 2), "last_gb": round(disk.state_bytes / GB, 2),
             "drive_peak_gb": round(disk.drive_peak / GB, 2), "drive_trash_gb": round(disk.drive_trash / GB, 2),
-            "drive_free_gb": round(disk.drive_budget / GB, 2), "local_peak_gb": round(disk.local_peak / GB, 2)}
+            "drive_free_gb": round(disk.drive_budget / GB, 2), "local_peak_gb": round(disk.local_peak / GB, 2),
+            "drive_free_bytes": disk.drive_budget, "drive_peak_bytes": disk.drive_peak}
 
 
 def _gb(value: float | None) -> int | None:
@@ -239,7 +240,7 @@ def _disk_only(args: argparse.Namespace, config: SignT5Config | None) -> int:
 def _print_disk(disk: DiskPlan, alts: list[tuple[str, DiskPlan]]) -> None:
     print(disk.format_table())
     if not disk.fits:
-        print(f"  the run's files do NOT fit: free {(disk.drive_peak - disk.drive_budget) / GB:.1f} GB more on Drive "
-              f"(empty its trash; remove old runs), or use a Drive with {math.ceil(disk.drive_peak / GB)} GB free")
+        print(f"  the run's files do NOT fit: free {format_size(disk.drive_peak - disk.drive_budget)} more on Drive "
+              f"(empty its trash; remove old runs), or use a Drive with {format_size(disk.drive_peak)} free")
     for what, alt in alts:
-        print(f"  fits ({alt.strategy}, Drive peak {alt.drive_peak / GB:.1f} GB) with: {what}")
+        print(f"  fits ({alt.strategy}, Drive peak {format_size(alt.drive_peak)}) with: {what}")

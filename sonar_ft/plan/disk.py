@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from sonar_ft.models.encoder import SignT5Config
+from sonar_ft.progress import format_size
 from sonar_ft.plan.memory import GIB, _param_counts, lora_counts
 
 GB = 1000**3
@@ -170,15 +171,15 @@ class DiskPlan:
 
     def format_table(self) -> str:
         """What is kept where, the peaks (trash included), and what a disconnect can cost."""
-        b, st = self.best_bytes / GB, self.state_bytes / GB
+        b, st = format_size(self.best_bytes), format_size(self.state_bytes)
         where = {
-            "drive": f"run folder: best_encoder.pt {b:.1f} GB + last.pt {st:.1f} GB, atomic saves (each replaced file "
+            "drive": f"run folder: best_encoder.pt {b} + last.pt {st}, atomic saves (each replaced file "
                      "goes to Drive's trash)",
-            "slots-2": f"local disk (--state_dir): last.pt {st:.1f} GB + best_encoder.pt {b:.1f} GB; run folder: two copies "
+            "slots-2": f"local disk (--state_dir): last.pt {st} + best_encoder.pt {b}; run folder: two copies "
                        f"of last.pt and one of best_encoder.pt, overwritten in place (--state_slots 2, no trash)",
-            "slots-1": f"local disk (--state_dir): last.pt {st:.1f} GB + best_encoder.pt {b:.1f} GB; run folder: one copy "
+            "slots-1": f"local disk (--state_dir): last.pt {st} + best_encoder.pt {b}; run folder: one copy "
                        f"of each, overwritten in place (--state_slots 1, no trash)",
-            "local-only": f"local disk (--state_dir): last.pt {st:.1f} GB; run folder: best_encoder.pt {b:.1f} GB, "
+            "local-only": f"local disk (--state_dir): last.pt {st}; run folder: best_encoder.pt {b}, "
                           "overwritten in place (--state_slots 0)",
         }[self.strategy]
         cost = {
@@ -190,14 +191,14 @@ class DiskPlan:
         }[self.strategy]
         verdict = "fits" if self.drive_peak <= self.drive_budget else "does NOT fit"
         local = "" if self.local_budget is None else (
-            f" of {self.local_budget / GB:.1f} GB free: " + ("fits" if self.local_peak <= self.local_budget else "does NOT fit"))
+            f" of {format_size(self.local_budget)} free: " + ("fits" if self.local_peak <= self.local_budget else "does NOT fit"))
         sch = self.schedule
         return "\n".join([
             f"disk plan ({self.strategy}): {where}",
             f"  Drive peak over {sch.epochs} epochs ({sch.saves_per_epoch} save(s) of last.pt an epoch): "
-            f"{self.drive_peak / GB:.1f} GB of {self.drive_budget / GB:.1f} GB free: {verdict} (of which trash "
-            f"{self.drive_trash / GB:.1f} GB, encoder / features / decoder cache / export {self.others_bytes / GB:.1f} GB)",
-            f"  local disk peak {self.local_peak / GB:.1f} GB{local}",
+            f"{format_size(self.drive_peak)} of {format_size(self.drive_budget)} free: {verdict} (of which trash "
+            f"{format_size(self.drive_trash)}, encoder / features / decoder cache / export {format_size(self.others_bytes)})",
+            f"  local disk peak {format_size(self.local_peak)}{local}",
             f"  {cost}",
         ])
 

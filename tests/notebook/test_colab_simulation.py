@@ -126,7 +126,7 @@ def test_all_in_one_survives_a_kill_and_another_gpu_within_a_drive_quota(
     with _Sampler(drive, files["trash"]) as first:
         nb, error, seconds_1 = _execute("00_all_in_one", executed / "1", env, cwd=content, DEMO_FLAGS=DEMO_FLAGS, **params)
     assert files["killed"].is_file(), "the training command was not killed"
-    assert error is not None and "full" in _text(nb) and "exit code -9" in _text(nb), "the killed run should stop the cell"
+    assert error is not None and "exit code -9" in str(error), f"the killed run should stop the cell: {error}"
     run = demo / colab.NOTEBOOK_RUNS / "full"
     assert (run / "state_slots.json").is_file(), "the disk plan should have kept last.pt on local disk with slot copies"
 
@@ -140,7 +140,9 @@ def test_all_in_one_survives_a_kill_and_another_gpu_within_a_drive_quota(
           f"{_line_count(nb)} output lines to the end")
     assert error is None, error
     text = _text(nb)
-    assert "resuming" in text, "the second runtime should have resumed the killed run"
+    resumed = [line for line in text.splitlines() if "resuming inside epoch" in line]
+    assert resumed, "the second runtime should have resumed the killed run inside an epoch"
+    print(resumed[0])
 
     # The whole workflow ran from the clone: verify, quick test, full run, test evaluation, export.
     assert (content / "sonar-ft" / "train_sonar_finetuning.py").is_file()
