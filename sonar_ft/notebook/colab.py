@@ -384,7 +384,10 @@ def show_plan(project: Project, effective_batch: int, run_name: str | None = Non
         fits = "; or ".join(a["change"] for a in disk.get("alternatives", []))
         stop(f"the run's checkpoints do not fit this Drive ({format_size(disk['drive_free_bytes'])} free, trash counted; "
              f"the run needs {format_size(disk['drive_peak_bytes'])} at its peak): free space on Drive (empty its trash, remove "
-             f"old runs){' — or it fits with: ' + fits if fits else ''}. LoRA (LORA_RANK = 16, notebook 04) needs least.")
+             f"old runs){' — or it fits with: ' + fits if fits else ''}. LoRA (LORA_RANK = 16, notebook 04) needs least. "
+             f"Models on local disk: ENCODER_CHECKPOINT = \"/content/sonar_checkpoints/dm_70h_ub_sonar_encoder.pth\" and, "
+             f"before the setup cell, os.environ[\"FAIRSEQ2_CACHE_DIR\"] = \"/content/model_cache\" (each new runtime "
+             f"downloads them again, minutes).")
     if disk["needs_state_dir"]:
         state = project.state_dir(run_name)
         flags += ["--state_dir", str(state), *disk["flags"]]
@@ -411,9 +414,18 @@ def _disk_arguments(project: Project, epochs: int, checkpoint_minutes: float, ef
         clips = _verified_clips(project, "train")
         if checkpoint_minutes and clips:
             args += ["--saves_per_epoch", str(1 + -(-clips // effective_batch))]
-    elif (cache := os.environ.get("FAIRSEQ2_CACHE_DIR")) and Path(cache).is_dir() and any(Path(cache).iterdir()):
+    elif not _decoder_cache_to_come(project):
         args += ["--decoder_cache_gb", "0"]
     return args
+
+
+def _decoder_cache_to_come(project: Project) -> bool:
+    """True when fairseq2 will download the decoder into the project folder (on Drive in Colab): its cache is set
+    there (:func:`setup`) and still empty. A cache elsewhere is the runtime's local disk; a full one is counted already."""
+    cache = os.environ.get("FAIRSEQ2_CACHE_DIR")
+    if not cache or not Path(cache).resolve().is_relative_to(project.root):
+        return False
+    return not (Path(cache).is_dir() and any(Path(cache).iterdir()))
 
 
 def install_error_display() -> None:

@@ -2,9 +2,11 @@
 
 Start-up reads the encoder checkpoint into host memory (``load_torch``) and builds the encoder from it
 by assignment, then the frozen decoder, one model at a time, each moved to the GPU before the next;
-resuming reads the whole ``last.pt`` (encoder and optimiser state) into host memory before it is copied
-into the GPU's tensors. So the peak is the process's own baseline plus the largest file read at once.
-``benchmarks/plan_check.py --host`` measures these peaks at the official size.
+resuming memory-maps ``last.pt`` (encoder and optimiser state): its pages are the page cache's, which the
+kernel reclaims, and the anonymous memory does not grow with it (``tests/training/test_resume_memory.py``
+measures this on a multi-GB ``last.pt``). The resume figure here is the bound of a ``last.pt`` read whole (as
+``torch.load`` without ``mmap`` does): baseline plus the largest file read at once. ``benchmarks/plan_check.py
+--host`` measures these peaks at the official size.
 """
 
 from __future__ import annotations
@@ -44,8 +46,8 @@ class HostPlan:
         return "\n".join([
             "host RAM (the machine's memory, not the GPU's):",
             f"  {'start-up':<18}{self.startup / GIB:8.2f} GiB (checkpoint read, models built, moved to the GPU)",
-            f"  {'resume last.pt':<18}{self.resume / GIB:8.2f} GiB (last.pt read whole before it goes to the GPU)",
-            f"  {'free Colab':<18}{self.budget / GIB:8.2f} GiB: {verdict}",
+            f"  {'resume last.pt':<18}{self.resume / GIB:8.2f} GiB at most (as if read whole; the recipe memory-maps it)",
+            f"  {'free Colab':<18}{self.budget / GIB:8.2f} GiB: {verdict} (L4 and A100 runtimes have more)",
         ])
 
 

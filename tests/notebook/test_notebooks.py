@@ -197,6 +197,49 @@ def test_training_without_a_gpu_stops_and_says_how_to_get_one(tmp_path: Path) ->
     project.require_gpu()  # a GPU: no stop
 
 
+def _fake_plan(monkeypatch: pytest.MonkeyPatch, disk: dict[str, Any]) -> list[list[str]]:
+    """``sonar-ft plan`` replaced: records its command line and writes ``disk`` as the plan's disk part."""
+    seen: list[list[str]] = []
+
+    def run(cmd: list[str], check: bool = True) -> int:
+        cmd = [str(c) for c in cmd]
+        seen.append(cmd)
+        Path(cmd[cmd.index("--json") + 1]).write_text(json.dumps({"flags": ["--batch_size", "32"], "settings": {}, "disk": disk}))
+        return 0
+
+    monkeypatch.setattr(colab, "run_command", run)
+    return seen
+
+
+def test_the_disk_plan_reads_this_drive_and_its_placement_reaches_the_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from sonar_ft.stack_env import StackEnv
+
+    project = _project(tmp_path, local_data=tmp_path / "content" / "sonar_data")
+    project._env["env"] = StackEnv(tmp_path / "env", {"cuda": True})
+    seen = _fake_plan(monkeypatch, {"fits": True, "needs_state_dir": True, "flags": ["--state_slots", "2"]})
+    flags = colab.show_plan(project, 32, run_name="full", epochs=30, checkpoint_minutes=20)
+    cmd = seen[0]
+    for flag, value in (("--drive_dir", str(project.runs)), ("--resume_dir", str(project.run_dir("full"))),
+                        ("--epochs", "30"), ("--checkpoint_every_minutes", "20")):
+        assert cmd[cmd.index(flag) + 1] == value, flag
+    assert "--encoder_gb" not in cmd  # not downloaded yet: it will add to Drive
+    state = tmp_path / "content" / "sonar_state" / "full"
+    assert flags == ["--batch_size", "32", "--state_dir", str(state), "--state_slots", "2", "--checkpoint_every_minutes", "20"]
+    assert colab.show_plan(project, 8) == ["--batch_size", "32"] and "--drive_dir" not in seen[-1]  # no checkpoints kept
+
+
+def test_checkpoints_that_cannot_fit_stop_before_training_with_what_to_free(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from sonar_ft.stack_env import StackEnv
+
+    project = _project(tmp_path)
+    project._env["env"] = StackEnv(tmp_path / "env", {"cuda": True})
+    _fake_plan(monkeypatch, {"fits": False, "needs_state_dir": True, "flags": ["--state_slots", "0"],
+                             "drive_free_bytes": 6_700_000_000, "drive_peak_bytes": 12_500_000_000,
+                             "alternatives": [{"change": "keep the encoder download and the decoder cache on local disk"}]})
+    with pytest.raises(colab.NotebookStop, match=r"6.7 GB free.*12.5 GB.*keep the encoder download.*FAIRSEQ2_CACHE_DIR"):
+        colab.show_plan(project, 32, run_name="full")
+
+
 def test_the_plan_is_given_the_longest_verified_clip(tmp_path: Path) -> None:
     reports = {"train": {"ok": True, "length_stats": {"max": 812}}, "val": {"ok": True, "length_stats": {"max": 640}},
                "test": {"ok": False, "error": "x", "length_stats": None}}

@@ -47,7 +47,7 @@ def test_a_drive_too_small_for_anything_is_said_with_the_size_needed(capsys):
     assert not disk_plan(others=DriveUse(features=int(10 * GB))).fits
     assert cli.main(["plan", "--gpu", "a100", "--features_gb", "10", "--drive_gb", "15"]) == 0
     out = capsys.readouterr().out
-    assert "does NOT fit" in out and "use a Drive with 23 GB free" in out
+    assert "does NOT fit" in out and "use a Drive with 22.5 GB free" in out
     assert "fits (local-only, Drive peak 16.0 GB) with: keep the encoder download and the decoder cache on local disk" in out
 
 
@@ -62,3 +62,45 @@ def test_free_space_is_read_from_the_folders(tmp_path, capsys, monkeypatch):
                      "--local_dir", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "of 40.0 GB free: fits" in out and "of 5.0 GB free: does NOT fit" in out
+
+
+def test_the_disk_plan_alone_needs_no_gpu_and_reads_the_encoder_s_size_from_its_file(tmp_path, capsys):
+    import json
+
+    from sonar_ft.models.encoder import SignT5Config, SignT5SonarEncoder, save_encoder
+
+    config = SignT5Config(feature_dim=24, d_model=32, d_kv=8, d_ff=64, num_heads=4, num_encoder_layers=1,
+                          num_decoder_layers=1, vocab_size=8, output_dim=16)
+    save_encoder(SignT5SonarEncoder(config), tmp_path / "enc.pth")
+    assert cli.main(["plan", "--disk_only", "--encoder_checkpoint", str(tmp_path / "enc.pth"), "--drive_gb", "5",
+                     "--json", str(tmp_path / "plan.json")]) == 0
+    disk = json.loads((tmp_path / "plan.json").read_text())["disk"]
+    best, state = checkpoint_sizes(config)
+    assert disk["strategy"] == "drive" and disk["fits"] and disk["flags"] == []
+    assert disk["drive_peak_bytes"] == simulate("drive", best, state).drive_peak  # the official defaults for the rest
+    assert "MB" in capsys.readouterr().out  # small sizes are written in their own unit, not "0.0 GB"
+    assert cli.main(["plan"]) == 2
+    assert "--gpu is required" in capsys.readouterr().err
+
+
+def test_time_based_saves_are_counted_from_the_estimated_epoch(capsys):
+    from sonar_ft.plan.timing import time_plan
+    from sonar_ft.plan.recommend import GPUS
+
+    assert cli.main(["plan", "--gpu", "t4", "--checkpoint_every_minutes", "20"]) == 0
+    epoch_minutes = time_plan(GPUS["t4"].peak_tflops, gradient_checkpointing=True).epoch_s / 60
+    saves = 1 + int(epoch_minutes // 20)
+    assert saves > 1 and f"({saves} save(s) of last.pt an epoch)" in capsys.readouterr().out
+
+
+def test_copies_a_resumed_run_overwrites_in_place_count_as_free_space(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    with open(run / "last.pt", "wb") as f:
+        f.truncate(2 * GB)  # sparse: its size is what counts
+    args = ["plan", "--gpu", "t4", "--drive_gb", "10", "--resume_dir", str(run)]
+    assert cli.main(args) == 0
+    assert "of 10.7 GB free" in capsys.readouterr().out  # atomic saves replace last.pt: its bytes go to the trash
+    (run / "state_slots.json").write_text("{}")
+    assert cli.main(args) == 0
+    assert "of 12.7 GB free" in capsys.readouterr().out  # slot copies are overwritten in place
