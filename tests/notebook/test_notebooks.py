@@ -343,7 +343,7 @@ def test_all_in_one_extracts_each_splits_videos_and_reads_the_archives_when_vide
     assert steps == ["download", "extract", "pack", "extract", "pack"]
     extract = commands[1]
     assert extract[4:8] == ["--how2sign-csv", str(tmp_path / "m" / "train.csv"), "--video-dir", str(tmp_path / "videos" / "train")]
-    assert commands[2][-2:] == ["--out", str(tmp_path / "features" / "train.tar")]
+    assert commands[2][-4:] == ["--out", str(tmp_path / "features" / "train.tar"), "--dtype", "fp16"]  # half the Drive
     assert scope["P"].source_features("test") == tmp_path / "features" / "test.tar"
 
 
