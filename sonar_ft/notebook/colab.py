@@ -374,7 +374,7 @@ def show_plan(project: Project, effective_batch: int, run_name: str | None = Non
               "best_encoder.pt is still the whole (merged) encoder")
     if plan["settings"]:
         show_table([{"setting": k, "value": str(v)} for k, v in plan["settings"].items()])
-    flags = [str(f) for f in plan["flags"]] + lora * (project.demo is not None)
+    flags = lora if project.demo is not None else [str(f) for f in plan["flags"]]  # DEMO: no memory flags
     if frames and "--max_frames" not in flags:  # the run is told the clip length the plan was made for
         flags += frames
     if run_name is None:
