@@ -1,7 +1,7 @@
 """SignHiera at the official size on the CPU, one process: windows per second, and the video decode / crop rate.
 
 Random weights at the real shapes (``hiera_base_128x224``, 51M parameters): speed does not depend on the
-values. One window is (3, 128, 224, 224); a How2Sign clip of ~7 s at 30 fps makes 2 windows.
+values. One window is (3, 128, 224, 224); a How2Sign clip of ~7 s makes 1 window (15 s at 30 fps: 3).
 ``--threads 1`` measures one core (the figure the README quotes), the default uses every core.
 """
 

@@ -186,7 +186,7 @@ if not ok:
 # ## How long your videos will take
 #
 # An **estimate**, from the speed measured on the videos above on this runtime (windows per second
-# of the model; about 0.8 windows per second of video at 30 fps). Decoding and the first batches'
+# of the model; a new window every 128 frames: about 0.23 windows per second of video at 30 fps). Decoding and the first batches'
 # warm-up make it pessimistic for a few short videos.
 
 # %%
