@@ -87,8 +87,7 @@ def plan_record(plan: Plan, disk: DiskPlan, alternatives: list[tuple[str, DiskPl
         "fits": plan.fits, "flags": plan.flags(), "settings": plan.settings, "effective_batch": plan.effective_batch,
         "estimate_gib": {k: round(v / GIB, 2) for k, v in plan.estimate.items()}, "budget_gib": round(plan.budget / GIB, 2),
         "table": plan.format_table(),
-        "disk": {**_disk_record(disk), "table": disk.format_table(),
-                 "alternatives": [{"change": what, **_disk_record(alt)} for what, alt in alternatives or []]},
+        "disk": disk_section(disk, alternatives or []),
     }
 
 
@@ -102,6 +101,12 @@ def effective_batch(args: argparse.Namespace) -> int:
     print(f"note: `sonar-ft plan --batch_size` is deprecated: it is the effective batch here, while the recipe's "
           f"--batch_size is the micro-batch; use --effective_batch {args.old_batch_size}", file=sys.stderr)
     return args.old_batch_size
+
+
+def disk_section(disk: DiskPlan, alternatives: list[tuple[str, DiskPlan]]) -> dict[str, Any]:
+    """The plan JSON's ``disk`` part: the placement, its table, and the alternatives that would fit."""
+    return {**_disk_record(disk), "table": disk.format_table(),
+            "alternatives": [{"change": what, **_disk_record(alt)} for what, alt in alternatives]}
 
 
 def _disk_record(disk: DiskPlan) -> dict[str, Any]:
@@ -231,9 +236,7 @@ def _disk_only(args: argparse.Namespace, config: SignT5Config | None) -> int:
     alts = alternatives(disk, settings, args.lora_rank, inputs, config)
     _print_disk(disk, alts)
     if args.json_path:
-        atomic.write_json(args.json_path, {"flags": [], "settings": {}, "fits": True, "disk": {
-            **_disk_record(disk), "table": disk.format_table(),
-            "alternatives": [{"change": what, **_disk_record(alt)} for what, alt in alts]}})
+        atomic.write_json(args.json_path, {"flags": [], "settings": {}, "fits": True, "disk": disk_section(disk, alts)})
     return 0
 
 
